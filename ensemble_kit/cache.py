@@ -1,0 +1,226 @@
+"""Compact memory-mappable caches of model inputs and labels, built once.
+
+Inputs: ``folds/cache/<split>-<digest>/inputs.npy``, ``(N, C, H, W)`` of exactly the channels an
+input spec needs — uint8 (``round(x * 255)``) where values lie in [0, 1] (ash false colour,
+min/max bands), float16 otherwise — with ``ids.csv``. The digest covers the input spec, the
+data root and the split's record ids, so configs sharing inputs share the cache.
+
+Labels: ``folds/cache/<split>-labels/``: ``labels.npy`` uint8 ``(N, H, W)`` aggregated masks,
+``soft.npy`` uint8 ``(N, H, W)`` mean of the individual masks x 255 (the aggregated mask
+where a record has none), ``ids.csv``.
+
+Entries are built in parallel worker processes into a temporary folder that is renamed into
+place when complete, so an interrupted build leaves nothing a later run trusts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from . import data
+from .config import InputSpec
+from .errors import EkError
+from .files import digest_json, write_json
+from .layout import Layout, record_dir
+
+log = logging.getLogger(__name__)
+CHUNK = 16
+STATS_RECORDS = 256
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """An opened cache entry: ``arrays`` are read-only memmaps."""
+
+    path: Path
+    ids: list[str]
+    arrays: dict[str, np.ndarray]
+
+    def index_of(self, record_ids: list[str]) -> np.ndarray:
+        position = {rid: i for i, rid in enumerate(self.ids)}
+        missing = [rid for rid in record_ids if rid not in position]
+        if missing:
+            raise EkError(f"{self.path}: records {missing[:3]} are not in the cache")
+        return np.array([position[rid] for rid in record_ids], dtype=np.int64)
+
+
+def input_dtype(spec: InputSpec) -> np.dtype:
+    in_unit_range = spec.channels == "ash" or spec.normalize == "minmax"
+    return np.dtype(np.uint8 if in_unit_range else np.float16)
+
+
+def decode_inputs(raw: np.ndarray) -> np.ndarray:
+    """Cached inputs back to float32 values."""
+    if raw.dtype == np.uint8:
+        return raw.astype(np.float32) / 255.0
+    return raw.astype(np.float32)
+
+
+def spec_digest(spec: InputSpec, data_root: Path, split: str, ids: list[str]) -> str:
+    key = {"channels": spec.channels, "frames": list(spec.frames), "split": split}
+    if spec.channels == "bands":
+        key.update(bands=list(spec.bands), normalize=spec.normalize)
+    key.update(root=str(Path(data_root).resolve()), ids=digest_json(ids))
+    return digest_json(key)
+
+
+def ensure_inputs(
+    layout: Layout, data_root: Path, split: str, spec: InputSpec, workers: int | None = None
+) -> CacheEntry:
+    """Open the input cache of a (split, spec), building it first when missing."""
+    ids = data.list_records(data_root, split)
+    if not ids:
+        raise EkError(f"{Path(data_root) / split}: no records")
+    stats = band_stats(layout, data_root, spec) if spec.channels == "bands" else None
+    path = layout.cache_entry(split, spec_digest(spec, data_root, split, ids))
+    if not (path / "meta.json").is_file():
+        folders = [record_dir(data_root, split, rid) for rid in ids]
+        first = data.build_input(folders[0], spec, stats)
+        arrays = {"inputs": ((len(ids), *first.shape), input_dtype(spec))}
+        _build(path, ids, arrays, _InputFiller(spec, stats), folders, workers, f"cache {split}")
+    return open_entry(path)
+
+
+def ensure_labels(layout: Layout, data_root: Path, split: str, workers: int | None = None) -> CacheEntry:
+    """Open the label cache of a split (records with masks), building it first when missing."""
+    ids = [rid for rid in data.list_records(data_root, split) if data.has_labels(data_root, split, rid)]
+    if not ids:
+        raise EkError(f"{Path(data_root) / split}: no records with {data.MASK_FILE}")
+    path = layout.cache_dir / f"{split}-labels"
+    meta = path / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("ids") != digest_json(ids):
+        shutil.rmtree(path)  # the data folder changed under the cache
+    if not meta.is_file():
+        folders = [record_dir(data_root, split, rid) for rid in ids]
+        side = data.load_mask(folders[0]).shape[0]
+        shape = ((len(ids), side, side), np.dtype(np.uint8))
+        arrays = {"labels": shape, "soft": shape}
+        _build(path, ids, arrays, _fill_labels, folders, workers, f"labels {split}")
+    return open_entry(path)
+
+
+def load_labels(layout: Layout, data_root: Path, records: pd.DataFrame, soft: bool = False) -> np.ndarray:
+    """Labels of ``records`` (columns ``record_id``, ``split``) in row order, uint8 ``(N, H, W)``.
+
+    Hard labels are 0/1; ``soft=True`` gives the annotators' mean x 255.
+    """
+    key = "soft" if soft else "labels"
+    if len(records) == 0:
+        raise EkError("no records to load labels for (empty pool)")
+    splits = records["split"].to_numpy()
+    result = None
+    for split in pd.unique(splits):
+        entry = ensure_labels(layout, data_root, str(split))
+        rows = splits == split
+        values = entry.arrays[key][entry.index_of(records["record_id"][rows].tolist())]
+        if result is None:
+            result = np.empty((len(records), *values.shape[1:]), dtype=np.uint8)
+        result[rows] = values
+    return result
+
+
+def open_entry(path: Path) -> CacheEntry:
+    meta = json.loads((path / "meta.json").read_text())
+    ids = pd.read_csv(path / "ids.csv", dtype={"record_id": str})["record_id"].tolist()
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+    return CacheEntry(path=path, ids=ids, arrays=arrays)
+
+
+def band_stats(layout: Layout, data_root: Path, spec: InputSpec) -> dict:
+    """Per-band statistics of the training pool (a spread-out sample of ``train``), saved once."""
+    ids = data.list_records(data_root, "train")
+    path = layout.cache_dir / f"stats-{digest_json([str(Path(data_root).resolve()), list(spec.bands), digest_json(ids)])}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    sample = ids[:: max(1, len(ids) // STATS_RECORDS)]
+    folders = [record_dir(data_root, "train", rid) for rid in sample]
+    stats = data.band_statistics(folders, spec.bands, tuple(range(data.N_FRAMES)))
+    write_json(path, stats)
+    return stats
+
+
+class _InputFiller:
+    """Picklable worker body: writes inputs of a chunk of records."""
+
+    def __init__(self, spec: InputSpec, stats: dict | None):
+        self.spec, self.stats = spec, stats
+
+    def __call__(self, arrays: dict[str, np.ndarray], rows: range, folders: list[Path]) -> None:
+        out = arrays["inputs"]
+        for row, folder in zip(rows, folders):
+            values = data.build_input(folder, self.spec, self.stats)
+            if values.shape != out.shape[1:]:
+                raise EkError(f"{folder}: input shape {values.shape} differs from {out.shape[1:]}")
+            out[row] = np.rint(values * 255.0) if out.dtype == np.uint8 else values
+
+
+def _fill_labels(arrays: dict[str, np.ndarray], rows: range, folders: list[Path]) -> None:
+    for row, folder in zip(rows, folders):
+        mask = data.load_mask(folder)
+        if mask.shape != arrays["labels"].shape[1:]:
+            raise EkError(f"{folder / data.MASK_FILE}: shape {mask.shape} differs from the others")
+        soft = data.load_soft_label(folder)
+        arrays["labels"][row] = mask
+        arrays["soft"][row] = mask * 255 if soft is None else np.rint(soft * 255.0)
+
+
+def _run_chunk(task: tuple) -> int:
+    tmp, specs, filler, start, folders = task
+    arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in specs}
+    filler(arrays, range(start, start + len(folders)), folders)
+    for array in arrays.values():
+        array.flush()
+    return len(folders)
+
+
+def _build(
+    path: Path,
+    ids: list[str],
+    specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+    filler: Callable,
+    folders: list[Path],
+    workers: int | None,
+    label: str,
+) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, (shape, dtype) in specs.items():
+            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+        tasks = [
+            (tmp, list(specs), filler, start, folders[start : start + CHUNK])
+            for start in range(0, len(folders), CHUNK)
+        ]
+        _run_tasks(tasks, workers, label, total=len(folders))
+        pd.DataFrame({"record_id": ids}).to_csv(tmp / "ids.csv", index=False)
+        (tmp / "meta.json").write_text(json.dumps({"arrays": list(specs), "ids": digest_json(ids)}))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_tasks(tasks: list[tuple], workers: int | None, label: str, total: int) -> None:
+    workers = min(workers or os.cpu_count() or 1, 8, len(tasks))
+    bar = tqdm(total=total, desc=label, unit="rec", leave=False, disable=total < 64)
+    if workers <= 1:
+        for task in tasks:
+            bar.update(_run_chunk(task))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(workers) as pool:
+            for done in pool.imap_unordered(_run_chunk, tasks):
+                bar.update(done)
+    bar.close()

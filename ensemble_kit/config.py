@@ -1,0 +1,281 @@
+"""YAML configs loaded into frozen dataclasses.
+
+Every key has a default; an unknown or mistyped key is an :class:`EkError` that names the
+key and the file. ``resolved_dict`` gives back the complete config (what is saved beside
+every output) and ``config_digest`` its digest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import EkError
+from .files import digest_json
+
+ALL_BANDS = (8, 9, 10, 11, 12, 13, 14, 15, 16)
+TTA_NAMES = ("identity", "hflip", "vflip", "hvflip", "transpose", "rot90", "rot270", "antitranspose")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Which channels a model sees. ``frames`` are 0-based indices (4 is the labelled frame)."""
+
+    channels: str = "ash"  # ash | bands
+    bands: tuple[int, ...] = ALL_BANDS
+    normalize: str = "meanstd"  # meanstd | minmax (bands only; ash is already in [0, 1])
+    frames: tuple[int, ...] = (4,)
+
+    @property
+    def channels_per_frame(self) -> int:
+        return 3 if self.channels == "ash" else len(self.bands)
+
+    @property
+    def in_channels(self) -> int:
+        return self.channels_per_frame * len(self.frames)
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    soft: bool = False  # mean of the individual masks where they exist
+    smoothing: float = 0.0  # y -> y * (1 - s) + s / 2
+    shift_correct: bool = False  # undo the +0.5 px label offset so flips are exact
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str = "Unet"
+    encoder: str = "tu-test_resnet"
+    encoder_weights: str | None = None  # imagenet | None
+    upsample: float = 1.0  # input scale factor; output is brought back to label size
+    upsample_size: int | None = None  # or an absolute input size (overrides upsample)
+    temporal: str = "none"  # none (frames as channels) | mix (encoder per frame, mixed)
+    decoder: dict = field(default_factory=dict)  # extra kwargs for the smp architecture
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    name: str = "dice"  # dice | bce | focal | logcosh_dice | lovasz
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str = "cosine"  # none | cosine | onecycle
+    warmup_iters: int = 0  # linear warm-up, in optimiser steps
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Probabilities of each augmentation (0 disables it); applied on tensors."""
+
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rot90: float = 0.0
+    crop: float = 0.0  # random resized crop
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    cutout: float = 0.0
+    cutout_holes: int = 4
+    cutout_size: float = 0.125  # fraction of the side
+    cutmix: float = 0.0
+    mixup: float = 0.0
+    mixup_alpha: float = 0.4
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    epochs: int = 10
+    batch_size: int = 16
+    accumulate: int = 1
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
+    channels_last: str | bool = "auto"  # auto: on CUDA only
+    compile: bool = False  # torch.compile(mode="reduce-overhead")
+    clip_grad: float = 0.0
+    ema: float = 0.0  # EMA decay of the weights; 0 disables
+    early_stop: int = 0  # patience in epochs on validation dice; 0 disables
+    seed: int = 0
+    num_workers: int = 0
+    max_steps_per_epoch: int = 0  # 0: the whole fold
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "config"
+    input: InputSpec = field(default_factory=InputSpec)
+    label: LabelSpec = field(default_factory=LabelSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    loss: tuple[LossTerm, ...] = (LossTerm("dice", 1.0), LossTerm("bce", 1.0))
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    tta: tuple[str, ...] = ("identity",)
+    tta_merge: str = "mean"  # mean of probabilities | logit (mean of logits)
+    tta_chunk: int = 0  # flipped copies per forward pass; 0 picks by model size
+
+
+CHOICES = {
+    ("input", "channels"): ("ash", "bands"),
+    ("input", "normalize"): ("meanstd", "minmax"),
+    ("model", "temporal"): ("none", "mix"),
+    ("loss", "name"): ("dice", "bce", "focal", "logcosh_dice", "lovasz"),
+    ("optim", "name"): ("adam", "adamw", "sgd"),
+    ("schedule", "name"): ("none", "cosine", "onecycle"),
+    ("train", "amp"): ("auto", "none", "bf16", "fp16"),
+    ("tta_merge",): ("mean", "logit"),
+}
+
+
+def load_config(path: Path | str) -> Config:
+    """Load a YAML config file; the config's name defaults to the file's stem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise EkError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise EkError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise EkError(f"{path}: a config must be a mapping of keys")
+    raw.setdefault("name", path.stem)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """Build a :class:`Config` from a plain dict, validating every key and choice."""
+    config = _build(Config, raw, source, prefix="")
+    _validate(config, source)
+    return config
+
+
+def resolved_dict(config: Config) -> dict:
+    """The complete config as plain YAML-friendly data (tuples become lists)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def config_digest(config: Config) -> str:
+    """Digest of everything in the config but its name."""
+    data = resolved_dict(config)
+    data.pop("name")
+    return digest_json(data)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(resolved_dict(config), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise EkError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise EkError(f"{source}: unknown key '{prefix}{key}'{hint}")
+        values[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, prefix=f"{key}.")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            value = [value]
+        item = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(item, v, source, key) for v in value)
+        if len(value) != len(args):
+            raise EkError(f"{source}: '{key}' must be a list of {len(args)} values")
+        return tuple(_coerce(a, v, source, key) for a, v in zip(args, value))
+    if hint is float:
+        return _number(float, value, source, key)
+    if hint is int:
+        return _number(int, value, source, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise EkError(f"{source}: '{key}' must be true or false, got {value!r}")
+        return value
+    if hint is dict and not isinstance(value, dict):
+        raise EkError(f"{source}: '{key}' must be a mapping")
+    if hint == (str | None) and isinstance(value, str) and value.lower() in ("none", "null"):
+        return None
+    return value
+
+
+def _number(kind: type, value: Any, source: str, key: str) -> Any:
+    if isinstance(value, bool):
+        raise EkError(f"{source}: '{key}' must be a number, got {value!r}")
+    try:
+        number = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        raise EkError(f"{source}: '{key}' must be a number, got {value!r}") from None
+    if kind is int and float(value) != number:
+        raise EkError(f"{source}: '{key}' must be a whole number, got {value!r}")
+    return number
+
+
+def _validate(config: Config, source: str) -> None:
+    for path, allowed in CHOICES.items():
+        for value in _values_at(config, path):
+            if value not in allowed:
+                raise EkError(
+                    f"{source}: '{'.'.join(path)}' is {value!r}; choose one of {', '.join(allowed)}"
+                )
+    for name in config.tta:
+        if name not in TTA_NAMES + ("d4",):
+            raise EkError(f"{source}: unknown tta '{name}'; choose from {', '.join(TTA_NAMES)} or d4")
+    for frame in config.input.frames:
+        if not 0 <= frame <= 7:
+            raise EkError(f"{source}: 'input.frames' has {frame}; frames are 0..7 (4 is labelled)")
+    for band in config.input.bands:
+        if band not in ALL_BANDS:
+            raise EkError(f"{source}: 'input.bands' has {band}; bands are 8..16")
+    if not config.loss:
+        raise EkError(f"{source}: 'loss' needs at least one term")
+
+
+def _values_at(config: Config, path: tuple[str, ...]) -> list[Any]:
+    node: Any = getattr(config, path[0])
+    if len(path) == 1:
+        return [node]
+    items = node if isinstance(node, tuple) else (node,)
+    return [getattr(item, path[1]) for item in items]
+
+
+def tta_list(config: Config) -> tuple[str, ...]:
+    """The config's TTA names with ``d4`` expanded to all eight dihedral transforms."""
+    names: list[str] = []
+    for name in config.tta:
+        for expanded in TTA_NAMES if name == "d4" else (name,):
+            if expanded not in names:
+                names.append(expanded)
+    return tuple(names)

@@ -1,0 +1,113 @@
+"""Every path ensemble-kit reads or writes, in one place.
+
+A run writes under a *workdir* (``folds/`` by default, relative to the current directory)::
+
+    folds/
+      splits.csv            record_id,split,fold   (fold -1: holdout)
+      splits.json           how the splits were made (data root, K, seed, digest)
+      cache/                memory-mappable inputs, one folder per (split, input-spec digest)
+      <config name>/
+        config.yaml         the resolved config
+        fold_<i>/           best.pt, last.pt, metrics.csv, config.yaml, DONE
+        oof.npy             uint8 (N, H, W): probability x 255, rows as oof_ids.csv
+        oof_ids.csv         record_id,fold
+        holdout.npy         uint8 (M, H, W): mean over the K fold models
+        holdout_ids.csv     record_id
+        summary.json        per-fold, pooled OOF and holdout dice; digests
+        curves.png
+      blend.json            weights, threshold, postprocessing, scores, digests
+      blend/                report (plots, table)
+    submissions/
+      submission.csv, submission.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path("folds")
+DEFAULT_SUBMISSION = Path("submissions") / "submission.csv"
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths under one workdir."""
+
+    workdir: Path = DEFAULT_WORKDIR
+
+    @property
+    def splits_csv(self) -> Path:
+        return self.workdir / "splits.csv"
+
+    @property
+    def splits_meta(self) -> Path:
+        return self.workdir / "splits.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.workdir / "cache"
+
+    def cache_entry(self, split: str, spec_digest: str) -> Path:
+        return self.cache_dir / f"{split}-{spec_digest}"
+
+    def config_dir(self, name: str) -> Path:
+        return self.workdir / name
+
+    def config_names(self) -> list[str]:
+        """Names of configs that have a folder under the workdir (sorted)."""
+        if not self.workdir.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.workdir.iterdir() if (p / "config.yaml").is_file()
+        )
+
+    def fold_dir(self, name: str, fold: int) -> Path:
+        return self.config_dir(name) / f"fold_{fold}"
+
+    def oof_npy(self, name: str) -> Path:
+        return self.config_dir(name) / "oof.npy"
+
+    def oof_ids(self, name: str) -> Path:
+        return self.config_dir(name) / "oof_ids.csv"
+
+    def holdout_npy(self, name: str) -> Path:
+        return self.config_dir(name) / "holdout.npy"
+
+    def holdout_ids(self, name: str) -> Path:
+        return self.config_dir(name) / "holdout_ids.csv"
+
+    def summary(self, name: str) -> Path:
+        return self.config_dir(name) / "summary.json"
+
+    def curves_png(self, name: str) -> Path:
+        return self.config_dir(name) / "curves.png"
+
+    @property
+    def blend_json(self) -> Path:
+        return self.workdir / "blend.json"
+
+    @property
+    def blend_report_dir(self) -> Path:
+        return self.workdir / "blend"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.workdir / "export"
+
+
+def record_dir(data_root: Path, split: str, record_id: str) -> Path:
+    """Folder of one Kaggle record: ``<data_root>/<split>/<record_id>/``."""
+    return Path(data_root) / split / str(record_id)
+
+
+def fold_files(fold_dir: Path) -> dict[str, Path]:
+    """The files one fold writes."""
+    return {
+        "best": fold_dir / "best.pt",
+        "last": fold_dir / "last.pt",
+        "metrics": fold_dir / "metrics.csv",
+        "config": fold_dir / "config.yaml",
+        "done": fold_dir / "DONE",
+    }
