@@ -1,0 +1,236 @@
+"""Batch augmentations on tensors, the dihedral group used by TTA, and the half-pixel label shift.
+
+:class:`Augmenter` transforms a whole batch where it lives (CPU or GPU) with one call:
+every random number is drawn on the CPU from a ``torch.Generator`` (so a seed gives the same
+batch on any device), and each operation picks its samples with masks and ``torch.where``
+instead of a Python loop over the batch. Geometric transforms move images and targets
+together; cutout touches only images; cutmix and mixup mix both with another sample of the
+batch. Images and targets must be floating point.
+
+Labels sit half a pixel down-right of the imagery, so every flip or rotation except the
+identity and the transpose moves the label a pixel relative to the image.
+:func:`shift_label` resamples a label by a sub-pixel shift; ``shift_label(target)`` centres
+the label on the image grid (``LabelSpec.shift_correct``), after which flips are exact, and
+``shift_label(pred, 0.5, 0.5)`` puts a prediction back on the label grid.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import TTA_NAMES, AugmentSpec
+from .errors import EkError
+
+DIHEDRAL = TTA_NAMES  # identity, hflip, vflip, hvflip, transpose, rot90, rot270, antitranspose
+PROBABILITIES = ("hflip", "vflip", "rot90", "crop", "cutmix", "mixup", "cutout")
+_INVERSE = {"rot90": "rot270", "rot270": "rot90"}  # every other element is its own inverse
+
+
+def dihedral(x: torch.Tensor, name: str) -> torch.Tensor:
+    """One of the eight flips/rotations of the last two dims (rows, columns).
+
+    ``hflip`` reverses columns, ``vflip`` rows, ``rot90`` turns counter-clockwise like
+    ``np.rot90``, ``antitranspose`` mirrors about the anti-diagonal.
+    """
+    if name == "identity":
+        return x
+    if name == "hflip":
+        return x.flip(-1)
+    if name == "vflip":
+        return x.flip(-2)
+    if name == "hvflip":
+        return x.flip(-2, -1)
+    if name == "transpose":
+        return x.transpose(-2, -1)
+    if name == "rot90":
+        return torch.rot90(x, 1, dims=(-2, -1))
+    if name == "rot270":
+        return torch.rot90(x, 3, dims=(-2, -1))
+    if name == "antitranspose":
+        return x.flip(-2, -1).transpose(-2, -1)
+    close = difflib.get_close_matches(name, DIHEDRAL, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise EkError(f"unknown flip/rotation '{name}'{hint}; choose one of {', '.join(DIHEDRAL)}")
+
+
+def dihedral_inverse(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Undo :func:`dihedral`: ``dihedral_inverse(dihedral(x, n), n)`` equals ``x``."""
+    return dihedral(x, _INVERSE.get(name, name))
+
+
+def shift_label(target: torch.Tensor, dx: float = -0.5, dy: float = -0.5) -> torch.Tensor:
+    """Move the content of ``(B, C, H, W)`` maps by ``(dx, dy)`` pixels, bilinearly.
+
+    ``out[y, x] = in[y - dy, x - dx]`` with border padding. The default moves a label half a
+    pixel up-left onto the image grid; ``(0.5, 0.5)`` moves a prediction back. The pair is
+    a 2×2 blur, not an exact inverse.
+    """
+    batch, _, height, width = target.shape
+    theta = torch.zeros(batch, 2, 3, dtype=torch.float32, device=target.device)
+    theta[:, 0, 0] = 1.0
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = -2.0 * dx / width  # normalised coordinates span 2 units per side
+    theta[:, 1, 2] = -2.0 * dy / height
+    grid = F.affine_grid(theta, list(target.shape), align_corners=False)
+    shifted = F.grid_sample(
+        target.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return shifted.to(target.dtype)
+
+
+class Augmenter:
+    """Random batch augmentations from an :class:`AugmentSpec`, in a fixed order.
+
+    Order: hflip, vflip, rot90 (square inputs only), random resized crop, cutmix, mixup,
+    cutout. Each probability applies per sample.
+    """
+
+    def __init__(self, spec: AugmentSpec):
+        self.spec = spec
+
+    @property
+    def enabled(self) -> bool:
+        """False when every probability is 0 (``__call__`` is then the identity)."""
+        return any(getattr(self.spec, name) > 0 for name in PROBABILITIES)
+
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment a batch: images ``(B, C, H, W)``, targets ``(B, 1, H, W)``."""
+        if not self.enabled:
+            return images, targets
+        if generator.device.type != "cpu":
+            raise ValueError("the augmentation generator must live on the CPU")
+        spec, draw = self.spec, _Draw(generator, images.shape[0], images.device)
+        if spec.hflip > 0:
+            images, targets = _flip(images, targets, draw.chosen(spec.hflip), dim=-1)
+        if spec.vflip > 0:
+            images, targets = _flip(images, targets, draw.chosen(spec.vflip), dim=-2)
+        if spec.rot90 > 0 and images.shape[-2] == images.shape[-1]:
+            images, targets = _rot90(images, targets, draw.quarter_turns(spec.rot90))
+        if spec.crop > 0:
+            images, targets = _crop(images, targets, draw.chosen(spec.crop), draw, spec.crop_scale)
+        if spec.cutmix > 0 and images.shape[0] > 1:
+            images, targets = _cutmix(images, targets, draw.chosen(spec.cutmix), draw)
+        if spec.mixup > 0 and images.shape[0] > 1:
+            images, targets = _mixup(images, targets, draw.chosen(spec.mixup), draw, spec.mixup_alpha)
+        if spec.cutout > 0:
+            images = _cutout(images, draw.chosen(spec.cutout), draw, spec)
+        return images, targets
+
+
+class _Draw:
+    """Random numbers for one batch, drawn on the CPU generator and moved to the device."""
+
+    def __init__(self, generator: torch.Generator, batch: int, device: torch.device):
+        self.generator, self.batch, self.device = generator, batch, device
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        values = torch.rand((self.batch, *shape), generator=self.generator)
+        return values.to(self.device)
+
+    def chosen(self, probability: float) -> torch.Tensor:
+        """``(B,)`` bool: which samples get the augmentation."""
+        return self.uniform() < probability
+
+    def quarter_turns(self, probability: float) -> torch.Tensor:
+        """``(B,)`` counter-clockwise quarter turns: 0, or 1-3 with ``probability``."""
+        turns = torch.randint(1, 4, (self.batch,), generator=self.generator).to(self.device)
+        return torch.where(self.chosen(probability), turns, torch.zeros_like(turns))
+
+    def partners(self) -> torch.Tensor:
+        """``(B,)`` index of another sample of the batch for each sample (needs B > 1)."""
+        offset = torch.randint(1, self.batch, (self.batch,), generator=self.generator)
+        return ((torch.arange(self.batch) + offset) % self.batch).to(self.device)
+
+    def beta(self, alpha: float) -> torch.Tensor:
+        """``(B,)`` Beta(alpha, alpha) draws; torch's Beta takes no generator, numpy's does."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        values = np.random.default_rng(seed).beta(alpha, alpha, size=self.batch)
+        return torch.as_tensor(values, dtype=torch.float32).to(self.device)
+
+
+def _per_sample(mask: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, 1, 1, 1)
+
+
+def _flip(images, targets, chosen, dim):
+    where = _per_sample(chosen)
+    return torch.where(where, images.flip(dim), images), torch.where(where, targets.flip(dim), targets)
+
+
+def _rot90(images, targets, turns):
+    rotated_images, rotated_targets = images, targets
+    for k in (1, 2, 3):
+        where = _per_sample(turns == k)
+        rotated_images = torch.where(where, torch.rot90(images, k, dims=(-2, -1)), rotated_images)
+        rotated_targets = torch.where(where, torch.rot90(targets, k, dims=(-2, -1)), rotated_targets)
+    return rotated_images, rotated_targets
+
+
+def _crop(images, targets, chosen, draw, scale):
+    """Random resized crop: a square box of area fraction U(scale) resized back to H×W."""
+    low, high = scale
+    side = (low + (high - low) * draw.uniform()).sqrt()  # fraction of each side
+    corner = draw.uniform(2) * (1.0 - side[:, None])  # top-left (x, y) as fractions
+    theta = torch.zeros(images.shape[0], 2, 3, dtype=torch.float32, device=images.device)
+    theta[:, 0, 0] = side
+    theta[:, 1, 1] = side
+    theta[:, :, 2] = 2.0 * corner + side[:, None] - 1.0  # box centre in [-1, 1]
+    where = _per_sample(chosen)
+    return (
+        torch.where(where, _resample(images, theta), images),
+        torch.where(where, _resample(targets, theta), targets),
+    )
+
+
+def _resample(x, theta):
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", align_corners=False)
+
+
+def _boxes(draw, height, width, side):
+    """``(B, 1, H, W)`` bool masks of one axis-aligned box per sample, clipped to the image.
+
+    ``side`` is ``(B, holes)`` box sides as fractions; the result is the union over holes.
+    """
+    centre = draw.uniform(side.shape[1], 2)
+    rows = torch.arange(height, device=side.device).view(1, 1, -1, 1) + 0.5
+    cols = torch.arange(width, device=side.device).view(1, 1, 1, -1) + 0.5
+    half_h, half_w = (side * height / 2)[..., None, None], (side * width / 2)[..., None, None]
+    centre_y = (centre[..., 1] * height)[..., None, None]
+    centre_x = (centre[..., 0] * width)[..., None, None]
+    inside = ((rows - centre_y).abs() < half_h) & ((cols - centre_x).abs() < half_w)
+    return inside.any(dim=1, keepdim=True)
+
+
+def _cutmix(images, targets, chosen, draw):
+    """Paste a box (side fraction sqrt(U(0, 1))) from another sample into image and target."""
+    partner = draw.partners()
+    side = draw.uniform(1).sqrt()
+    box = _boxes(draw, images.shape[-2], images.shape[-1], side) & _per_sample(chosen)
+    return (
+        torch.where(box, images[partner], images),
+        torch.where(box, targets[partner], targets),
+    )
+
+
+def _mixup(images, targets, chosen, draw, alpha):
+    """Convex mix ``λ·x + (1 − λ)·x_other`` of images and targets, ``λ ~ Beta(α, α)``."""
+    partner = draw.partners()
+    weight = _per_sample(draw.beta(alpha))
+    where = _per_sample(chosen)
+    mixed_images = torch.lerp(images[partner], images, weight.to(images.dtype))
+    mixed_targets = torch.lerp(targets[partner], targets, weight.to(targets.dtype))
+    return torch.where(where, mixed_images, images), torch.where(where, mixed_targets, targets)
+
+
+def _cutout(images, chosen, draw, spec):
+    """Zero ``cutout_holes`` square holes of side ``cutout_size`` (fraction) in the image only."""
+    side = torch.full((images.shape[0], spec.cutout_holes), spec.cutout_size, device=images.device)
+    holes = _boxes(draw, images.shape[-2], images.shape[-1], side) & _per_sample(chosen)
+    return images.masked_fill(holes, 0.0)

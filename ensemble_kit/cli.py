@@ -1,0 +1,143 @@
+"""``ek``: thin click commands over the Python API (no torch import at start-up)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EkError
+from .layout import DEFAULT_SUBMISSION, DEFAULT_WORKDIR, Layout
+
+WORKDIR = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR,
+                       show_default=True, help="Where splits, caches, fold models and OOF live.")
+DEVICE = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
+
+
+def data_option(required: bool = False):
+    return click.option("--data", "data_root", type=click.Path(path_type=Path), required=required,
+                        help="Data folder in the Kaggle layout (train/, validation/, test/).")
+
+
+class EkGroup(click.Group):
+    """Shows :class:`EkError` as one line on stderr with exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EkError as err:
+            click.echo(f"ek: error: {err}", err=True)
+            sys.exit(EkError.exit_code)
+
+
+@click.group(cls=EkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="ensemble-kit")
+def main(verbose: bool) -> None:
+    """ensemble-kit: K-fold training, OOF blending and Kaggle submissions for segmentation."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+@click.option("--train", "n_train", default=64, show_default=True)
+@click.option("--validation", "n_validation", default=16, show_default=True)
+@click.option("--test", "n_test", default=16, show_default=True)
+@click.option("--size", default=256, show_default=True, help="Image side in pixels.")
+@click.option("--seed", default=0, show_default=True)
+def synth(out: Path, n_train: int, n_validation: int, n_test: int, size: int, seed: int) -> None:
+    """Write a synthetic contrail data set in the Kaggle layout."""
+    from .synth import write_synthetic
+
+    counts = write_synthetic(out, n_train=n_train, n_validation=n_validation, n_test=n_test, size=size, seed=seed)
+    click.echo(f"wrote {counts} to {out}")
+
+
+@main.command()
+@data_option(required=True)
+@WORKDIR
+@click.option("--folds", "n_folds", default=5, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--pool-validation", is_flag=True, help="Pool the validation split into the folds (no holdout).")
+@click.option("--force", is_flag=True, help="Overwrite an existing splits.csv.")
+def folds(data_root: Path, workdir: Path, n_folds: int, seed: int, pool_validation: bool, force: bool) -> None:
+    """Write the shared K-fold splits (folds/splits.csv)."""
+    from .folds import make_splits
+
+    layout = Layout(workdir)
+    if layout.splits_csv.is_file() and not force:
+        raise EkError(f"{layout.splits_csv} exists; every config's OOF depends on it (use --force to replace it)")
+    splits = make_splits(layout, data_root, n_folds, seed, pool_validation)
+    counts = splits.groupby("fold").size().to_dict()
+    click.echo(f"wrote {layout.splits_csv}: records per fold {counts}")
+
+
+@main.command()
+@data_option(required=True)
+@WORKDIR
+@click.option("--split", "split_names", multiple=True, default=("train", "validation", "test"), show_default=True)
+@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count, at most 8).")
+@click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
+def prepare(data_root: Path, workdir: Path, split_names: tuple[str, ...], workers: int | None, configs) -> None:
+    """Build the input caches the configs need (once per split and input spec)."""
+    from .cache import ensure_inputs
+    from .config import load_config
+
+    layout = Layout(workdir)
+    for path in configs:
+        spec = load_config(path).input
+        for split in split_names:
+            if (Path(data_root) / split).is_dir():
+                entry = ensure_inputs(layout, data_root, split, spec, workers)
+                click.echo(f"{path} {split}: {entry.path} {entry.arrays['inputs'].shape}")
+
+
+@main.command()
+@data_option()
+@WORKDIR
+@click.option("--folds", "n_folds", type=int, default=None, help="K (default 5 for a new splits.csv).")
+@click.option("--fold", "fold_ids", type=int, multiple=True, help="Run only these folds (repeatable).")
+@click.option("--epochs", type=int, default=None, help="Override train.epochs of every config.")
+@DEVICE
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of a new splits.csv.")
+@click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
+def cv(data_root, workdir, n_folds, fold_ids, epochs, device, backend, seed, configs) -> None:
+    """Train K fold models per config and save out-of-fold probabilities."""
+    from .cv import CvRequest, run_cv
+    from .status import format_status, status_rows
+
+    layout = Layout(workdir)
+    request = CvRequest(tuple(configs), layout, data_root, n_folds, tuple(fold_ids), epochs, device, backend, seed)
+    run_cv(request)
+    click.echo(format_status(status_rows(layout)))
+
+
+@main.command()
+@WORKDIR
+def status(workdir: Path) -> None:
+    """Table of configs x folds: done / running / stopped / missing, best epoch and dice."""
+    from .status import format_status, status_rows
+
+    click.echo(format_status(status_rows(Layout(workdir))))
+
+
+@main.command()
+@click.option("--oof", is_flag=True, required=True, help="Search on out-of-fold predictions.")
+@WORKDIR
+@data_option()
+@click.option("--configs", "names", multiple=True, help="Blend only these configs (repeatable).")
+@click.option("--steps", default=25, show_default=True, help="Greedy selection rounds.")
+@click.option("--refine", is_flag=True, help="Coordinate-search refinement of the weights.")
+def blend(oof: bool, workdir: Path, data_root: Path | None, names, steps: int, refine: bool) -> None:
+    """Search ensemble weights, threshold and postprocessing on OOF dice."""
+    from .blend import run_blend
+
+    layout = Layout(workdir)
+    result = run_blend(layout, data_root, list(names) or None, steps=steps, refine=refine)
+    report = layout.blend_report_dir / "report.txt"
+    if report.is_file():
+        click.echo(report.read_text().rstrip())
+    click.echo(f"wrote {layout.blend_json} (weights {result['configs']})")

@@ -1,0 +1,216 @@
+"""Config -> segmentation model: any smp architecture on any smp or timm (``tu-``) encoder.
+
+``build_model(config)`` returns a module mapping ``(B, in_channels, H, W)`` to logits
+``(B, 1, H, W)`` at the input's (label) resolution, whatever happens inside:
+
+- ``model.upsample`` / ``model.upsample_size``: the input is resized up (bilinear), the net
+  runs at the larger size and its logits are averaged back down (``area``), as the top
+  solutions did (256 -> 512 or 1024).
+- Sizes the architecture cannot take are padded (replicate) up to a multiple of the
+  encoder's output stride and the logits cropped back; PAN needs at least 128 px.
+- ``model.temporal: mix``: the encoder runs on each frame, a learned 1x1 conv mixes the
+  frames at every encoder level (:class:`FrameMix`), then the smp decoder and head run on
+  the mixed features (2nd/3rd place style temporal mixing).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config, ModelSpec
+from .errors import EkError
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (
+        smp.Unet, smp.UnetPlusPlus, smp.FPN, smp.DeepLabV3, smp.DeepLabV3Plus, smp.Linknet,
+        smp.PSPNet, smp.MAnet, smp.PAN, smp.UPerNet, smp.Segformer, smp.DPT,
+    )
+}
+# DPT's encoder returns (features, prefix tokens): not the plain feature list FrameMix mixes.
+TEMPORAL_MIX_ARCHITECTURES = tuple(name for name in ARCHITECTURES if name != "DPT")
+# Smallest working side, where smaller inputs fail deep inside the architecture.
+MIN_SIZE = {"PAN": 128}
+
+
+def build_model(config: Config) -> nn.Module:
+    """The model a config describes, returning logits at the input's resolution.
+
+    Args:
+        config: uses ``config.model`` and ``config.input`` (channels and frames).
+
+    Returns:
+        A module mapping ``(B, config.input.in_channels, H, W)`` to logits ``(B, 1, H, W)``.
+
+    Raises:
+        EkError: unknown architecture, encoder or decoder keyword; temporal mix on an
+            architecture without it.
+    """
+    spec = config.model
+    arch = architecture_name(spec.arch)
+    frames = len(config.input.frames) if spec.temporal == "mix" else 1
+    if frames > 1 and arch not in TEMPORAL_MIX_ARCHITECTURES:
+        raise EkError(f"model.temporal 'mix' is not supported for {arch}; use one of "
+                      f"{', '.join(TEMPORAL_MIX_ARCHITECTURES)}")
+    channels = config.input.channels_per_frame if frames > 1 else config.input.in_channels
+    net = _create_smp(arch, spec, channels)
+    if frames > 1:
+        net = TemporalMix(net, frames)
+    stride = net.encoder.output_stride if _needs_divisible(net) else 1
+    return LabelResolution(net, spec.upsample, spec.upsample_size, stride, MIN_SIZE.get(arch, 0))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def architecture_name(name: str) -> str:
+    """The canonical architecture name for ``name`` (case-insensitive), else an EkError."""
+    by_lower = {key.lower(): key for key in ARCHITECTURES}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    raise EkError(f"unknown model.arch '{name}'{_suggest(name, list(ARCHITECTURES))}; "
+                  f"choose one of {', '.join(ARCHITECTURES)}")
+
+
+def check_encoder(name: str) -> None:
+    """Raise an EkError naming close encoders unless smp or timm (``tu-``) knows ``name``."""
+    import timm
+
+    smp_names = smp.encoders.get_encoder_names()
+    if name in smp_names or (name.startswith("tu-") and timm.is_model(name[3:])):
+        return
+    if timm.is_model(name):
+        raise EkError(f"unknown model.encoder '{name}' (did you mean tu-{name}? "
+                      "timm encoders take the 'tu-' prefix)")
+    known = smp_names + ["tu-" + model for model in timm.list_models()]
+    raise EkError(f"unknown model.encoder '{name}'{_suggest(name, known)} "
+                  "(smp encoders by name, any timm model as 'tu-<timm name>')")
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=5, cutoff=0.6)
+    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
+
+
+def _create_smp(arch: str, spec: ModelSpec, in_channels: int) -> nn.Module:
+    check_encoder(spec.encoder)
+    weights = spec.encoder_weights
+    if spec.encoder.startswith("tu-") and isinstance(weights, str):
+        weights = True  # timm picks the pretrained tag from the name ('tu-model.tag')
+    cls = ARCHITECTURES[arch]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(spec.decoder) - accepted)
+    if unknown:
+        raise EkError(f"model.decoder has {', '.join(unknown)}, unknown to {arch}; "
+                      f"it takes {', '.join(sorted(accepted))}")
+    return cls(encoder_name=spec.encoder, encoder_weights=weights, in_channels=in_channels,
+               classes=1, **spec.decoder)
+
+
+def _needs_divisible(net: nn.Module) -> bool:
+    inner = net.net if isinstance(net, TemporalMix) else net
+    return bool(getattr(inner, "requires_divisible_input_shape", True))
+
+
+class LabelResolution(nn.Module):
+    """Runs ``net`` at a (possibly) larger, padded size; returns logits at the input size.
+
+    Up: bilinear with ``align_corners=False`` (pixel areas line up, no half-pixel drift);
+    down: ``area`` averaging, an exact average pool for whole-number factors.
+    """
+
+    def __init__(self, net: nn.Module, upsample: float = 1.0, upsample_size: int | None = None,
+                 stride: int = 1, min_size: int = 0):
+        super().__init__()
+        if upsample <= 0 or (upsample_size is not None and upsample_size <= 0):
+            raise EkError("model.upsample and model.upsample_size must be positive")
+        self.net = net
+        self.upsample = float(upsample)
+        self.upsample_size = upsample_size
+        self.stride = max(1, int(stride))
+        self.min_size = min_size
+
+    def work_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the net runs at; ``upsample_size`` sets the height, width keeps aspect."""
+        scale = self.upsample_size / height if self.upsample_size else self.upsample
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[-2:])
+        work = self.work_size(*size)
+        if min(work) < self.min_size:
+            raise EkError(f"{type(self.net).__name__} needs inputs of at least {self.min_size} px "
+                          f"(got {work[0]}x{work[1]}); raise model.upsample")
+        if work != size:
+            x = F.interpolate(x, size=work, mode="bilinear", align_corners=False)
+        x, pads = _pad_to_multiple(x, self.stride)
+        logits = self.net(x)
+        logits = logits[..., pads[2]:pads[2] + work[0], pads[0]:pads[0] + work[1]]
+        if work != size:
+            logits = F.interpolate(logits, size=size, mode="area")
+        return logits
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Pad the last two dims (split evenly, so flips stay symmetric) up to ``multiple``."""
+    height, width = x.shape[-2:]
+    extra_h = math.ceil(height / multiple) * multiple - height
+    extra_w = math.ceil(width / multiple) * multiple - width
+    pads = (extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2)
+    if not any(pads):
+        return x, pads
+    return F.pad(x, pads, mode="replicate"), pads
+
+
+class FrameMix(nn.Module):
+    """Mixes F frames' features of one encoder level into one: a 1x1 conv over the frames'
+    concatenated channels, started as the plain mean of the frames."""
+
+    def __init__(self, channels: int, frames: int):
+        super().__init__()
+        self.frames = frames
+        self.conv = nn.Conv2d(channels * frames, channels, 1) if channels else None
+        if self.conv is not None:
+            eye = torch.eye(channels).repeat(1, frames) / frames
+            with torch.no_grad():
+                self.conv.weight.copy_(eye[:, :, None, None])
+                self.conv.bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        per_frame = features.unflatten(0, (-1, self.frames))  # (B, F, C, h, w)
+        if self.conv is None:  # empty placeholder level of some timm encoders
+            return per_frame[:, 0]
+        return self.conv(per_frame.flatten(1, 2))
+
+
+class TemporalMix(nn.Module):
+    """An smp model's encoder run per frame, frames mixed per level, then decoder and head.
+
+    Input channels are frame-major: ``(B, F * C, H, W)`` holds frame 0's C channels first.
+    """
+
+    def __init__(self, net: nn.Module, frames: int):
+        super().__init__()
+        self.net = net
+        self.frames = frames
+        self.mixers = nn.ModuleList(FrameMix(c, frames) for c in net.encoder.out_channels)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_frame = x.unflatten(1, (self.frames, -1)).flatten(0, 1)  # (B * F, C, H, W)
+        features = self.net.encoder(per_frame)
+        mixed = [mix(f) for mix, f in zip(self.mixers, features)]
+        return self.net.segmentation_head(self.net.decoder(mixed))

@@ -1,0 +1,79 @@
+"""``ek status``: configs x folds, best epochs and scores, pooled OOF and holdout dice."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .layout import Layout, fold_files
+
+
+def fold_state(fold_dir: Path) -> dict:
+    """``done`` / ``running`` / ``stopped`` (interrupted, resumable) / ``missing`` with details."""
+    files = fold_files(fold_dir)
+    if files["done"].is_file():
+        return {"state": "done", **json.loads(files["done"].read_text())}
+    lock = fold_dir / "RUNNING"
+    if lock.is_file() and _alive(lock.read_text().strip()):
+        return {"state": "running"}
+    if files["last"].is_file():
+        return {"state": "stopped"}
+    return {"state": "missing"}
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def status_rows(layout: Layout) -> list[dict]:
+    """One row per config: fold states and scores."""
+    n_folds = _n_folds(layout)
+    rows = []
+    for name in layout.config_names():
+        summary_path = layout.summary(name)
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        folds = [fold_state(layout.fold_dir(name, k)) for k in range(n_folds)]
+        rows.append({
+            "config": name,
+            "folds": folds,
+            "oof_dice": summary.get("oof_dice"),
+            "holdout_dice": summary.get("holdout_dice_at_oof_threshold"),
+            "seconds": sum(f.get("seconds_total", 0.0) for f in folds),
+        })
+    return rows
+
+
+def _n_folds(layout: Layout) -> int:
+    if layout.splits_meta.is_file():
+        return int(json.loads(layout.splits_meta.read_text())["n_folds"])
+    return 0
+
+
+def format_status(rows: list[dict]) -> str:
+    """The leaderboard as a text table."""
+    if not rows:
+        return "no configs under this workdir yet; run `ek cv CONFIG...`"
+    n_folds = len(rows[0]["folds"])
+    header = ["config"] + [f"fold {k}" for k in range(n_folds)] + ["oof dice", "holdout", "time"]
+    table = [header]
+    for row in sorted(rows, key=lambda r: -(r["oof_dice"] or -1)):
+        cells = [row["config"]] + [_fold_cell(f) for f in row["folds"]]
+        cells += [_number(row["oof_dice"]), _number(row["holdout_dice"]), f"{row['seconds'] / 60:.1f} min"]
+        table.append(cells)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
+
+
+def _fold_cell(fold: dict) -> str:
+    if fold["state"] == "done":
+        return f"done e{fold['best_epoch']} {fold['best_dice']:.3f}"
+    return fold["state"]
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
