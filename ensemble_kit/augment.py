@@ -90,6 +90,7 @@ class Augmenter:
     """
 
     def __init__(self, spec: AugmentSpec):
+        _check_spec(spec)
         self.spec = spec
 
     @property
@@ -117,10 +118,25 @@ class Augmenter:
         if spec.cutmix > 0 and images.shape[0] > 1:
             images, targets = _cutmix(images, targets, draw.chosen(spec.cutmix), draw)
         if spec.mixup > 0 and images.shape[0] > 1:
-            images, targets = _mixup(images, targets, draw.chosen(spec.mixup), draw, spec.mixup_alpha)
+            images, targets = _mixup(
+                images, targets, draw.chosen(spec.mixup), draw, spec.mixup_alpha
+            )
         if spec.cutout > 0:
             images = _cutout(images, draw.chosen(spec.cutout), draw, spec)
         return images, targets
+
+
+def _check_spec(spec: AugmentSpec) -> None:
+    for name in PROBABILITIES:
+        if not 0.0 <= getattr(spec, name) <= 1.0:
+            raise EkError(f"augment.{name} is a probability in [0, 1], got {getattr(spec, name)}")
+    low, high = spec.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise EkError(f"augment.crop_scale needs 0 < low <= high <= 1, got {spec.crop_scale}")
+    if spec.mixup > 0 and spec.mixup_alpha <= 0:
+        raise EkError(f"augment.mixup_alpha must be positive, got {spec.mixup_alpha}")
+    if spec.cutout > 0 and (spec.cutout_holes < 1 or not 0.0 < spec.cutout_size <= 1.0):
+        raise EkError("augment.cutout needs cutout_holes >= 1 and 0 < cutout_size <= 1")
 
 
 class _Draw:
@@ -160,7 +176,9 @@ def _per_sample(mask: torch.Tensor) -> torch.Tensor:
 
 def _flip(images, targets, chosen, dim):
     where = _per_sample(chosen)
-    return torch.where(where, images.flip(dim), images), torch.where(where, targets.flip(dim), targets)
+    return torch.where(where, images.flip(dim), images), torch.where(
+        where, targets.flip(dim), targets
+    )
 
 
 def _rot90(images, targets, turns):
@@ -168,7 +186,9 @@ def _rot90(images, targets, turns):
     for k in (1, 2, 3):
         where = _per_sample(turns == k)
         rotated_images = torch.where(where, torch.rot90(images, k, dims=(-2, -1)), rotated_images)
-        rotated_targets = torch.where(where, torch.rot90(targets, k, dims=(-2, -1)), rotated_targets)
+        rotated_targets = torch.where(
+            where, torch.rot90(targets, k, dims=(-2, -1)), rotated_targets
+        )
     return rotated_images, rotated_targets
 
 
@@ -193,26 +213,33 @@ def _resample(x, theta):
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", align_corners=False)
 
 
-def _boxes(draw, height, width, side):
-    """``(B, 1, H, W)`` bool masks of one axis-aligned box per sample, clipped to the image.
+def _boxes(draw, height, width, side, inside):
+    """``(B, 1, H, W)`` bool masks of axis-aligned square boxes, the union over holes.
 
-    ``side`` is ``(B, holes)`` box sides as fractions; the result is the union over holes.
+    ``side`` is ``(B, holes)`` box sides as fractions of each image side. Box centres are
+    uniform over the image (boxes clipped at the edges) or, with ``inside``, over the
+    positions that keep the whole box in the image.
     """
-    centre = draw.uniform(side.shape[1], 2)
+    low = side / 2 if inside else torch.zeros_like(side)
+    centre = low[..., None] + draw.uniform(side.shape[1], 2) * (1 - 2 * low[..., None])
     rows = torch.arange(height, device=side.device).view(1, 1, -1, 1) + 0.5
     cols = torch.arange(width, device=side.device).view(1, 1, 1, -1) + 0.5
     half_h, half_w = (side * height / 2)[..., None, None], (side * width / 2)[..., None, None]
     centre_y = (centre[..., 1] * height)[..., None, None]
     centre_x = (centre[..., 0] * width)[..., None, None]
-    inside = ((rows - centre_y).abs() < half_h) & ((cols - centre_x).abs() < half_w)
-    return inside.any(dim=1, keepdim=True)
+    inside_box = ((rows - centre_y).abs() < half_h) & ((cols - centre_x).abs() < half_w)
+    return inside_box.any(dim=1, keepdim=True)
 
 
 def _cutmix(images, targets, chosen, draw):
-    """Paste a box (side fraction sqrt(U(0, 1))) from another sample into image and target."""
+    """Paste a box from another sample into image and target.
+
+    The box lies inside the image with area fraction U(0, 1) (at least 2×2 pixels).
+    """
+    height, width = images.shape[-2:]
     partner = draw.partners()
-    side = draw.uniform(1).sqrt()
-    box = _boxes(draw, images.shape[-2], images.shape[-1], side) & _per_sample(chosen)
+    side = draw.uniform(1).sqrt().clamp_min(min(1.0, 2.0 / min(height, width)))
+    box = _boxes(draw, height, width, side, inside=True) & _per_sample(chosen)
     return (
         torch.where(box, images[partner], images),
         torch.where(box, targets[partner], targets),
@@ -232,5 +259,7 @@ def _mixup(images, targets, chosen, draw, alpha):
 def _cutout(images, chosen, draw, spec):
     """Zero ``cutout_holes`` square holes of side ``cutout_size`` (fraction) in the image only."""
     side = torch.full((images.shape[0], spec.cutout_holes), spec.cutout_size, device=images.device)
-    holes = _boxes(draw, images.shape[-2], images.shape[-1], side) & _per_sample(chosen)
+    holes = _boxes(draw, images.shape[-2], images.shape[-1], side, inside=False) & _per_sample(
+        chosen
+    )
     return images.masked_fill(holes, 0.0)

@@ -213,7 +213,8 @@ def _build(
 
 
 def _run_tasks(tasks: list[tuple], workers: int | None, label: str, total: int) -> None:
-    workers = min(workers or os.cpu_count() or 1, 8, len(tasks))
+    # Spawned workers cost seconds to start: small builds run in-process.
+    workers = min(workers or os.cpu_count() or 1, 8, len(tasks)) if total >= 256 or workers else 1
     bar = tqdm(total=total, desc=label, unit="rec", leave=False, disable=total < 64)
     if workers <= 1:
         for task in tasks:

@@ -141,3 +141,47 @@ def blend(oof: bool, workdir: Path, data_root: Path | None, names, steps: int, r
     if report.is_file():
         click.echo(report.read_text().rstrip())
     click.echo(f"wrote {layout.blend_json} (weights {result['configs']})")
+
+
+@main.command()
+@data_option()
+@WORKDIR
+@click.option("--split", default="test", show_default=True, help="Split to predict (validation: also prints its dice).")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_SUBMISSION, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@DEVICE
+@click.option("--exported", is_flag=True, help="Predict from the `ek export` bundle instead of checkpoints.")
+@click.option("--check", "check_file", type=click.Path(path_type=Path), default=None,
+              help="Only validate an existing submission CSV (with --data: against its ids).")
+def submit(data_root, workdir, split, out, batch_size, device, exported, check_file) -> None:
+    """Predict with the blended fold x config ensemble and write a validated submission CSV."""
+    if check_file is not None:
+        from .submission import check_submission
+
+        result = check_submission(check_file, data_root, split)
+        click.echo(f"{check_file}: valid ({result})")
+        return
+    from .submit import SubmitRequest, run_submit
+
+    request = SubmitRequest(Layout(workdir), data_root, split, out, batch_size, device, exported)
+    result = run_submit(request)
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds_by_stage"].items())
+    click.echo(f"{result['records']} records, {result['records_per_second']:.1f} records/s ({stages})")
+    if "dice" in result:
+        click.echo(f"global dice on {split}: {result['dice']:.4f}")
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@WORKDIR
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), default="torchscript", show_default=True)
+@click.option("--configs", "names", multiple=True, help="Export these configs (default: those in blend.json).")
+def export(workdir: Path, fmt: str, names) -> None:
+    """Export fold models as a portable bundle, parity-checked against the eager models."""
+    from .export import export_models
+
+    layout = Layout(workdir)
+    manifest = export_models(layout, fmt, list(names) or None)
+    for name, entry in manifest["configs"].items():
+        click.echo(f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}")
+    click.echo(f"wrote {layout.export_dir}")

@@ -8,28 +8,29 @@ with the config's TTA into ``fold_<i>/oof_part.npy`` / ``holdout_part.npy``, the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from .cache import ensure_inputs, ensure_labels
+from .augment import shift_label
+from .cache import ensure_inputs, ensure_labels, load_labels
 from .config import Config, config_digest, dump_config, load_config, tta_list
 from .errors import EkError
-from .files import digest_file, write_json, write_text
+from .files import atomic_path, digest_file, write_json, write_text
 from .folds import HOLDOUT_FOLD, ensure_splits
 from .layout import Layout, fold_files
-from .loader import ArraySet, batches
-from .metrics import threshold_counts, dice_at_best
-from .oof import ArrayWriter, missing_folds, to_uint8, write_ids
+from .loader import ArraySet, batches, to_float
+from .metrics import best_from_counts, dice_from_counts, threshold_sweep
+from .oof import ArrayWriter, to_uint8, write_ids
 from .predict import predict_probs
-from .train import load_fold_model, resolve_device, train_fold, write_done
+from .train import load_fold_model, resolve_device, resolve_runtime, train_fold, write_done
 
 log = logging.getLogger(__name__)
 ROW_CHUNK = 256
@@ -81,8 +82,6 @@ def run_cv(request: CvRequest) -> dict[str, dict | None]:
 def _with_epochs(config: Config, epochs: int | None) -> Config:
     if epochs is None:
         return config
-    from dataclasses import replace
-
     return replace(config, train=replace(config.train, epochs=epochs))
 
 
@@ -135,22 +134,24 @@ def fold_sets(layout: Layout, data_root: Path, config: Config, splits: pd.DataFr
             val["record_id"].tolist(), holdout["record_id"].tolist())
 
 
-def predict_set(models: list[torch.nn.Module], config: Config, arrays: ArraySet, device: torch.device, batch_size: int):
-    """Yield ``(rows, probabilities float32 (B, H, W))`` for an ArraySet, with the config's TTA."""
-    from .train import Runtime, resolve_runtime, Trainer  # noqa: F401  (runtime shared with training)
-    from .loader import to_float
-    from .augment import shift_label
+def predict_inputs(models: list[torch.nn.Module], config: Config, x: torch.Tensor) -> np.ndarray:
+    """Probabilities ``(B, H, W)`` of float inputs on the models' device: the config's TTA and
+    merge, mean over models, the half-pixel correction undone — the one path OOF and
+    submission share."""
+    runtime = resolve_runtime(config, x.device)
+    with torch.autocast(x.device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None):
+        probs = predict_probs(models, x, tta_list(config), config.tta_merge, config.tta_chunk).float()
+    if config.label.shift_correct:
+        probs = shift_label(probs, 0.5, 0.5)
+    return probs[:, 0].cpu().numpy()
 
-    runtime = resolve_runtime(config, device)
+
+def predict_set(models: list[torch.nn.Module], config: Config, arrays: ArraySet, device: torch.device, batch_size: int):
+    """Yield ``(rows, probabilities float32 (B, H, W))`` for an ArraySet."""
     start = 0
     for inputs, _ in batches(arrays, batch_size):
         x = to_float(inputs.to(device))
-        with torch.autocast(device.type, dtype=runtime.amp_dtype or torch.float32, enabled=runtime.amp_dtype is not None):
-            probs = predict_probs(models, x, tta_list(config), config.tta_merge, config.tta_chunk)
-        probs = probs.float()
-        if config.label.shift_correct:
-            probs = shift_label(probs, 0.5, 0.5)
-        yield slice(start, start + len(x)), probs[:, 0].cpu().numpy()
+        yield slice(start, start + len(x)), predict_inputs(models, config, x)
         start += len(x)
 
 
@@ -188,8 +189,6 @@ def _write_parts(config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySe
         for rows, probs in predict_set([model], config, val, device, batch):
             writer.write(rows, to_uint8(probs))
     if len(holdout):
-        from .files import atomic_path
-
         with atomic_path(fold_dir / "holdout_part.npy") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(holdout), side, side))
             for rows, probs in predict_set([model], config, holdout, device, batch):
@@ -249,11 +248,14 @@ def _dice_of(layout: Layout, data_root: Path, records: pd.DataFrame, codes: np.n
     counts = None
     for start in range(0, len(records), ROW_CHUNK):
         chunk = records.iloc[start : start + ROW_CHUNK].reset_index(drop=True)
-        from .cache import load_labels
-
-        part = threshold_counts(np.asarray(codes[start : start + ROW_CHUNK]), load_labels(layout, data_root, chunk))
+        part = threshold_sweep(np.asarray(codes[start : start + ROW_CHUNK]), load_labels(layout, data_root, chunk))
         counts = part if counts is None else tuple(a + b for a, b in zip(counts, part))
-    return dice_at_best(*counts, threshold=threshold)
+    if threshold is None:
+        threshold, dice = best_from_counts(*counts)
+        return dice, threshold
+    if threshold >= len(counts[0]):
+        return dice_from_counts(0, 0, counts[0][0] + counts[2][0]), threshold
+    return dice_from_counts(*(c[threshold] for c in counts)), threshold
 
 
 def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, meta) -> dict:
@@ -264,7 +266,7 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
         dice, threshold = _dice_of(layout, data_root, pool.iloc[rows].reset_index(drop=True), oof[rows])
         done = fold_files(layout.fold_dir(config.name, fold))["done"]
         per_fold.append({"fold": fold, "dice": dice, "threshold": threshold / 255,
-                         **{k: v for k, v in __import__("json").loads(done.read_text()).items() if k != "fold"}})
+                         **{k: v for k, v in json.loads(done.read_text()).items() if k != "fold"}})
     oof_dice, oof_threshold = _dice_of(layout, data_root, pool, oof)
     summary = {
         "name": config.name, "n_folds": meta["n_folds"], "folds": per_fold,

@@ -37,7 +37,9 @@ FOCAL_GAMMA = 2.0
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH
+) -> torch.Tensor:
     """Soft dice loss over the whole batch: ``1 - (2 Σpt + s) / (Σp + Σt + s)``."""
     prob = torch.sigmoid(logits)
     intersection = (prob * target).sum()
@@ -122,7 +124,9 @@ class WeightedLoss(nn.Module):
     def parts(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each term's unweighted value, keyed by name (``name_2`` for a repeated name)."""
         if logits.shape != target.shape:
-            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+            raise ValueError(
+                f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ"
+            )
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits, target = logits.float(), target.float()
             values: dict[str, torch.Tensor] = {}

@@ -9,8 +9,10 @@
 - Sizes the architecture cannot take are padded (replicate) up to a multiple of the
   encoder's output stride and the logits cropped back; PAN needs at least 128 px.
 - ``model.temporal: mix``: the encoder runs on each frame, a learned 1x1 conv mixes the
-  frames at every encoder level (:class:`FrameMix`), then the smp decoder and head run on
-  the mixed features (2nd/3rd place style temporal mixing).
+  frames at every encoder level (:class:`FrameMix`, started as the frames' mean), then the
+  smp decoder and head run on the mixed features (2nd/3rd place style temporal mixing).
+  Levels a decoder ignores (FPN the stride-2 one, DeepLabV3 all but the deepest) keep
+  mixer weights without gradients: use ``find_unused_parameters`` under DDP.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def build_model(config: Config) -> nn.Module:
     if frames > 1:
         net = TemporalMix(net, frames)
     stride = net.encoder.output_stride if _needs_divisible(net) else 1
-    return LabelResolution(net, spec.upsample, spec.upsample_size, stride, MIN_SIZE.get(arch, 0))
+    return LabelResolution(net, spec.upsample, spec.upsample_size, stride, MIN_SIZE.get(arch, 0), arch)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -130,7 +132,7 @@ class LabelResolution(nn.Module):
     """
 
     def __init__(self, net: nn.Module, upsample: float = 1.0, upsample_size: int | None = None,
-                 stride: int = 1, min_size: int = 0):
+                 stride: int = 1, min_size: int = 0, arch: str = ""):
         super().__init__()
         if upsample <= 0 or (upsample_size is not None and upsample_size <= 0):
             raise EkError("model.upsample and model.upsample_size must be positive")
@@ -139,6 +141,7 @@ class LabelResolution(nn.Module):
         self.upsample_size = upsample_size
         self.stride = max(1, int(stride))
         self.min_size = min_size
+        self.arch = arch or type(net).__name__
 
     def work_size(self, height: int, width: int) -> tuple[int, int]:
         """The size the net runs at; ``upsample_size`` sets the height, width keeps aspect."""
@@ -149,7 +152,7 @@ class LabelResolution(nn.Module):
         size = tuple(x.shape[-2:])
         work = self.work_size(*size)
         if min(work) < self.min_size:
-            raise EkError(f"{type(self.net).__name__} needs inputs of at least {self.min_size} px "
+            raise EkError(f"{self.arch} needs inputs of at least {self.min_size} px "
                           f"(got {work[0]}x{work[1]}); raise model.upsample")
         if work != size:
             x = F.interpolate(x, size=work, mode="bilinear", align_corners=False)
@@ -174,12 +177,13 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tupl
 
 class FrameMix(nn.Module):
     """Mixes F frames' features of one encoder level into one: a 1x1 conv over the frames'
-    concatenated channels, started as the plain mean of the frames."""
+    concatenated channels, started as the plain mean of the frames (or a fixed mean when
+    ``learned`` is false)."""
 
-    def __init__(self, channels: int, frames: int):
+    def __init__(self, channels: int, frames: int, learned: bool = True):
         super().__init__()
         self.frames = frames
-        self.conv = nn.Conv2d(channels * frames, channels, 1) if channels else None
+        self.conv = nn.Conv2d(channels * frames, channels, 1) if channels and learned else None
         if self.conv is not None:
             eye = torch.eye(channels).repeat(1, frames) / frames
             with torch.no_grad():
@@ -188,8 +192,8 @@ class FrameMix(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         per_frame = features.unflatten(0, (-1, self.frames))  # (B, F, C, h, w)
-        if self.conv is None:  # empty placeholder level of some timm encoders
-            return per_frame[:, 0]
+        if self.conv is None:
+            return per_frame.mean(1)
         return self.conv(per_frame.flatten(1, 2))
 
 
@@ -203,7 +207,10 @@ class TemporalMix(nn.Module):
         super().__init__()
         self.net = net
         self.frames = frames
-        self.mixers = nn.ModuleList(FrameMix(c, frames) for c in net.encoder.out_channels)
+        # Level 0 is the input itself, which smp decoders do not use: a fixed mean suffices.
+        self.mixers = nn.ModuleList(
+            FrameMix(c, frames, learned=level > 0) for level, c in enumerate(net.encoder.out_channels)
+        )
 
     @property
     def encoder(self) -> nn.Module:

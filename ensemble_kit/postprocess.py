@@ -48,13 +48,22 @@ def _union(parent: np.ndarray, a: int, b: int) -> int:
 
 
 @njit(cache=True)
-def _label_image(mask: np.ndarray, out: np.ndarray, parent: np.ndarray) -> int:
-    """Two-pass union-find labelling of one image into ``out``; returns the count."""
+def _label_image(mask: np.ndarray, out: np.ndarray, parent: np.ndarray, foreground: np.ndarray):
+    """Two-pass union-find labelling of one image into an all-zero ``out``.
+
+    ``parent`` and ``foreground`` are scratch of ``H * W + 1`` int32; ``foreground[:n]``
+    lists the labelled raster positions. Only foreground pixels are written and revisited,
+    so the cost beyond one read of the mask grows with the foreground, not the image.
+
+    Returns:
+        ``(count, n)``: the number of components and of foreground pixels.
+    """
     height, width = mask.shape
-    provisional = 0
+    provisional = n_foreground = 0
     for r in range(height):
+        if _row_empty(mask[r]):
+            continue
         for c in range(width):
-            out[r, c] = 0
             if not mask[r, c]:
                 continue
             label = 0
@@ -68,40 +77,91 @@ def _label_image(mask: np.ndarray, out: np.ndarray, parent: np.ndarray) -> int:
                 parent[provisional] = provisional
                 label = provisional
             out[r, c] = label
-    return _compact_labels(out, parent, provisional)
+            foreground[n_foreground] = r * width + c
+            n_foreground += 1
+    return _compact_labels(out, parent, provisional, foreground[:n_foreground]), n_foreground
 
 
 @njit(cache=True)
-def _compact_labels(out: np.ndarray, parent: np.ndarray, provisional: int) -> int:
+def _row_empty(row: np.ndarray) -> bool:
+    """True when a uint8 row has no non-zero byte; checks 8 bytes per step where it can."""
+    n_words = row.shape[0] // 8
+    if n_words > 0:
+        for word in row[: n_words * 8].view(np.uint64):
+            if word:
+                return False
+    for c in range(n_words * 8, row.shape[0]):
+        if row[c]:
+            return False
+    return True
+
+
+@njit(cache=True)
+def _compact_labels(out, parent, provisional, foreground) -> int:
+    """Relabel roots ``1..count`` in raster order of their first pixel."""
     final = np.zeros(provisional + 1, dtype=np.int32)
     count = 0
-    height, width = out.shape
-    for r in range(height):
-        for c in range(width):
-            if out[r, c] == 0:
-                continue
-            root = _find(parent, out[r, c])
-            if final[root] == 0:
-                count += 1
-                final[root] = count
-            out[r, c] = final[root]
+    width = out.shape[1]
+    for p in foreground:
+        r, c = p // width, p % width
+        root = _find(parent, out[r, c])
+        if final[root] == 0:
+            count += 1
+            final[root] = count
+        out[r, c] = final[root]
     return count
 
 
-@njit(cache=True, parallel=True)
-def label_components_batch(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_components_batch(masks: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """8-connected component labels of a batch ``(B, H, W)``: int32 labels and counts ``(B,)``.
 
     Labels are ``1..count`` per image in raster order of each component's first pixel; 0 is
     background.
+
+    Args:
+        masks: bool or 0/1 ``(B, H, W)``.
+        out: Optional int32 ``(B, H, W)`` to write the labels into (reused buffers avoid the
+            page faults of a fresh allocation, like scipy's ``output=``).
     """
+    masks = _as_uint8(masks)
+    if out is None:
+        out = np.empty(masks.shape, dtype=np.int32)
+    return out, _label_batch(masks, out)
+
+
+@njit(cache=True, parallel=True)
+def _label_batch(masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
     n, height, width = masks.shape
-    labels = np.zeros((n, height, width), dtype=np.int32)
     counts = np.zeros(n, dtype=np.int64)
-    for i in prange(n):
+    n_chunks = min(n, 64)  # scratch is allocated once per chunk of images, not per image
+    for chunk in prange(n_chunks):
         parent = np.empty(height * width + 1, dtype=np.int32)
-        counts[i] = _label_image(masks[i], labels[i], parent)
-    return labels, counts
+        foreground = np.empty(height * width + 1, dtype=np.int32)
+        for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
+            labels[i] = 0
+            counts[i] = _label_image(masks[i], labels[i], parent, foreground)[0]
+    return counts
+
+
+@njit(cache=True, parallel=True)
+def _remove_small_batch(masks: np.ndarray, min_size: int, kept: np.ndarray) -> None:
+    n, height, width = masks.shape
+    n_chunks = min(n, 64)
+    for chunk in prange(n_chunks):
+        # per-chunk scratch, returned to all-zero after each image by clearing its foreground
+        labels = np.zeros((height, width), dtype=np.int32)
+        parent = np.empty(height * width + 1, dtype=np.int32)
+        foreground = np.empty(height * width + 1, dtype=np.int32)
+        for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
+            count, n_foreground = _label_image(masks[i], labels, parent, foreground)
+            sizes = np.zeros(count + 1, dtype=np.int64)
+            for p in foreground[:n_foreground]:
+                sizes[labels[p // width, p % width]] += 1
+            kept[i] = False
+            for p in foreground[:n_foreground]:
+                r, c = p // width, p % width
+                kept[i, r, c] = sizes[labels[r, c]] >= min_size
+                labels[r, c] = 0
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -118,30 +178,21 @@ def label_components_reference(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(count)
 
 
-@njit(cache=True, parallel=True)
-def _remove_small_batch(masks: np.ndarray, min_size: int) -> np.ndarray:
-    n, height, width = masks.shape
-    kept = np.zeros((n, height, width), dtype=np.bool_)
-    for i in prange(n):
-        labels = np.zeros((height, width), dtype=np.int32)
-        parent = np.empty(height * width + 1, dtype=np.int32)
-        count = _label_image(masks[i], labels, parent)
-        sizes = np.zeros(count + 1, dtype=np.int64)
-        for r in range(height):
-            for c in range(width):
-                sizes[labels[r, c]] += 1
-        for r in range(height):
-            for c in range(width):
-                kept[i, r, c] = labels[r, c] > 0 and sizes[labels[r, c]] >= min_size
-    return kept
+def remove_small_components_batch(masks: np.ndarray, min_size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Drop 8-connected components with fewer than ``min_size`` pixels; bool ``(B, H, W)``.
 
-
-def remove_small_components_batch(masks: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop 8-connected components with fewer than ``min_size`` pixels; bool ``(B, H, W)``."""
+    Args:
+        masks: bool or 0/1 ``(B, H, W)``.
+        min_size: Smallest component kept (0 or 1 keeps everything).
+        out: Optional bool ``(B, H, W)`` buffer for the result.
+    """
     masks = _as_uint8(masks)
     if min_size <= 1:
         return masks.astype(bool)
-    return _remove_small_batch(masks, int(min_size))
+    if out is None:
+        out = np.empty(masks.shape, dtype=bool)
+    _remove_small_batch(masks, int(min_size), out)
+    return out
 
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
@@ -166,21 +217,6 @@ def remove_small_components_reference(mask: np.ndarray, min_size: int) -> np.nda
     return (labels > 0) & (sizes[labels] >= min_size)
 
 
-@njit(cache=True, parallel=True)
-def positive_counts(masks: np.ndarray) -> np.ndarray:
-    """Number of non-zero pixels of each image of ``(B, H, W)``: int64 ``(B,)``."""
-    n, height, width = masks.shape
-    counts = np.zeros(n, dtype=np.int64)
-    for i in prange(n):
-        total = 0
-        for r in range(height):
-            for c in range(width):
-                if masks[i, r, c]:
-                    total += 1
-        counts[i] = total
-    return counts
-
-
 def apply_min_pixels(masks: np.ndarray, min_pixels: int) -> np.ndarray:
     """Drop every whole mask with fewer than ``min_pixels`` positive pixels.
 
@@ -195,7 +231,7 @@ def apply_min_pixels(masks: np.ndarray, min_pixels: int) -> np.ndarray:
     batch = _as_batch(masks)
     kept = batch.astype(bool)
     if min_pixels > 0:
-        kept[positive_counts(batch) < min_pixels] = False
+        kept[np.count_nonzero(batch, axis=(1, 2)) < min_pixels] = False
     return kept.reshape(masks.shape)
 
 
@@ -220,13 +256,13 @@ def _as_uint8(mask: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- sparse
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def neighbour_table(image_start: np.ndarray, positions: np.ndarray, height: int, width: int) -> np.ndarray:
     """For sparse pixels sorted by (image, raster position): index of each 8-neighbour or -1.
 
     Args:
         image_start: int64 ``(N + 1,)``; image ``i`` owns pixels ``image_start[i]:image_start[i+1]``.
-        positions: int32 ``(P,)`` raster positions ``r * width + c``, ascending within an image.
+        positions: int32 ``(P,)`` raster positions ``r * width + c`` within each image.
         height: Image height.
         width: Image width.
 
@@ -234,28 +270,42 @@ def neighbour_table(image_start: np.ndarray, positions: np.ndarray, height: int,
         int32 ``(P, 8)`` in the order of :data:`EIGHT_NEIGHBOURS`.
     """
     table = np.full((positions.shape[0], 8), -1, dtype=np.int32)
-    for i in prange(image_start.shape[0] - 1):
+    index = np.full(height * width, -1, dtype=np.int64)  # dense scratch, reset per image
+    for i in range(image_start.shape[0] - 1):
         lo, hi = image_start[i], image_start[i + 1]
-        segment = positions[lo:hi]
+        for p in range(lo, hi):
+            index[positions[p]] = p
         for p in range(lo, hi):
             r, c = positions[p] // width, positions[p] % width
             for k in range(8):
                 rr, cc = r + EIGHT_NEIGHBOURS[k, 0], c + EIGHT_NEIGHBOURS[k, 1]
-                if rr < 0 or cc < 0 or rr >= height or cc >= width:
-                    continue
-                j = np.searchsorted(segment, rr * width + cc)
-                if j < hi - lo and segment[j] == rr * width + cc:
-                    table[p, k] = lo + j
+                if 0 <= rr < height and 0 <= cc < width:
+                    table[p, k] = index[rr * width + cc]
+        for p in range(lo, hi):
+            index[positions[p]] = -1
     return table
 
 
-@njit(cache=True, parallel=True)
+def neighbour_table_reference(image_start, positions, height, width) -> np.ndarray:
+    """Numpy reference of :func:`neighbour_table` (a dict per image)."""
+    table = np.full((len(positions), 8), -1, dtype=np.int32)
+    for i in range(len(image_start) - 1):
+        lookup = {int(positions[p]): p for p in range(image_start[i], image_start[i + 1])}
+        for p in range(image_start[i], image_start[i + 1]):
+            r, c = divmod(int(positions[p]), width)
+            for k, (dr, dc) in enumerate(EIGHT_NEIGHBOURS):
+                if 0 <= r + dr < height and 0 <= c + dc < width:
+                    table[p, k] = lookup.get((r + dr) * width + c + dc, -1)
+    return table
+
+
+@njit(cache=True)
 def descending_order(values: np.ndarray, image_start: np.ndarray) -> np.ndarray:
     """Global indices of sparse pixels sorted by value, descending, within each image."""
     order = np.empty(values.shape[0], dtype=np.int64)
-    for i in prange(image_start.shape[0] - 1):
+    for i in range(image_start.shape[0] - 1):
         lo, hi = image_start[i], image_start[i + 1]
-        local = np.argsort(-values[lo:hi].astype(np.int64), kind="mergesort")
+        local = np.argsort(-values[lo:hi].astype(np.int64))
         for k in range(hi - lo):
             order[lo + k] = lo + local[k]
     return order
@@ -320,21 +370,18 @@ def _assign_level(root, current, next_member, level):
         member = next_member[member]
 
 
-@njit(cache=True, parallel=True)
-def min_pixel_levels(values, image_start, order, min_pixels):
+def min_pixel_levels(values, image_start, order, min_pixels: int) -> np.ndarray:
     """Per image, the ``min_pixels``-th largest value (-1 if fewer pixels): int64 ``(N,)``.
 
     At threshold ``t`` an image has at least ``min_pixels`` predicted pixels iff ``t <=``
-    this level.
+    this level (``min_pixels <= 0`` keeps every image: the level is the int64 maximum).
     """
-    n_images = image_start.shape[0] - 1
-    cut = np.full(n_images, -1, dtype=np.int64)
-    for i in prange(n_images):
-        lo, hi = image_start[i], image_start[i + 1]
-        if min_pixels <= 0:
-            cut[i] = 1 << 40
-        elif hi - lo >= min_pixels:
-            cut[i] = values[order[lo + min_pixels - 1]]
+    if min_pixels <= 0:
+        return np.full(len(image_start) - 1, np.iinfo(np.int64).max)
+    starts, counts = image_start[:-1], np.diff(image_start)
+    cut = np.full(len(counts), -1, dtype=np.int64)
+    enough = counts >= min_pixels
+    cut[enough] = values[order[starts[enough] + min_pixels - 1]]
     return cut
 
 

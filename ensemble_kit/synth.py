@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.fft
 
 from .data import INDIVIDUAL_FILE, LABELLED_FRAME, MASK_FILE, N_FRAMES, band_file
 from .errors import EkError
@@ -63,7 +64,6 @@ class Contrail:
     length: float
     half_width: float  # of the label at the labelled frame, px
     opacity: float  # peak emissivity at B14
-    top_k: float  # cloud-top temperature
     birth: int  # first frame it is visible in
     drift: tuple[float, float]  # (dx, dy) px per frame
 
@@ -151,14 +151,14 @@ def _empty_flags(n: int, split: str, seed: int) -> np.ndarray:
 def _write_record(folder: Path, split: str, rng: np.random.Generator, size: int, is_empty: bool) -> int:
     """Write one record (to a hidden folder, then renamed); 1 if its label is empty."""
     contrails = draw_contrails(rng, size, is_empty)
-    bands = render_bands(rng, size, contrails)
+    bands = render_bands(rng, size, contrails).transpose(0, 2, 3, 1)
     individual = annotate(rng, size, [c for c in contrails if c.birth <= LABELLED_FRAME])
     aggregated = (2 * individual.sum(axis=-1, keepdims=True) > individual.shape[-1]).astype(np.int32)
     tmp = folder.parent / f".{folder.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for band, values in bands.items():
+    for band, values in zip(BANDS, bands):
         np.save(tmp / band_file(band), values)
     if split != "test":
         np.save(tmp / MASK_FILE, aggregated[:, :, :, 0])
@@ -199,7 +199,6 @@ def _one_contrail(rng: np.random.Generator, size: int, heading: float, wind, bir
         length=length,
         half_width=max(rng.uniform(0.5, 1.5) * np.sqrt(scale), 0.6),
         opacity=rng.uniform(0.05, 0.14),
-        top_k=rng.uniform(208.0, 232.0),
         birth=birth,
         drift=(float(drift[0]), float(drift[1])),
     )
@@ -209,7 +208,7 @@ def track_distance(contrail: Contrail, x: np.ndarray, y: np.ndarray, u_range: tu
     """Distance (px) from points ``(x, y)`` to the part ``u_range`` of a contrail's track.
 
     ``u_range`` is in track coordinates (0 at the start, ``length`` at the end). The bend is
-    slight, so the vertical offset to the parabola divided by its slope term is the distance.
+    slight, so the offset from the parabola over its slope term is the distance.
     """
     cos, sin = np.cos(contrail.angle), np.sin(contrail.angle)
     u = (x - contrail.x0) * cos + (y - contrail.y0) * sin
@@ -220,113 +219,149 @@ def track_distance(contrail: Contrail, x: np.ndarray, y: np.ndarray, u_range: tu
     return np.where((u >= u_range[0]) & (u <= u_range[1]), inside, outside)
 
 
-def contrail_depth(contrail: Contrail, size: int) -> np.ndarray:
-    """Optical depth at B14 of one contrail in each frame, ``(8, S, S)``, in image pixels.
+def _track_grid(contrail: Contrail, u_range, shift: np.ndarray, margin: float, size: int):
+    """Pixel window around part of a track drawn at ``pixel = point + shift``.
 
-    Frame ``f`` shows the track drifted by the wind, grown from its start at aircraft
-    speed since birth and widened with age; the imagery sits 0.5 px up-left of the label.
+    Returns the window's slices and its pixels' ``(x, y)`` in the track's frame.
     """
-    grid_y, grid_x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u = np.linspace(*u_range, 9)
+    v = contrail.bend * u**2
+    cos, sin = np.cos(contrail.angle), np.sin(contrail.angle)
+    xs = contrail.x0 + u * cos - v * sin + shift[0]
+    ys = contrail.y0 + u * sin + v * cos + shift[1]
+    cols = _clipped_slice(xs.min() - margin, xs.max() + margin + 2, size)
+    rows = _clipped_slice(ys.min() - margin, ys.max() + margin + 2, size)
+    grid_y, grid_x = np.mgrid[rows, cols].astype(np.float32)
+    return (rows, cols), grid_x - shift[0], grid_y - shift[1]
+
+
+def _clipped_slice(start: float, stop: float, size: int) -> slice:
+    start, stop = (int(np.clip(bound, 0, size)) for bound in (start, stop))
+    return slice(start, max(start, stop))
+
+
+def _grown_length(contrail: Contrail, frame: int, size: int) -> float:
+    """Track length drawn by ``frame``: the aircraft flies on from the start since birth."""
+    return min(contrail.length, AIRCRAFT_PX_PER_FRAME * size / 256 * (frame - contrail.birth + 1))
+
+
+def contrail_depth(contrails: list[Contrail], size: int) -> np.ndarray:
+    """Optical depth at B14 of all contrails in each frame, float32 ``(8, S, S)``.
+
+    Frame ``f`` shows each track drifted by the wind, grown at aircraft speed since its
+    birth and widened with age; the imagery sits 0.5 px up-left of the label.
+    """
     depth = np.zeros((N_FRAMES, size, size), np.float32)
-    peak = -np.log1p(-contrail.opacity)
-    for frame in range(contrail.birth, N_FRAMES):
-        age = frame - contrail.birth
-        grown = min(contrail.length, AIRCRAFT_PX_PER_FRAME * size / 256 * (age + 1))
-        dx, dy = np.multiply(contrail.drift, frame - LABELLED_FRAME)
-        distance = track_distance(contrail, grid_x - dx, grid_y - dy, (0.0, grown))
-        sigma = max(0.5, 0.75 * contrail.half_width) * (1 + 0.15 * (age - (LABELLED_FRAME - contrail.birth)))
-        depth[frame] = peak * np.exp(-0.5 * (distance / max(sigma, 0.4)) ** 2)
+    for contrail in contrails:
+        peak = -np.log1p(-contrail.opacity)
+        for frame in range(contrail.birth, N_FRAMES):
+            age_vs_label = frame - LABELLED_FRAME
+            sigma = max(0.5, 0.75 * contrail.half_width) * max(1 + 0.15 * age_vs_label, 0.5)
+            shift = np.multiply(contrail.drift, age_vs_label) - 0.5
+            u_range = (0.0, _grown_length(contrail, frame, size))
+            window, x, y = _track_grid(contrail, u_range, shift, 4 * sigma + 2, size)
+            distance = track_distance(contrail, x, y, u_range)
+            depth[frame][window] += peak * np.exp(-0.5 * (distance / sigma) ** 2)
     return depth
 
 
 def annotate(rng: np.random.Generator, size: int, contrails: list[Contrail]) -> np.ndarray:
-    """Individual annotator masks, int32 ``(S, S, 1, R)`` with R in 3..6.
+    """Individual annotator masks of the labelled frame, int32 ``(S, S, 1, R)``, R in 3..6.
 
     Each annotator misses a contrail now and then (never the first one), draws it wider
     or thinner, and may stop short of either end.
     """
     n_annotators = int(rng.integers(3, 7))
-    grid_y, grid_x = np.mgrid[0:size, 0:size].astype(np.float32)
     masks = np.zeros((size, size, 1, n_annotators), np.int32)
     for index, contrail in enumerate(contrails):
-        grown = min(contrail.length, AIRCRAFT_PX_PER_FRAME * size / 256 * (LABELLED_FRAME - contrail.birth + 1))
-        for r in range(n_annotators):
+        grown = _grown_length(contrail, LABELLED_FRAME, size)
+        for annotator in range(n_annotators):
             if index > 0 and rng.random() < 0.15:
                 continue
-            start, stop = 0.0, grown
+            u_range = (0.0, grown)
             if rng.random() < 0.35:
                 cut = rng.uniform(0, 0.35) * grown
-                start, stop = (cut, grown) if rng.random() < 0.5 else (0.0, grown - cut)
+                u_range = (cut, grown) if rng.random() < 0.5 else (0.0, grown - cut)
             half_width = max(contrail.half_width + rng.normal(0, 0.3), 0.35)
-            distance = track_distance(contrail, grid_x, grid_y, (start, stop))
-            masks[:, :, 0, r] |= (distance <= half_width).astype(np.int32)
+            window, x, y = _track_grid(contrail, u_range, np.zeros(2), half_width + 2, size)
+            drawn = track_distance(contrail, x, y, u_range) <= half_width
+            masks[window + (0, annotator)] |= drawn
     return masks
 
 
-def render_bands(rng: np.random.Generator, size: int, contrails: list[Contrail]) -> dict[int, np.ndarray]:
-    """Brightness temperatures of all nine bands, float32 ``(S, S, 8)`` each, in K."""
+def render_bands(rng: np.random.Generator, size: int, contrails: list[Contrail]) -> np.ndarray:
+    """Brightness temperatures in K of the nine bands, float32 ``(9, 8, S, S)``."""
     bands = clear_sky(rng, size)
     low_wind, high_wind = rng.normal(0, 1.2, (2, 2)) * size / 256
     low = _cloud_opacity(rng, size, low_wind, cover=rng.uniform(0.0, 0.5), peak=1.0, scale=size / 8)
     _overlay(bands, low, WATER_FACTOR, top_k=rng.uniform(235.0, 268.0))
     cirrus = _cloud_opacity(rng, size, high_wind, cover=rng.uniform(0.0, 0.35), peak=0.35, scale=size / 10)
     _overlay(bands, cirrus, ICE_FACTOR, top_k=rng.uniform(210.0, 230.0))
-    for contrail in contrails:
-        _overlay(bands, 1 - np.exp(-contrail_depth(contrail, size)), ICE_FACTOR, contrail.top_k)
-    noise_k = rng.uniform(0.08, 0.25)
-    return {
-        band: (values + rng.normal(0, noise_k, values.shape)).transpose(1, 2, 0).astype(np.float32)
-        for band, values in bands.items()
-    }
+    if contrails:
+        opacity = 1 - np.exp(-contrail_depth(contrails, size))
+        _overlay(bands, opacity, ICE_FACTOR, top_k=rng.uniform(208.0, 232.0))
+    # Uniform sensor noise of the drawn std: as good as Gaussian here, and faster to draw.
+    noise = rng.random(bands.shape, dtype=np.float32) - np.float32(0.5)
+    noise *= np.float32(rng.uniform(0.08, 0.25) * np.sqrt(12))
+    bands += noise
+    return bands
 
 
-def clear_sky(rng: np.random.Generator, size: int) -> dict[int, np.ndarray]:
-    """Cloud-free brightness temperatures ``(8, S, S)`` per band: surface and water vapour."""
-    still = np.zeros((N_FRAMES, 2))
-    surface = rng.uniform(280.0, 298.0) + 3.0 * smooth_fields(rng, size, size / 4, still)
-    surface += 0.6 * smooth_fields(rng, size, size / 24, still)
+def clear_sky(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Cloud-free brightness temperatures, float32 ``(9, 8, S, S)``: surface and water vapour."""
+    still = np.zeros((1, 2))
+    surface = rng.uniform(280.0, 298.0) + 3.0 * smooth_fields(rng, size, size / 4, still, detail=0.2)
     moisture = smooth_fields(rng, size, size / 6, still)
     vapour = rng.uniform(228.0, 238.0) + 1.5 * smooth_fields(rng, size, size / 5, still)
-    return {
-        8: vapour,
-        9: vapour + rng.uniform(7.0, 10.0),
-        10: vapour + rng.uniform(15.0, 20.0),
-        11: surface - rng.uniform(-0.5, 3.5) - 0.8 * moisture,
-        12: surface - rng.uniform(18.0, 30.0),
-        13: surface + rng.uniform(0.8, 1.4),
-        14: surface,
-        15: surface - rng.uniform(3.0, 4.5) - 0.4 * moisture,
-        16: surface - rng.uniform(19.0, 27.0) - 0.5 * moisture,
-    }
+    levels = [
+        vapour,
+        vapour + rng.uniform(7.0, 10.0),
+        vapour + rng.uniform(15.0, 20.0),
+        surface - rng.uniform(-0.5, 3.5) - 0.8 * moisture,
+        surface - rng.uniform(18.0, 30.0),
+        surface + rng.uniform(0.8, 1.4),
+        surface,
+        surface - rng.uniform(3.0, 4.5) - 0.4 * moisture,
+        surface - rng.uniform(19.0, 27.0) - 0.5 * moisture,
+    ]
+    return np.repeat(np.stack(levels), N_FRAMES, axis=1)
 
 
 def _cloud_opacity(rng, size: int, wind: np.ndarray, cover: float, peak: float, scale: float) -> np.ndarray:
     """Emissivity at B14 ``(8, S, S)`` of a drifting cloud layer covering about ``cover``."""
-    shifts = np.outer(FRAME_OFFSETS, wind)
-    field = smooth_fields(rng, size, scale, shifts) + 0.35 * smooth_fields(rng, size, scale / 4, shifts)
+    field = smooth_fields(rng, size, scale, np.outer(FRAME_OFFSETS, wind), detail=0.35)
     threshold = np.quantile(field[LABELLED_FRAME], 1 - cover) if cover > 0 else np.inf
     return peak * np.clip((field - threshold) / 0.6, 0.0, 1.0) ** 1.5
 
 
-def _overlay(bands: dict[int, np.ndarray], opacity_b14: np.ndarray, factor: dict, top_k) -> None:
-    """Put a cloud layer of emissivity ``opacity_b14`` at B14 and temperature ``top_k`` on top."""
-    depth = -np.log1p(-np.clip(opacity_b14, 0.0, 0.999))
-    for band, values in bands.items():
-        opacity = 1 - np.exp(-factor[band] * depth)
-        values += opacity * (top_k - values)
+def _overlay(bands: np.ndarray, opacity_b14: np.ndarray, factor: dict, top_k: float) -> None:
+    """Put a layer of emissivity ``opacity_b14`` (at B14) and temperature ``top_k`` on top."""
+    covered = np.flatnonzero(opacity_b14 > 1e-4)  # contrails and clouds cover little
+    depth = -np.log1p(-np.clip(opacity_b14.ravel()[covered], 0.0, 0.999))
+    for index, band in enumerate(BANDS):
+        values = bands[index].reshape(-1)
+        values[covered] -= -np.expm1(-factor[band] * depth) * (values[covered] - top_k)
 
 
-def smooth_fields(rng: np.random.Generator, size: int, scale: float, shifts: np.ndarray) -> np.ndarray:
-    """A smooth random field of unit std, ``(len(shifts), S, S)``, translated by ``shifts``.
+def smooth_fields(rng, size: int, scale: float, shifts: np.ndarray, detail: float = 0.0) -> np.ndarray:
+    """A smooth random field of unit std, float32 ``(len(shifts), S, S)``, moved by ``shifts``.
 
-    Low-pass filtered white noise on a periodic grid ``pad`` larger than the image; the
-    sub-pixel shifts ``(dx, dy)`` per frame are phase ramps, so a cloud drifts smoothly.
+    Gaussian low-pass white noise (correlation ``scale`` px, plus ``detail`` times a
+    component four times finer) on a periodic grid larger than the image; the sub-pixel
+    shifts ``(dx, dy)`` per frame are phase ramps, so a cloud drifts smoothly.
     """
-    pad = int(np.ceil(np.abs(shifts).max())) + int(2 * scale) + 2
-    n = size + pad
-    spectrum = np.fft.fft2(rng.standard_normal((n, n)))
-    ky, kx = np.meshgrid(np.fft.fftfreq(n), np.fft.fftfreq(n), indexing="ij")
-    spectrum *= np.exp(-2 * (np.pi * scale) ** 2 * (kx**2 + ky**2))
-    phase = np.exp(-2j * np.pi * (kx[None] * shifts[:, :1, None] + ky[None] * shifts[:, 1:, None]))
-    fields = np.fft.ifft2(spectrum[None] * phase).real[:, :size, :size]
-    return ((fields - fields.mean()) / max(fields.std(), 1e-9)).astype(np.float32)
+    n = scipy.fft.next_fast_len(size + int(np.abs(shifts).max() + 2 * scale) + 2, real=True)
+    spectrum = scipy.fft.rfft2(rng.standard_normal((n, n), dtype=np.float32))
+    ky, kx = np.fft.fftfreq(n)[:, None], np.fft.rfftfreq(n)[None, :]
+    k2 = (kx**2 + ky**2).astype(np.float32)
+    spectrum *= _lowpass(k2, scale) + detail * _lowpass(k2, scale / 4)
+    # The phase ramp of a shift is separable: one row factor times one column factor.
+    ramp_x = np.exp(-2j * np.pi * kx * shifts[:, :1, None]).astype(np.complex64)
+    ramp_y = np.exp(-2j * np.pi * ky * shifts[:, 1:, None]).astype(np.complex64)
+    fields = scipy.fft.irfft2(spectrum * ramp_y * ramp_x, s=(n, n))[:, :size, :size]
+    return ((fields - fields.mean()) / max(float(fields.std()), 1e-9)).astype(np.float32)
+
+
+def _lowpass(k2: np.ndarray, scale: float) -> np.ndarray:
+    """Gaussian filter of width ``scale`` px, scaled to pass unit-variance noise at unit variance."""
+    return np.exp(-2 * (np.pi * scale) ** 2 * k2) * (2 * np.sqrt(np.pi) * scale)

@@ -27,7 +27,7 @@ from .files import atomic_path, write_json, write_text
 from .layout import fold_files
 from .loader import ArraySet, batches, labels_to_float, to_float
 from .losses import build_loss, smooth_labels
-from .metrics import best_threshold_dice
+from .metrics import best_threshold
 from .models import build_model
 
 log = logging.getLogger(__name__)
@@ -293,7 +293,7 @@ def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
             probs = shift_label(probs, 0.5, 0.5)
         codes.append(torch.round(probs[:, 0] * 255).to(torch.uint8).cpu().numpy())
         targets.append(labels.numpy().astype(np.uint8))
-    dice, threshold = best_threshold_dice(np.concatenate(codes), np.concatenate(targets))
+    threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))
     return total / max(count, 1), dice, threshold
 
 

@@ -52,7 +52,9 @@ def batch():
 @pytest.mark.parametrize("name", sorted(NUMPY_REFERENCES))
 def test_term_matches_numpy(batch, name):
     logits, soft = batch
-    value = LOSSES[name](torch.tensor(logits, dtype=torch.float32), torch.tensor(soft, dtype=torch.float32))
+    value = LOSSES[name](
+        torch.tensor(logits, dtype=torch.float32), torch.tensor(soft, dtype=torch.float32)
+    )
     assert value.shape == ()
     assert value.item() == pytest.approx(NUMPY_REFERENCES[name](logits, soft), rel=1e-5)
 
@@ -73,7 +75,9 @@ def test_dice_penalises_false_positives_on_an_empty_batch():
 
 def test_focal_alpha_weights_the_classes(batch):
     logits, soft = (torch.tensor(a, dtype=torch.float32) for a in batch)
-    plain = (soft - torch.sigmoid(logits)).abs() ** 2 * torch.nn.functional.binary_cross_entropy_with_logits(
+    plain = (
+        soft - torch.sigmoid(logits)
+    ).abs() ** 2 * torch.nn.functional.binary_cross_entropy_with_logits(
         logits, soft, reduction="none"
     )
     weighted = (plain * (0.25 * soft + 0.75 * (1 - soft))).mean()
@@ -109,7 +113,9 @@ def test_lovasz_thresholds_soft_targets_at_half():
     logits = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(2))
     hard = (torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(3)) > 0.5).float()
     soft = torch.where(hard > 0, torch.full_like(hard, 0.75), torch.full_like(hard, 0.5))
-    assert lovasz_hinge_loss(logits, soft).item() == pytest.approx(lovasz_hinge_loss(logits, hard).item())
+    assert lovasz_hinge_loss(logits, soft).item() == pytest.approx(
+        lovasz_hinge_loss(logits, hard).item()
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -152,7 +158,9 @@ def test_repeated_terms_keep_separate_parts(batch):
     logits, soft = (torch.tensor(a, dtype=torch.float32) for a in batch)
     loss = build_loss((LossTerm("bce", 1.0), LossTerm("bce", 2.0)))
     assert list(loss.parts(logits, soft)) == ["bce", "bce_2"]
-    assert loss(logits, soft).item() == pytest.approx(3 * LOSSES["bce"](logits, soft).item(), rel=1e-6)
+    assert loss(logits, soft).item() == pytest.approx(
+        3 * LOSSES["bce"](logits, soft).item(), rel=1e-6
+    )
 
 
 def test_computed_in_float32_under_autocast(batch):

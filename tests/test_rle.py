@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from ensemble_kit.errors import EkError
 from ensemble_kit.rle import (
+    _runs_dense,
+    _runs_sparse,
     decode,
     decode_reference,
     encode,
@@ -48,7 +50,7 @@ def test_pixel_number_is_column_major_one_indexed(r, c):
 def test_non_square_pixel_number_uses_height():
     # (H, W) = (3, 5): pixel (r, c) is c * 3 + r + 1, so (2, 1) is 6 and (0, 4) is 13.
     assert encode(mask_with((2, 1), (0, 4), shape=(3, 5))) == "6 1 13 1"
-    assert decode("6 1 13 1", (3, 5)).nonzero() == ((2, 0), (1, 4))
+    assert np.argwhere(decode("6 1 13 1", (3, 5))).tolist() == [[0, 4], [2, 1]]
 
 
 def test_run_across_column_boundary_is_one_run():
@@ -123,6 +125,9 @@ def test_parse_runs_returns_starts_and_lengths():
         ("1,3 5", "'1,3' is not a positive integer"),
         ("- 1 3 1", "'-' is not a positive integer"),
         ("١ 3", "not a positive integer"),  # Arabic-Indic digit one
+        ("1\x1c3", "not a positive integer"),  # str.split() whitespace, not numpy's
+        ("1\xa03 4 5", "not a positive integer"),  # no-break space
+        ("1 2\x00", "not a positive integer"),
         ("0 3", "pair 1 has start 0"),
         ("5 0", "pair 1 has length 0"),
         ("1 2 5 0", "pair 2 has length 0"),
@@ -133,7 +138,10 @@ def test_parse_runs_returns_starts_and_lengths():
         ("1 1 9 3 12 1", "pairs 2 and 3 .*touch"),
         ("16 2", "past the image end"),
         ("17 1", "past the image end"),
-        ("99999999999999999999999 1", "too large"),
+        (
+            "99999999999999999999999 1",
+            "start 99999999999999999999999, past the image end .16 pixels",
+        ),
     ],
 )
 def test_decode_rejects_malformed(text, message):
@@ -219,3 +227,22 @@ def test_encode_batch_runs_do_not_join_across_masks():
     stack = np.zeros((2, 4, 4), dtype=bool)
     stack[0, 3, 3] = stack[1, 0, 0] = True  # last pixel of mask 0, first of mask 1
     assert encode_batch(stack) == ["16 1", "1 1"]
+
+
+@given(masks())
+@settings(max_examples=200, deadline=None)
+def test_dense_and_sparse_run_finders_agree(mask):
+    # encode picks one by density; both must find the same runs at any density.
+    assume(mask.any())  # encode returns "-" before choosing
+    dense, sparse = _runs_dense(mask), _runs_sparse(mask)
+    np.testing.assert_array_equal(dense[0], sparse[0])
+    np.testing.assert_array_equal(dense[1], sparse[1])
+
+
+@pytest.mark.parametrize("density", [0.01, 0.5])
+def test_non_contiguous_and_fortran_inputs(density):
+    mask = np.random.default_rng(1).random((40, 30)) < density
+    expected = encode_reference(mask)
+    assert encode(np.asfortranarray(mask)) == expected
+    assert encode(np.ascontiguousarray(np.stack([mask, ~mask], axis=-1))[:, :, 0]) == expected
+    assert encode(mask.T.copy().T) == expected

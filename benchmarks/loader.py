@@ -1,0 +1,81 @@
+"""Samples/s of a training DataLoader reading the cache vs reading per-record .npy files.
+
+Same records, batch size, shuffling and workers in one run; prints the ratio (target >= 10x).
+
+    .venv/bin/python benchmarks/loader.py [--records 96] [--size 256] [--workers 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ensemble_kit import data
+from ensemble_kit.cache import ensure_inputs, ensure_labels
+from ensemble_kit.config import InputSpec
+from ensemble_kit.layout import Layout
+from ensemble_kit.loader import ArraySet, batches, labels_to_float, to_float
+from ensemble_kit.synth import write_synthetic
+
+
+class PerRecordFiles(Dataset):
+    """The common baseline: every sample re-reads its record's .npy files."""
+
+    def __init__(self, folders: list[Path], spec: InputSpec):
+        self.folders, self.spec = folders, spec
+
+    def __len__(self) -> int:
+        return len(self.folders)
+
+    def __getitem__(self, index: int):
+        folder = self.folders[index]
+        return torch.from_numpy(data.build_input(folder, self.spec)), torch.from_numpy(data.load_mask(folder))
+
+
+def rate(loader, epochs: int) -> float:
+    count, started = 0, time.perf_counter()
+    for _ in range(epochs):
+        for inputs, labels in loader:
+            x, y = to_float(inputs), labels_to_float(labels, soft=False)
+            count += len(x)
+    assert x.dtype == torch.float32 and y.shape[1] == 1
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=96)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=0)
+    args = parser.parse_args()
+    spec = InputSpec(channels="ash", frames=(3, 4, 5))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "data"
+        write_synthetic(root, n_train=args.records, n_validation=2, n_test=2, size=args.size, seed=0)
+        layout = Layout(Path(tmp) / "folds")
+        started = time.perf_counter()
+        inputs = ensure_inputs(layout, root, "train", spec)
+        labels = ensure_labels(layout, root, "train")
+        build = time.perf_counter() - started
+        rows = np.c_[np.zeros(len(inputs.ids), np.int64), np.arange(len(inputs.ids))]
+        cached = ArraySet(((inputs.arrays["inputs"], labels.arrays["labels"]),), rows)
+        cache_rate = rate(batches(cached, args.batch_size, shuffle=True, num_workers=args.workers), epochs=5)
+        folders = [root / "train" / rid for rid in inputs.ids]
+        naive = DataLoader(PerRecordFiles(folders, spec), batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+        naive_rate = rate(naive, epochs=1)
+    print(f"records {args.records} at {args.size} px, batch {args.batch_size}, workers {args.workers}")
+    print(f"cache build (once): {build:.1f} s")
+    print(f"per-record .npy: {naive_rate:8.1f} samples/s")
+    print(f"cache memmap:    {cache_rate:8.1f} samples/s")
+    print(f"ratio: {cache_rate / naive_rate:.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Plots and text tables: the ``ek blend`` report and ``ek cv`` training curves.
+
+matplotlib is imported inside the functions (Agg backend), so importing this module is
+cheap. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .files import atomic_path, write_text
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = _pyplot()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_blend_report(report_dir: Path, blend: dict, curves: dict) -> list[Path]:
+    """Write the blend report: four PNG plots and ``report.txt``.
+
+    Args:
+        report_dir: Output folder (``layout.blend_report_dir``).
+        blend: The blend.json dict.
+        curves: Name -> (threshold probabilities, dice), each config and ``"blend"``.
+
+    Returns:
+        The written paths.
+    """
+    report_dir = Path(report_dir)
+    scores = blend["scores"]
+    paths = [
+        plot_threshold_curves(curves, blend["threshold"], report_dir / "thresholds.png"),
+        plot_selection_path(scores["selection_path"], report_dir / "selection.png"),
+        plot_min_pixels(scores["min_pixels_curve"], blend["min_pixels"], report_dir / "min_pixels.png"),
+        plot_fold_scores(scores, report_dir / "folds.png"),
+    ]
+    text = report_dir / "report.txt"
+    write_text(text, format_blend_table(blend))
+    return [*paths, text]
+
+
+def plot_threshold_curves(curves: dict, chosen: float, path: Path) -> Path:
+    """Dice against probability threshold for each config and the blend."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (thresholds, dice) in curves.items():
+        style = {"color": "black", "linewidth": 2.5} if name == "blend" else {"linewidth": 1}
+        ax.plot(thresholds, dice, label=name, **style)
+    ax.axvline(chosen, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="threshold (probability)", ylabel="global dice (OOF)", xlim=(0, 1), title="Dice vs threshold")
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_selection_path(path_steps: list[dict], path: Path) -> Path:
+    """Greedy selection: best-threshold dice after each step, labelled by the added config."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [s["step"] for s in path_steps]
+    ax.plot(steps, [s["dice"] for s in path_steps], marker="o")
+    for s in path_steps:
+        ax.annotate(s["config"], (s["step"], s["dice"]), fontsize=6, rotation=60)
+    ax.set(xlabel="greedy step", ylabel="global dice (OOF)", title="Selection path")
+    return _save(fig, path)
+
+
+def plot_min_pixels(curve: dict[str, float], chosen: int, path: Path) -> Path:
+    """Best dice of the blend against the min-pixel setting."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = [int(k) for k in curve]
+    ax.plot(sizes, list(curve.values()), marker="o")
+    ax.axvline(chosen, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="min pixels per mask", ylabel="global dice (OOF)", title="Dice vs min-pixel")
+    return _save(fig, path)
+
+
+def plot_fold_scores(scores: dict, path: Path) -> Path:
+    """Per-fold dice: each config, the blend (chosen on all folds) and the nested blend."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = {name: s["per_fold"] for name, s in scores["per_config"].items()}
+    series["blend (OOF)"] = scores["blend_oof_per_fold"]
+    series["blend (nested)"] = scores["nested"]["per_fold"]
+    folds = np.arange(len(scores["nested"]["per_fold"]))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(folds + i * width, values, width, label=name)
+    ax.set(xlabel="fold", ylabel="global dice", title="Per-fold scores")
+    ax.set_xticks(folds + 0.4 - width / 2, [str(k) for k in folds])
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def format_blend_table(blend: dict) -> str:
+    """A short text summary of a blend: choice, then one row per config and the blend."""
+    s = blend["scores"]
+    weights = ", ".join(f"{n} x{w}" for n, w in blend["configs"].items())
+    fraction = "" if blend["top_fraction"] is None else f" (top {blend['top_fraction']:.5%} of pixels)"
+    holdout = "-" if s["holdout"] is None else f"{s['holdout']:.4f}"
+    lines = [
+        f"weights: {weights}",
+        f"threshold: {blend['threshold']:.4f} [{blend['threshold_mode']}]{fraction}, sum >= {blend['threshold_sum']}",
+        f"min_pixels: {blend['min_pixels']}  min_component: {blend['min_component']}",
+        "",
+        f"{'':24s} {'OOF':>8s} {'nested':>8s} {'thr':>6s}",
+    ]
+    for name, c in s["per_config"].items():
+        lines.append(f"{name:24s} {c['dice']:8.4f} {c['nested']:8.4f} {c['threshold']:6.3f}")
+    nested = s["nested"]["pooled"]
+    lines.append(f"{'blend':24s} {s['blend_oof']:8.4f} {nested:8.4f} {blend['threshold']:6.3f}")
+    lines += [
+        f"blend without postprocessing (OOF): {s['blend_oof_no_postprocess']:.4f}",
+        f"nested by mode: value {s['nested']['value']:.4f}, top_fraction {s['nested']['top_fraction']:.4f}",
+        f"nested per fold: {' '.join(f'{d:.4f}' for d in s['nested']['per_fold'])}",
+        f"holdout: {holdout}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_training_curves(metrics: dict, path: Path) -> Path:
+    """Loss and dice per epoch of every fold, saved as one PNG (for ``ek cv``).
+
+    Args:
+        metrics: fold -> DataFrame with columns epoch, train_loss, val_loss, val_dice, lr,
+            seconds.
+        path: Output PNG.
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for fold, frame in sorted(metrics.items()):
+        line = loss_ax.plot(frame["epoch"], frame["train_loss"], label=f"fold {fold} train")[0]
+        loss_ax.plot(frame["epoch"], frame["val_loss"], linestyle="--", color=line.get_color(), label=f"fold {fold} val")
+        dice_ax.plot(frame["epoch"], frame["val_dice"], color=line.get_color(), label=f"fold {fold}")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
+    dice_ax.set(xlabel="epoch", ylabel="validation dice", title="Dice")
+    for ax in (loss_ax, dice_ax):
+        ax.legend(fontsize="x-small")
+    return _save(fig, Path(path))

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real sample records, synthetic data sets, a tiny config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO.parent / "shared" / "data" / "contrails-sample"
+
+
+@pytest.fixture
+def sample_root() -> Path:
+    """The six real records (read-only); the test is skipped when they are absent."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"{SAMPLE} not present")
+    return SAMPLE
+
+
+@pytest.fixture
+def sample_copy(sample_root: Path, tmp_path: Path) -> Path:
+    """A writable copy of the sample records, for corrupting."""
+    target = tmp_path / "data"
+    shutil.copytree(sample_root, target)
+    for path in target.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A small synthetic data set at 64 px (train 48, validation 12, test 8)."""
+    from ensemble_kit.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    write_synthetic(root, n_train=48, n_validation=12, n_test=8, size=64, seed=0)
+    return root
+
+
+@pytest.fixture
+def tiny_config_path() -> Path:
+    return REPO / "configs" / "tiny.yaml"

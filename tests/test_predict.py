@@ -1,0 +1,199 @@
+"""TTA: transforms against numpy, batched copies against one copy at a time and against
+flipping by hand, chunk sizes, merge modes, several models, modes and dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ensemble_kit import predict
+from ensemble_kit.config import TTA_NAMES, Config, ModelSpec
+from ensemble_kit.errors import EkError
+from ensemble_kit.models import build_model
+from ensemble_kit.predict import auto_chunk, predict_probs, tta_inverse, tta_transform
+
+
+def antitranspose(a: np.ndarray) -> np.ndarray:
+    rows, cols = a.shape[-2:]
+    i, j = np.meshgrid(np.arange(cols), np.arange(rows), indexing="ij")
+    return a[..., rows - 1 - j, cols - 1 - i]  # out[i, j] = a[rows-1-j, cols-1-i]
+
+
+NUMPY = {
+    "identity": lambda a: a,
+    "hflip": lambda a: np.flip(a, -1),
+    "vflip": lambda a: np.flip(a, -2),
+    "hvflip": lambda a: np.flip(a, (-2, -1)),
+    "transpose": lambda a: np.swapaxes(a, -1, -2),
+    "rot90": lambda a: np.rot90(a, 1, axes=(-2, -1)),
+    "rot270": lambda a: np.rot90(a, 3, axes=(-2, -1)),
+    "antitranspose": antitranspose,
+}
+NUMPY_INVERSE = {**NUMPY, "rot90": NUMPY["rot270"], "rot270": NUMPY["rot90"]}
+
+
+def random_net(seed: int = 0) -> nn.Module:
+    """A fixed random conv net; its odd, asymmetric kernels make it not flip-invariant."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 1, 5, padding=2))
+
+
+def by_hand(net: nn.Module, x: torch.Tensor, name: str) -> np.ndarray:
+    """Logits of one TTA copy, flipping with numpy on both sides of the net."""
+    flipped = torch.from_numpy(np.ascontiguousarray(NUMPY[name](x.numpy())))
+    with torch.no_grad():
+        logits = net(flipped).numpy()
+    return np.ascontiguousarray(NUMPY_INVERSE[name](logits))
+
+
+def sigmoid(a: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-a))
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", TTA_NAMES)
+@pytest.mark.parametrize("shape", [(2, 3, 6, 6), (2, 3, 5, 7)])
+def test_transforms_match_numpy_and_invert(name, shape):
+    a = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    x = torch.from_numpy(a)
+    np.testing.assert_array_equal(tta_transform(x, name).numpy(), NUMPY[name](a))
+    np.testing.assert_array_equal(tta_inverse(tta_transform(x, name), name).numpy(), a)
+
+
+def test_the_eight_transforms_are_distinct():
+    a = np.arange(16).reshape(4, 4)
+    assert len({NUMPY[name](a).tobytes() for name in TTA_NAMES}) == 8
+
+
+def test_the_net_is_not_flip_invariant(images):
+    net = random_net()
+    plain = by_hand(net, images, "identity")
+    for name in TTA_NAMES[1:]:
+        assert np.abs(by_hand(net, images, name) - plain).max() > 1e-2, name
+
+
+@pytest.mark.parametrize("name", TTA_NAMES)
+def test_each_copy_equals_flipping_by_hand(images, name):
+    net = random_net()
+    expected = sigmoid(by_hand(net, images, name))
+    np.testing.assert_allclose(predict_probs([net], images, (name,)).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2, 3, 8])
+def test_all_eight_batched_in_any_chunk_equals_one_at_a_time_by_hand(images, chunk):
+    net = random_net()
+    expected = np.mean([sigmoid(by_hand(net, images, name)) for name in TTA_NAMES], axis=0)
+    got = predict_probs([net], images, TTA_NAMES, chunk=chunk)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 8])
+def test_non_square_inputs_batch_only_copies_of_equal_shape(chunk):
+    net = random_net()
+    x = torch.randn(2, 3, 12, 20)
+    expected = np.mean([sigmoid(by_hand(net, x, name)) for name in TTA_NAMES], axis=0)
+    got = predict_probs([net], x, ("d4",), chunk=chunk)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+def test_merge_modes_average_probabilities_or_logits(images):
+    net = random_net()
+    names = ("identity", "hflip", "rot90")
+    logits = np.stack([by_hand(net, images, name) for name in names])
+    mean = predict_probs([net], images, names, merge="mean").numpy()
+    logit = predict_probs([net], images, names, merge="logit").numpy()
+    np.testing.assert_allclose(mean, sigmoid(logits).mean(0), atol=1e-5)
+    np.testing.assert_allclose(logit, sigmoid(logits.mean(0)), atol=1e-5)
+    assert np.abs(mean - logit).max() > 1e-4
+    # sigmoid is concave above 0: the mean of probabilities sits below sigmoid(mean logit) there
+    assert (mean[logits.min(0) > 0] <= logit[logits.min(0) > 0] + 1e-7).all()
+
+
+def test_identity_only_on_a_built_model_equals_sigmoid_of_its_logits():
+    torch.manual_seed(0)
+    model = build_model(Config(model=ModelSpec(arch="Unet", encoder="tu-test_resnet"))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x).sigmoid()
+    torch.testing.assert_close(predict_probs([model], x), expected, atol=1e-6, rtol=0)
+
+
+def test_several_models_are_averaged(images):
+    nets = [random_net(0), random_net(1)]
+    each = [predict_probs([net], images, ("identity", "vflip")) for net in nets]
+    torch.testing.assert_close(predict_probs(nets, images, ("identity", "vflip")), (each[0] + each[1]) / 2)
+
+
+def test_models_run_in_eval_mode_and_keep_their_modes(images):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 1, 1))
+    net[1].running_mean.fill_(0.3)
+    net.train()
+    net[1].eval()  # a frozen norm layer stays frozen
+    got = predict_probs([net], images)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got, net(images).sigmoid())
+    net.train()
+    net[1].eval()
+    predict_probs([net], images)
+    assert net.training and net[0].training and not net[1].training
+
+
+def test_inputs_follow_the_model_dtype_and_outputs_are_float32(images):
+    net = random_net().double()
+    got = predict_probs([net], images, ("identity", "transpose"))
+    assert got.dtype == torch.float32
+    expected = np.mean([sigmoid(by_hand(random_net(), images, n)) for n in ("identity", "transpose")], 0)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_is_close(images):
+    net = random_net()
+    full = predict_probs([net], images, ("identity", "hflip"))
+    half = predict_probs([net], images, ("identity", "hflip"), amp="bf16")
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, atol=2e-2, rtol=0)
+    assert not torch.equal(half, full)
+
+
+def test_auto_chunk_is_probed_once_per_model_and_shape(monkeypatch, images):
+    calls = []
+    monkeypatch.setattr(predict, "_probe_chunk", lambda model, x, copies: calls.append(x.shape) or copies)
+    net = random_net()
+    assert auto_chunk(net, images, 4) == 4
+    assert auto_chunk(net, images, 4) == 4
+    assert auto_chunk(net, images[:1], 4) == 4
+    assert auto_chunk(net, images, 1) == 1
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tta": ("hflp",)}, "unknown tta 'hflp' \\(did you mean hflip"),
+        ({"tta": ()}, "at least one transform"),
+        ({"merge": "median"}, "unknown tta_merge 'median'"),
+        ({"chunk": -1}, "tta_chunk must be 0"),
+        ({"amp": "fp8"}, "unknown amp 'fp8'"),
+    ],
+)
+def test_bad_arguments_are_user_errors(images, kwargs, message):
+    with pytest.raises(EkError, match=message):
+        predict_probs([random_net()], images, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_matches_cpu(images):
+    net = random_net()
+    cpu = predict_probs([net], images, TTA_NAMES)
+    gpu = predict_probs([net.cuda()], images.cuda(), TTA_NAMES, amp="auto")
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-2, rtol=0)
