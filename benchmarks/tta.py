@@ -1,6 +1,6 @@
 """Throughput of ``predict_probs`` with 4 flips against one forward pass per flip (ttach's way).
 
-    HF_HUB_OFFLINE=1 python benchmarks/tta.py [--repeats 5] [--batch 4] [--size 256]
+    HF_HUB_OFFLINE=1 python benchmarks/tta.py [--repeats 3] [--batch 4] [--size 256]
 
 For a tiny U-Net (``tu-test_resnet``) and a resnet18 U-Net on a batch of 9-channel
 inputs, on CPU and, when present, CUDA: images per second of
@@ -80,7 +80,7 @@ def bench(encoder: str, device: str, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()

@@ -34,6 +34,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 import pandas as pd
 from numba import njit, prange
@@ -85,21 +86,30 @@ class Candidates:
 
 
 @njit(cache=True, parallel=True)
-def _scan_chunk(stack: np.ndarray, labels: np.ndarray, floor: int):
-    """Dense pass over a chunk ``(C, B, HW)``: per-image histograms and candidate flags."""
+def _scan_chunk(stack: np.ndarray, labels: np.ndarray, floor: int, hist: np.ndarray, flags: np.ndarray) -> None:
+    """Dense pass over a chunk ``(C, B, HW)``: per-image histograms and candidate flags.
+
+    Writes ``hist`` int64 ``(C, B, 256, 2)`` and ``flags`` bool ``(B, HW)`` (reused buffers).
+    Codes are first counted without labels in a small table that stays in L1 cache; the
+    rare labelled positives are then moved to the label-1 column.
+    """
     n_configs, n_images, n_pixels = stack.shape
-    hist = np.zeros((n_configs, n_images, N_CODES, 2), dtype=np.int64)
-    flags = np.zeros((n_images, n_pixels), dtype=np.bool_)
     for i in prange(n_images):
+        counts = np.zeros((n_configs, N_CODES), dtype=np.int32)
         for p in range(n_pixels):
-            y = 1 if labels[i, p] else 0
             top = 0
             for c in range(n_configs):
                 v = stack[c, i, p]
-                hist[c, i, v, y] += 1
+                counts[c, v] += 1
                 top = max(top, v)
             flags[i, p] = top >= floor
-    return hist, flags
+        hist[:, i, :, 0] = counts
+        hist[:, i, :, 1] = 0
+        for p in range(n_pixels):
+            if labels[i, p]:
+                for c in range(n_configs):
+                    hist[c, i, stack[c, i, p], 1] += 1
+                    hist[c, i, stack[c, i, p], 0] -= 1
 
 
 @njit(cache=True, parallel=True)
@@ -140,21 +150,31 @@ def build_candidates(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarr
     n_folds = int(folds.max()) + 1
     hist = np.zeros((len(oofs), n_folds, N_CODES, 2), dtype=np.int64)
     parts, dropped = [], np.zeros(n_images, dtype=np.int64)
-    stack = np.empty((len(oofs), min(CHUNK_IMAGES, n_images), height * width), dtype=np.uint8)
+    full = _chunk_buffers(len(oofs), min(CHUNK_IMAGES, n_images), height * width)
     bar = tqdm(range(0, n_images, CHUNK_IMAGES), desc="blend: scan OOF", leave=False, disable=n_images < 1024)
     for lo in bar:
         hi = min(lo + CHUNK_IMAGES, n_images)
-        chunk = stack[:, : hi - lo]
+        # a short last chunk gets fresh buffers so every kernel call stays C-contiguous (one compile)
+        chunk, chunk_hist, flags = full if hi - lo == len(full[2]) else _chunk_buffers(len(oofs), hi - lo, height * width)
         for c, oof in enumerate(oofs):
             _read_rows(oof, lo, hi, chunk[c])
         label_chunk = np.ascontiguousarray(labels[lo:hi]).reshape(hi - lo, -1)
-        chunk_hist, flags = _scan_chunk(chunk, label_chunk, floor)
-        for c in range(len(oofs)):
-            np.add.at(hist[c], folds[lo:hi], chunk_hist[c])
+        _scan_chunk(chunk, label_chunk, floor, chunk_hist, flags)
+        for k in np.unique(folds[lo:hi]):
+            hist[:, k] += chunk_hist[:, folds[lo:hi] == k].sum(axis=1)
         starts = np.concatenate([[0], np.cumsum(flags.sum(axis=1))]).astype(np.int64)
         values, sparse_labels, positions, dropped[lo:hi] = _gather_chunk(chunk, label_chunk, flags, starts)
         parts.append((values, sparse_labels, positions, starts[1:] - starts[:-1]))
     return _assemble(parts, dropped, folds, hist, floor, (height, width))
+
+
+def _chunk_buffers(n_configs: int, n_images: int, n_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reusable (stack, histograms, flags) buffers for one chunk of images."""
+    return (
+        np.empty((n_configs, n_images, n_pixels), dtype=np.uint8),
+        np.empty((n_configs, n_images, N_CODES, 2), dtype=np.int64),
+        np.empty((n_images, n_pixels), dtype=np.bool_),
+    )
 
 
 def _assemble(parts, dropped, folds, hist, floor, shape) -> Candidates:
@@ -253,20 +273,25 @@ def best_per_set_reference(hist, fold_positives, lowest):
 
 
 @njit(cache=True, parallel=True)
-def _score_moves(bases, values, move_base, move_config, move_sign, move_lowest, labels, pixel_fold, fold_positives, n_values):
+def _score_moves(bases, values, move_base, move_config, move_sign, move_lowest, labels, pixel_fold, fold_positives, n_values, scratch):
     """Best-threshold dice per set of each move ``bases[b] + sign * values[config]``.
 
     Thresholds of move ``m`` are searched from ``move_lowest[m]`` (its floor) up.
+    ``scratch`` is int64 ``(T, >= K * n_values * 2)``: one reused histogram per worker, so
+    no call pays the page faults of fresh allocations.
     """
     n_moves, n_folds = move_base.shape[0], fold_positives.shape[0]
     dice = np.zeros((n_moves, n_folds + 1))
     thresholds = np.zeros((n_moves, n_folds + 1), dtype=np.int64)
-    for m in prange(n_moves):
-        hist = np.zeros((n_folds, n_values, 2), dtype=np.int64)
-        base, config, sign = bases[move_base[m]], move_config[m], move_sign[m]
-        for p in range(labels.shape[0]):
-            hist[pixel_fold[p], base[p] + sign * values[config, p], labels[p]] += 1
-        dice[m], thresholds[m] = _best_per_set(hist, fold_positives, move_lowest[m])
+    n_workers = scratch.shape[0]
+    for worker in prange(n_workers):
+        hist = scratch[worker, : n_folds * n_values * 2].reshape((n_folds, n_values, 2))
+        for m in range(worker, n_moves, n_workers):
+            hist[:] = 0
+            base, config, sign = bases[move_base[m]], move_config[m], move_sign[m]
+            for p in range(labels.shape[0]):
+                hist[pixel_fold[p], base[p] + sign * values[config, p], labels[p]] += 1
+            dice[m], thresholds[m] = _best_per_set(hist, fold_positives, move_lowest[m])
     return dice, thresholds
 
 
@@ -290,6 +315,8 @@ class Scorer:
     def __init__(self, cands: Candidates):
         self.cands = cands
         self.cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self.sums: dict[tuple[int, ...], np.ndarray] = {}  # recent blend sums, reused by the next step
+        self.scratch: np.ndarray | None = None
 
     def moves(self, bases: list[np.ndarray], moves: list[tuple[int, int, int]]) -> list[tuple]:
         """Scores of ``bases[b] + sign * e_config`` for each ``(b, config, sign)`` move."""
@@ -299,16 +326,38 @@ class Scorer:
             self._evaluate(bases, list(todo), list(todo.values()))
         return [self.cache[key] for key in keys]
 
+    def _scratch(self, n_values: int) -> np.ndarray:
+        size = self.cands.n_folds * n_values * 2
+        if self.scratch is None or self.scratch.shape[1] < size:
+            self.scratch = np.zeros((numba.get_num_threads(), 2 * size), dtype=np.int64)
+        return self.scratch
+
+    def blend_sums(self, weights: np.ndarray) -> np.ndarray:
+        """``S`` of the candidate pixels: from a cached parent one config away, else in full."""
+        key = tuple(int(w) for w in weights)
+        if key not in self.sums:
+            parents = [(c, key[:c] + (key[c] - 1,) + key[c + 1 :]) for c in range(len(key)) if key[c] > 0]
+            found = [(c, parent) for c, parent in parents if parent in self.sums]
+            if found:
+                c, parent = found[0]
+                self.sums[key] = self.sums[parent] + self.cands.values[c]
+            else:
+                self.sums[key] = weighted_sum(self.cands.values, np.asarray(weights, dtype=np.int64))
+            while len(self.sums) > 4 * (self.cands.n_folds + 1):
+                self.sums.pop(next(iter(self.sums)))
+        return self.sums[key]
+
     def _evaluate(self, bases, keys, moves) -> None:
         cands = self.cands
         used = sorted({b for b, _, _ in moves})
-        base_sums = np.stack([weighted_sum(cands.values, bases[b]) for b in used])
+        base_sums = np.stack([self.blend_sums(bases[b]) for b in used])
         move_base = np.array([used.index(b) for b, _, _ in moves], dtype=np.int64)
         move_config, move_sign = (np.array(col, dtype=np.int64) for col in list(zip(*moves))[1:])
         totals = np.array([sum(key) for key in keys], dtype=np.int64)
+        n_values = 255 * int(totals.max()) + 1
         dice, thresholds = _score_moves(
             base_sums, cands.values, move_base, move_config, move_sign, cands.floor * totals,
-            cands.labels, cands.pixel_fold, cands.fold_positives, 255 * int(totals.max()) + 1,
+            cands.labels, cands.pixel_fold, cands.fold_positives, n_values, self._scratch(n_values),
         )
         for i, key in enumerate(keys):
             self.cache[key] = (dice[i], thresholds[i])

@@ -185,3 +185,7 @@ def export(workdir: Path, fmt: str, names) -> None:
     for name, entry in manifest["configs"].items():
         click.echo(f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}")
     click.echo(f"wrote {layout.export_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -67,14 +67,22 @@ def image_histograms(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
     Args:
         values: uint8 ``(N, H, W)`` probability codes.
-        labels: uint8 ``(N, H, W)`` 0/1 labels (any non-zero counts as 1).
+        labels: ``(N, H, W)`` 0/1 labels (any non-zero counts as 1).
     """
     n, height, width = values.shape
     hist = np.zeros((n, N_CODES, 2), dtype=np.int64)
     for i in prange(n):
+        # count codes alone in a small table (fast), then move the rare positives to column 1
+        counts = np.zeros(N_CODES, dtype=np.int64)
         for r in range(height):
             for c in range(width):
-                hist[i, values[i, r, c], 1 if labels[i, r, c] else 0] += 1
+                counts[values[i, r, c]] += 1
+        for r in range(height):
+            for c in range(width):
+                if labels[i, r, c]:
+                    counts[values[i, r, c]] -= 1
+                    hist[i, values[i, r, c], 1] += 1
+        hist[i, :, 0] = counts
     return hist
 
 

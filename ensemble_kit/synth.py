@@ -174,31 +174,31 @@ def draw_contrails(rng: np.random.Generator, size: int, is_empty: bool) -> list[
     Either kind of record may also hold contrails born after the labelled frame, which
     are not labelled (they are not in frame 4).
     """
-    n_labelled = 0 if is_empty else min(int(rng.geometric(0.45)), 6)
+    n_labelled = 0 if is_empty else min(int(rng.geometric(0.35)), 6)
     n_late = int(rng.random() < 0.3)
     # Contrails of one scene share flight corridors and the upper-level wind.
     heading = rng.uniform(0, 2 * np.pi)
     wind = rng.uniform(0.5, 3.0) * size / 256 * np.array([np.cos(heading + 1.3), np.sin(heading + 1.3)])
     births = [int(rng.integers(0, LABELLED_FRAME + 1)) for _ in range(n_labelled)]
     births += [int(rng.integers(LABELLED_FRAME + 1, N_FRAMES)) for _ in range(n_late)]
-    return [_one_contrail(rng, size, heading, wind, birth) for birth in births]
+    return [_one_contrail(rng, size, heading, wind, birth, k == 0) for k, birth in enumerate(births)]
 
 
-def _one_contrail(rng: np.random.Generator, size: int, heading: float, wind, birth: int) -> Contrail:
+def _one_contrail(rng: np.random.Generator, size: int, heading: float, wind, birth: int, first: bool) -> Contrail:
     scale = size / 256
     drift = wind + rng.normal(0, 0.2, 2) * scale
     length = max(rng.uniform(40, 200) * scale, 12.0)
     angle = heading + rng.normal(0, 0.35) + np.pi * (rng.random() < 0.5)
     turn = rng.uniform(-0.35, 0.35)  # total heading change along the track, radians
-    margin = 0.1 * size
+    margin = -0.15 * size if first else 0.1 * size  # the first one starts well inside
     return Contrail(
         x0=rng.uniform(-margin, size + margin),
         y0=rng.uniform(-margin, size + margin),
         angle=angle,
         bend=turn / (2 * length),
         length=length,
-        half_width=max(rng.uniform(0.5, 1.5) * np.sqrt(scale), 0.6),
-        opacity=rng.uniform(0.05, 0.14),
+        half_width=max(rng.uniform(0.5, 1.5) * np.sqrt(scale), 0.7),
+        opacity=rng.uniform(0.08, 0.2),
         birth=birth,
         drift=(float(drift[0]), float(drift[1])),
     )
@@ -321,7 +321,7 @@ def clear_sky(rng: np.random.Generator, size: int) -> np.ndarray:
         surface - rng.uniform(18.0, 30.0),
         surface + rng.uniform(0.8, 1.4),
         surface,
-        surface - rng.uniform(3.0, 4.5) - 0.4 * moisture,
+        surface - rng.uniform(2.0, 4.2) - 0.4 * moisture,
         surface - rng.uniform(19.0, 27.0) - 0.5 * moisture,
     ]
     return np.repeat(np.stack(levels), N_FRAMES, axis=1)

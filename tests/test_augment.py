@@ -262,12 +262,12 @@ def test_cutout_zeros_holes_in_the_image_only():
 
 
 def test_cutmix_pastes_a_box_of_another_sample_in_image_and_target():
-    batch, size = 8, 16
+    batch, size = 16, 16
     values = torch.arange(1, batch + 1, dtype=torch.float32).view(batch, 1, 1, 1)
     images = values.expand(batch, 3, size, size).contiguous()
-    targets = values.expand(batch, 1, size, size) / 10
+    targets = values.expand(batch, 1, size, size) / 100
     out_images, out_targets = _run(AugmentSpec(cutmix=1.0), images, targets, seed=3)
-    assert torch.allclose(out_targets * 10, out_images[:, :1])
+    assert torch.allclose(out_targets * 100, out_images[:, :1])
     for i in range(batch):
         pasted = out_images[i, 0] != values[i].item()
         assert pasted.any()
@@ -275,6 +275,7 @@ def test_cutmix_pastes_a_box_of_another_sample_in_image_and_target():
         rows, cols = pasted.any(dim=1).nonzero(), pasted.any(dim=0).nonzero()
         box = pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         assert box.all()  # a rectangle
+        assert abs(box.shape[0] - box.shape[1]) <= 1  # a square: never clipped at an edge
 
 
 def test_mixup_is_a_convex_mix_of_two_samples():
@@ -287,6 +288,26 @@ def test_mixup_is_a_convex_mix_of_two_samples():
     mixed = out_images[:, 0, 0, 0]
     assert torch.allclose(out_images, mixed.view(batch, 1, 1, 1).expand_as(out_images))
     assert (mixed >= 1).all() and (mixed <= batch).all()
+
+
+def test_mixup_weights_are_beta_distributed():
+    # two samples mix only with each other: image 0 becomes 1 - λ
+    images = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 3, 2, 2)
+    targets = images[:, :1]
+    alpha = 0.4
+    weights = torch.stack(
+        [
+            1
+            - _run(AugmentSpec(mixup=1.0, mixup_alpha=alpha), images, targets, seed=s)[0][
+                0, 0, 0, 0
+            ]
+            for s in range(400)
+        ]
+    )
+    assert len(weights.unique()) == len(weights)
+    assert abs(weights.mean().item() - 0.5) < 0.05
+    expected_variance = 1 / (4 * (2 * alpha + 1))  # 0.139; a uniform λ would give 0.083
+    assert abs(weights.var().item() - expected_variance) < 0.025
 
 
 def test_mixup_keeps_soft_targets_in_range():

@@ -1,0 +1,143 @@
+"""Training knobs each change what they claim (tiny model, 32 px, CPU)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble_kit.config import ScheduleSpec, config_from_dict
+from ensemble_kit.train import Trainer, lr_factor, make_optimizer, resolve_runtime
+
+CPU = torch.device("cpu")
+
+
+def trainer(**overrides) -> Trainer:
+    raw = {"model": {"encoder": "tu-test_resnet"}, "train": {"batch_size": 4}, **overrides}
+    config = config_from_dict(raw)
+    torch.manual_seed(0)
+    return Trainer(config, resolve_runtime(config, CPU), total_steps=100)
+
+
+def batch(seed=0, n=4, side=32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8)
+    y = (torch.rand(n, side, side, generator=g) > 0.9).to(torch.uint8)
+    return x, y
+
+
+def step(t: Trainer, seed=0, index=0):
+    x, y = t.prepare(*batch(seed))
+    return t.train_step(x, y, index, torch.Generator().manual_seed(seed))
+
+
+def weights(t: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in t.model.parameters()]).clone()
+
+
+def test_warmup_then_cosine_to_min_lr():
+    spec = ScheduleSpec(name="cosine", warmup_iters=10, min_lr=0.0)
+    factors = [lr_factor(spec, s, 110, 1.0) for s in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5, abs=0.02)
+    assert factors[-1] < 0.01 and all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert lr_factor(ScheduleSpec(name="none"), 50, 100, 1.0) == 1.0
+
+
+def test_schedulers_move_the_learning_rate():
+    for name in ("cosine", "onecycle"):
+        t = trainer(schedule={"name": name, "warmup_iters": 5})
+        lrs = []
+        for i in range(8):
+            step(t, index=i)
+            lrs.append(t.optimizer.param_groups[0]["lr"])
+        assert len(set(np.round(lrs, 8))) > 3, name
+
+
+def test_optimisers():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    spec = config_from_dict({"optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9}}).optim
+    sgd = make_optimizer(spec, params)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
+    for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
+        assert type(make_optimizer(config_from_dict({"optim": {"name": name}}).optim, params)) is cls
+
+
+def test_training_steps_change_weights_and_accumulation_delays_them():
+    t = trainer(train={"batch_size": 4, "accumulate": 2})
+    before = weights(t)
+    step(t, index=0)
+    assert torch.equal(before, weights(t)), "first of two accumulated batches must not step"
+    step(t, index=1)
+    assert not torch.equal(before, weights(t))
+
+
+def test_bf16_autocast_on_cpu():
+    t = trainer(train={"amp": "bf16"})
+    assert t.runtime.amp_dtype == torch.bfloat16
+    x, _ = t.prepare(*batch())
+    with t.autocast():
+        assert t.model(x).dtype == torch.bfloat16
+    assert math.isfinite(step(t))
+    assert resolve_runtime(t.config, CPU).use_scaler is False
+    assert resolve_runtime(config_from_dict({"train": {"amp": "fp16"}}), CPU).use_scaler
+
+
+def test_channels_last():
+    t = trainer(train={"channels_last": True})
+    x, _ = t.prepare(*batch())
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert trainer().runtime.channels_last is False  # auto: CUDA only
+
+
+def test_gradient_clipping_bounds_the_norm(monkeypatch):
+    t = trainer(train={"clip_grad": 1e-3}, optim={"name": "sgd", "lr": 1.0, "momentum": 0.0}, schedule={"name": "none"})
+    before = weights(t)
+    step(t)
+    assert (weights(t) - before).norm() <= 1e-3 + 1e-6
+
+
+def test_ema_lags_the_model():
+    t = trainer(train={"ema": 0.9})
+    ema_before = torch.cat([p.flatten() for p in t.ema.model.parameters()]).clone()
+    step(t)
+    ema_after = torch.cat([p.flatten() for p in t.ema.model.parameters()])
+    model_delta = weights(t) - ema_before
+    assert torch.allclose(ema_after - ema_before, 0.1 * model_delta, atol=1e-6)
+    assert t.eval_model is t.ema.model
+
+
+def test_compile_is_opt_in(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    trainer()
+    assert calls == []
+    trainer(train={"compile": True})
+    assert calls == [{"mode": "reduce-overhead"}]
+
+
+def test_soft_labels_and_smoothing_reach_the_loss():
+    t = trainer(label={"smoothing": 0.2})
+    x, y = t.prepare(*batch())
+    seen = []
+    t.loss_fn = lambda logits, target: seen.append(target) or logits.mean() * 0
+    t.train_step(x, y, 0, torch.Generator().manual_seed(0))
+    assert seen[0].min() == pytest.approx(0.1) and seen[0].max() == pytest.approx(0.9)
+    soft = torch.full((1, 32, 32), 128, dtype=torch.uint8)
+    _, target = t.prepare(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), soft, soft=True)
+    assert target.max().item() == pytest.approx(128 / 255)
+
+
+def test_shift_correct_moves_the_label_half_a_pixel():
+    t = trainer(label={"shift_correct": True})
+    label = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    label[0, 10, 10] = 1
+    _, target = t.prepare(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), label)
+    assert target.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert target[0, 0, 10, 10] < 1.0 and target[0, 0, 9:11, 9:11].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_same_seed_same_weights_after_steps():
+    a, b = trainer(), trainer()
+    step(a), step(b)
+    assert torch.equal(weights(a), weights(b))
