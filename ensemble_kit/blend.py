@@ -89,7 +89,7 @@ class Candidates:
 def _scan_chunk(stack: np.ndarray, labels: np.ndarray, floor: int, hist: np.ndarray, flags: np.ndarray) -> None:
     """Dense pass over a chunk ``(C, B, HW)``: per-image histograms and candidate flags.
 
-    Writes ``hist`` int64 ``(C, B, 256, 2)`` and ``flags`` bool ``(B, HW)`` (reused buffers).
+    Writes ``hist`` int64 ``(C, B, 256, 2)`` and ``flags`` uint8 ``(B, >= HW)`` (reused buffers).
     Codes are first counted without labels in a small table that stays in L1 cache; the
     rare labelled positives are then moved to the label-1 column.
     """
@@ -114,25 +114,30 @@ def _scan_chunk(stack: np.ndarray, labels: np.ndarray, floor: int, hist: np.ndar
 
 @njit(cache=True, parallel=True)
 def _gather_chunk(stack, labels, flags, starts):
-    """Values, labels and positions of the flagged pixels of a chunk, in (image, raster) order."""
+    """Values, labels and positions of the flagged pixels of a chunk, in (image, raster) order.
+
+    ``flags`` is uint8 ``(B, HW)`` with ``HW`` a multiple of 8: eight flags are tested at
+    once, so the mostly-empty images cost little beyond one read of their flags.
+    """
     n_configs, n_images, n_pixels = stack.shape
     total = starts[-1]
     values = np.empty((n_configs, total), dtype=np.uint8)
     sparse_labels = np.empty(total, dtype=np.uint8)
     positions = np.empty(total, dtype=np.int32)
-    dropped = np.zeros(n_images, dtype=np.int64)
     for i in prange(n_images):
         k = starts[i]
-        for p in range(n_pixels):
-            if not flags[i, p]:
-                dropped[i] += 1 if labels[i, p] else 0
+        words = flags[i].view(np.uint64)
+        for w in range(words.shape[0]):
+            if words[w] == 0:
                 continue
-            for c in range(n_configs):
-                values[c, k] = stack[c, i, p]
-            sparse_labels[k] = 1 if labels[i, p] else 0
-            positions[k] = p
-            k += 1
-    return values, sparse_labels, positions, dropped
+            for p in range(8 * w, 8 * w + 8):
+                if flags[i, p]:
+                    for c in range(n_configs):
+                        values[c, k] = stack[c, i, p]
+                    sparse_labels[k] = 1 if labels[i, p] else 0
+                    positions[k] = p
+                    k += 1
+    return values, sparse_labels, positions
 
 
 def build_candidates(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarray, floor: int = DEFAULT_FLOOR) -> Candidates:
@@ -149,7 +154,7 @@ def build_candidates(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarr
     folds = np.asarray(folds, dtype=np.int64)
     n_folds = int(folds.max()) + 1
     hist = np.zeros((len(oofs), n_folds, N_CODES, 2), dtype=np.int64)
-    parts, dropped = [], np.zeros(n_images, dtype=np.int64)
+    parts = []
     full = _chunk_buffers(len(oofs), min(CHUNK_IMAGES, n_images), height * width)
     bar = tqdm(range(0, n_images, CHUNK_IMAGES), desc="blend: scan OOF", leave=False, disable=n_images < 1024)
     for lo in bar:
@@ -160,12 +165,13 @@ def build_candidates(oofs: list[np.ndarray], labels: np.ndarray, folds: np.ndarr
             _read_rows(oof, lo, hi, chunk[c])
         label_chunk = np.ascontiguousarray(labels[lo:hi]).reshape(hi - lo, -1)
         _scan_chunk(chunk, label_chunk, floor, chunk_hist, flags)
+        flags[:, height * width :] = 0
         for k in np.unique(folds[lo:hi]):
             hist[:, k] += chunk_hist[:, folds[lo:hi] == k].sum(axis=1)
         starts = np.concatenate([[0], np.cumsum(flags.sum(axis=1))]).astype(np.int64)
-        values, sparse_labels, positions, dropped[lo:hi] = _gather_chunk(chunk, label_chunk, flags, starts)
+        values, sparse_labels, positions = _gather_chunk(chunk, label_chunk, flags, starts)
         parts.append((values, sparse_labels, positions, starts[1:] - starts[:-1]))
-    return _assemble(parts, dropped, folds, hist, floor, (height, width))
+    return _assemble(parts, folds, hist, floor, (height, width))
 
 
 def _chunk_buffers(n_configs: int, n_images: int, n_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -173,11 +179,11 @@ def _chunk_buffers(n_configs: int, n_images: int, n_pixels: int) -> tuple[np.nda
     return (
         np.empty((n_configs, n_images, n_pixels), dtype=np.uint8),
         np.empty((n_configs, n_images, N_CODES, 2), dtype=np.int64),
-        np.empty((n_images, n_pixels), dtype=np.bool_),
+        np.empty((n_images, n_pixels + (-n_pixels) % 8), dtype=np.uint8),  # padded to whole words
     )
 
 
-def _assemble(parts, dropped, folds, hist, floor, shape) -> Candidates:
+def _assemble(parts, folds, hist, floor, shape) -> Candidates:
     counts = np.concatenate([part[3] for part in parts])
     image_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n_folds = hist.shape[1]
@@ -445,43 +451,82 @@ class Choice:
     sums_hist: np.ndarray  # (K, n_values) counts of the raw blend sums
 
 
-def choose_threshold(cands: Candidates, weights: np.ndarray, set_index: int, pixel_grid, component_grid) -> Choice:
-    """Exact best threshold jointly with min-pixel and min-component on one set.
+@dataclass
+class Tables:
+    """Every (min_pixels, min_component) pair of one weight vector, scored on every set."""
 
-    A postprocessing value is kept only when it strictly improves the set's dice.
-    """
+    dice: np.ndarray  # (n_pixel_grid, n_component_grid, K + 1)
+    thresholds: np.ndarray  # same shape: the best threshold_sum of each
+    levels_hist: np.ndarray  # (n_pixel_grid, n_component_grid, K, n_values, 2)
+    sums_hist: np.ndarray  # (K, n_values) counts of the raw blend sums
+
+
+def threshold_tables(cands: Candidates, weights: np.ndarray, pixel_grid, component_grid) -> Tables:
+    """Exact best threshold of every postprocessing pair on every set."""
     sums = weighted_sum(cands.values, weights).astype(np.int64)
     total = int(weights.sum())
     lowest, n_values = cands.floor * total, 255 * total + 1
     order = postprocess.descending_order(sums, cands.image_start)
-    per_image = np.diff(cands.image_start)
-    cuts = [np.repeat(_min_pixel_cut(sums, cands, order, n), per_image) for n in pixel_grid]
-    taus = [_component_cut(sums, cands, order, m) for m in component_grid]
-    table = np.zeros((len(pixel_grid), len(component_grid)))
-    best = None
-    for i, j in np.ndindex(*table.shape):
-        levels = np.minimum(np.minimum(sums, cuts[i]), taus[j])
-        hist = fold_histograms(levels, cands.labels, cands.pixel_fold, cands.n_folds, n_values)
-        dice, thresholds = _best_per_set(hist, cands.fold_positives, lowest)
-        table[i, j] = dice[set_index]
-        if best is None or dice[set_index] > best[0] + 1e-12:
-            best = (dice[set_index], int(thresholds[set_index]), i, j, hist)
-    dice, threshold, i, j, levels_hist = best
+    cuts = np.stack([postprocess.min_pixel_levels(sums, cands.image_start, order, n) for n in pixel_grid])
+    hists = _pair_histograms(sums, cands.image_start, cuts, _component_cuts(sums, cands, order, component_grid),
+                             cands.labels, cands.pixel_fold, cands.n_folds, n_values)
+    shape = (len(pixel_grid), len(component_grid), cands.n_folds + 1)
+    dice, thresholds = np.zeros(shape), np.zeros(shape, dtype=np.int64)
+    for i, j in np.ndindex(*shape[:2]):
+        dice[i, j], thresholds[i, j] = _best_per_set(hists[i, j], cands.fold_positives, lowest)
     sums_hist = fold_histograms(sums, cands.labels, cands.pixel_fold, cands.n_folds, n_values).sum(axis=2)
+    return Tables(dice, thresholds, hists, sums_hist)
+
+
+@njit(cache=True, parallel=True)
+def _pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, n_values):
+    """Per (min-pixel, min-component) pair, per-fold counts of (level, label).
+
+    The level of a pixel is ``min(sum, cuts[a, image], taus[b, pixel])``: the highest
+    threshold at which it survives the pair. Returns int64 ``(A, B, K, n_values, 2)``.
+    """
+    n_cuts, n_taus = cuts.shape[0], taus.shape[0]
+    hist = np.zeros((n_cuts, n_taus, n_folds, n_values, 2), dtype=np.int64)
+    for pair in prange(n_cuts * n_taus):
+        a, b = pair // n_taus, pair % n_taus
+        for i in range(image_start.shape[0] - 1):
+            cut = cuts[a, i]
+            for p in range(image_start[i], image_start[i + 1]):
+                level = min(sums[p], cut, taus[b, p])
+                if level >= 0:
+                    hist[a, b, pixel_fold[p], level, labels[p]] += 1
+    return hist
+
+
+def _component_cuts(sums, cands, order, component_grid) -> np.ndarray:
+    """Per min-component value, each pixel's component level (the sum itself when off)."""
+    taus = np.empty((len(component_grid), len(sums)), dtype=np.int64)
+    sizes = [m for m in component_grid if m > 1]
+    levels = postprocess.component_levels(sums, cands.image_start, order, cands.neighbours, np.array(sizes, dtype=np.int64)) if sizes else None
+    for j, m in enumerate(component_grid):
+        taus[j] = levels[sizes.index(m)] if m > 1 else sums
+    return taus
+
+
+def choose_threshold(cands: Candidates, weights: np.ndarray, set_index: int, pixel_grid, component_grid,
+                     tables: Tables | None = None) -> Choice:
+    """Exact best threshold jointly with min-pixel and min-component on one set.
+
+    A postprocessing value is kept only when it strictly improves the set's dice (pairs are
+    tried from (0, 0) in grid order).
+    """
+    tables = tables or threshold_tables(cands, weights, pixel_grid, component_grid)
+    table = tables.dice[:, :, set_index]
+    best = (0, 0)
+    for i, j in np.ndindex(*table.shape):
+        if table[i, j] > table[best] + 1e-12:
+            best = (i, j)
+    threshold = int(tables.thresholds[best][set_index])
     in_set = _set_folds(cands.n_folds, set_index)
-    fraction = sums_hist[in_set, threshold:].sum() / cands.fold_pixels[in_set].sum()
-    return Choice(weights, threshold, float(fraction), int(pixel_grid[i]), int(component_grid[j]),
-                  float(dice), table, (tuple(pixel_grid), tuple(component_grid)), levels_hist, sums_hist)
-
-
-def _min_pixel_cut(sums, cands, order, min_pixels) -> np.ndarray:
-    return postprocess.min_pixel_levels(sums, cands.image_start, order, min_pixels)
-
-
-def _component_cut(sums, cands, order, min_size) -> np.ndarray:
-    if min_size <= 1:
-        return sums
-    return postprocess.component_levels(sums, cands.image_start, order, cands.neighbours, min_size)
+    fraction = tables.sums_hist[in_set, threshold:].sum() / cands.fold_pixels[in_set].sum()
+    return Choice(weights, threshold, float(fraction), int(pixel_grid[best[0]]), int(component_grid[best[1]]),
+                  float(table[best]), table, (tuple(pixel_grid), tuple(component_grid)),
+                  tables.levels_hist[best], tables.sums_hist)
 
 
 def _set_folds(n_folds: int, set_index: int) -> np.ndarray:
@@ -623,7 +668,11 @@ def nested_search(scorer: Scorer, steps: int, refine: bool, grids) -> Nested:
     weights = [best_prefix_weights(path, cands.values.shape[0]) for path in paths]
     if refine:
         weights = refine_weights(scorer, weights)
-    choices = [choose_threshold(cands, w, s, *grids) for s, w in enumerate(weights)]
+    tables: dict[tuple[int, ...], Tables] = {}  # sets that chose the same weights share them
+    for w in weights:
+        if tuple(w) not in tables:
+            tables[tuple(w)] = threshold_tables(cands, w, *grids)
+    choices = [choose_threshold(cands, w, s, *grids, tables[tuple(w)]) for s, w in enumerate(weights)]
     counts = {}
     for mode in ("value", "top_fraction"):
         counts[mode] = np.array([

@@ -190,7 +190,7 @@ def _write_parts(config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySe
             writer.write(rows, to_uint8(probs))
     if len(holdout):
         with atomic_path(fold_dir / "holdout_part.npy") as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(holdout), side, side))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(holdout), side, side))
             for rows, probs in predict_set([model], config, holdout, device, batch):
                 out[rows] = probs
             out.flush()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +70,9 @@ def _export_fold(layout: Layout, config, fold: int, fmt: str, side: int) -> floa
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         return _export_onnx(model, inputs, path)
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input size is baked in on purpose
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
         traced = torch.jit.freeze(torch.jit.trace(model, inputs[:1], check_trace=False))
     diff = parity(model, traced, inputs)
     if diff > TOLERANCE:

@@ -149,7 +149,7 @@ class LabelResolution(nn.Module):
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[-2:])
+        size = (int(x.shape[-2]), int(x.shape[-1]))  # plain ints: traced exports bake the size in
         work = self.work_size(*size)
         if min(work) < self.min_size:
             raise EkError(f"{self.arch} needs inputs of at least {self.min_size} px "
@@ -166,7 +166,7 @@ class LabelResolution(nn.Module):
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Pad the last two dims (split evenly, so flips stay symmetric) up to ``multiple``."""
-    height, width = x.shape[-2:]
+    height, width = int(x.shape[-2]), int(x.shape[-1])
     extra_h = math.ceil(height / multiple) * multiple - height
     extra_w = math.ceil(width / multiple) * multiple - width
     pads = (extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2)

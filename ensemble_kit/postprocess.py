@@ -312,61 +312,71 @@ def descending_order(values: np.ndarray, image_start: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, parallel=True)
-def component_levels(values, image_start, order, neighbours, min_size):
-    """Highest threshold at which each sparse pixel lies in a component of >= ``min_size``.
+def component_levels(values, image_start, order, neighbours, min_sizes):
+    """Highest threshold at which each sparse pixel lies in a component of >= ``min_sizes[j]``.
 
     Pixels are added in descending value order (a component tree of the superlevel sets);
-    when a component first reaches ``min_size`` at level ``v`` its pixels get level ``v``.
+    when a component first reaches ``min_sizes[j]`` at level ``v``, its pixels get level
+    ``v`` for ``j``. One pass serves every size.
+
+    Args:
+        values: int64 ``(P,)`` blend values of the sparse pixels.
+        image_start: int64 ``(N + 1,)`` image boundaries.
+        order: int64 ``(P,)`` from :func:`descending_order`.
+        neighbours: int32 ``(P, 8)`` from :func:`neighbour_table`.
+        min_sizes: int64 ``(J,)`` ascending component sizes, each >= 1.
 
     Returns:
-        int64 ``(P,)``: the pixel is kept at threshold ``t`` iff ``t <= level`` (and
-        ``t <= value``); -1 when its component never reaches ``min_size``.
+        int64 ``(J, P)``: the pixel survives ``min_sizes[j]`` at threshold ``t`` iff
+        ``t <= level[j]`` (and ``t <= value``); -1 when its component never gets that big.
     """
-    n_pixels = values.shape[0]
-    level = np.full(n_pixels, -1, dtype=np.int64)
+    n_pixels, n_sizes = values.shape[0], min_sizes.shape[0]
+    level = np.full((n_sizes, n_pixels), -1, dtype=np.int64)
     parent = np.arange(n_pixels).astype(np.int32)
     size = np.ones(n_pixels, dtype=np.int64)
-    reached = np.zeros(n_pixels, dtype=np.bool_)
+    reached = np.zeros(n_pixels, dtype=np.int64)  # how many min_sizes the root's component passed
     added = np.zeros(n_pixels, dtype=np.bool_)
     next_member = np.full(n_pixels, -1, dtype=np.int64)
     tail = np.arange(n_pixels)
     for i in prange(image_start.shape[0] - 1):
         for k in range(image_start[i], image_start[i + 1]):
             p = order[k]
-            current = values[p]
             added[p] = True
-            if min_size <= 1:
-                reached[p], level[p] = True, current
+            _grow(p, p, values[p], min_sizes, parent, size, reached, next_member, tail, level)
             for j in range(8):
                 q = neighbours[p, j]
                 if q >= 0 and added[q]:
-                    _merge(p, q, current, min_size, parent, size, reached, next_member, tail, level)
+                    _grow(p, q, values[p], min_sizes, parent, size, reached, next_member, tail, level)
     return level
 
 
 @njit(cache=True)
-def _merge(p, q, current, min_size, parent, size, reached, next_member, tail, level):
+def _grow(p, q, current, min_sizes, parent, size, reached, next_member, tail, level):
+    """Merge the components of ``p`` and ``q`` (``p == q``: just check ``p``'s own size)."""
     a, b = _find(parent, p), _find(parent, q)
-    if a == b:
-        return
-    now = reached[a] or reached[b] or size[a] + size[b] >= min_size
-    if now and not reached[a]:
-        _assign_level(a, current, next_member, level)
-    if now and not reached[b]:
-        _assign_level(b, current, next_member, level)
-    root, child = (a, b) if a < b else (b, a)
-    parent[child] = root
-    size[root] += size[child]
-    next_member[tail[root]] = child
-    tail[root] = tail[child]
-    reached[root] = now
+    total = size[a] + (size[b] if a != b else 0)
+    now = 0
+    while now < min_sizes.shape[0] and min_sizes[now] <= total:
+        now += 1
+    for j in range(reached[a], now):
+        _assign_level(a, j, current, next_member, level)
+    if a != b:
+        for j in range(reached[b], now):
+            _assign_level(b, j, current, next_member, level)
+        root, child = (a, b) if a < b else (b, a)
+        parent[child] = root
+        size[root] += size[child]
+        next_member[tail[root]] = child
+        tail[root] = tail[child]
+        a = root
+    reached[a] = now
 
 
 @njit(cache=True)
-def _assign_level(root, current, next_member, level):
+def _assign_level(root, j, current, next_member, level):
     member = root
     while member != -1:
-        level[member] = current
+        level[j, member] = current
         member = next_member[member]
 
 
@@ -399,7 +409,8 @@ def postprocess_levels(values, image_start, order, neighbours, min_pixels: int, 
         cut = min_pixel_levels(values, image_start, order, min_pixels)
         levels = np.minimum(levels, np.repeat(cut, np.diff(image_start)))
     if min_size > 1:
-        levels = np.minimum(levels, component_levels(values, image_start, order, neighbours, min_size))
+        sizes = np.array([min_size], dtype=np.int64)
+        levels = np.minimum(levels, component_levels(values, image_start, order, neighbours, sizes)[0])
     return levels
 
 

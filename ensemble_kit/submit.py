@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import __version__, data
-from .blend import apply_blend, top_fraction_threshold, verify_blend
+from .blend import apply_blend, blend_histogram, top_fraction_threshold, verify_blend
 from .cache import band_stats
 from .config import Config, InputSpec, load_config, tta_list
 from .cv import predict_inputs
@@ -29,9 +30,9 @@ from .errors import EkError
 from .files import atomic_path, digest_file, write_json
 from .folds import read_meta
 from .layout import DEFAULT_SUBMISSION, Layout, record_dir
-from .metrics import global_dice
+from .metrics import dice_from_counts
 from .oof import to_uint8
-from .rle import encode
+from .rle import decode, encode
 from .submission import check_submission, write_submission
 from .train import load_fold_model, resolve_device
 
@@ -177,10 +178,7 @@ def _blend_top_fraction(blend: dict, batches, timer: Timer):
         for handle in handles.values():
             handle.close()
         stored = {n: np.memmap(p, np.uint8, "r", shape=(len(ids), *shape)) for n, p in paths.items()}
-        histogram = np.zeros(255 * sum(weights.values()) + 1, dtype=np.int64)
-        for start in range(0, len(ids), 64):
-            sums = sum(weights[n] * stored[n][start : start + 64].astype(np.int64) for n in weights)
-            histogram += np.bincount(sums.ravel(), minlength=len(histogram))
+        histogram = sum(blend_histogram(blend, {n: stored[n][s : s + 64] for n in weights}) for s in range(0, len(ids), 64))
         threshold = top_fraction_threshold(histogram, blend["top_fraction"])
         rles = []
         for start in range(0, len(ids), 64):
@@ -193,18 +191,16 @@ def _blend_top_fraction(blend: dict, batches, timer: Timer):
 
 
 def _dice_against_masks(path: Path, data_root: Path, split: str, ids: list[str]) -> float:
-    from .rle import decode
-    import pandas as pd
-
-    rows = pd.read_csv(path, dtype=str, keep_default_na=False).set_index("record_id")["encoded_pixels"]
-    tp = pred = true = 0
+    """Global dice of a written submission against the split's masks."""
+    rows = dict(pd.read_csv(path, dtype=str, keep_default_na=False).itertuples(index=False))
+    tp = n_pred = n_true = 0
     for rid in ids:
         mask = data.load_mask(record_dir(data_root, split, rid)).astype(bool)
         predicted = decode(rows[rid], mask.shape)
-        tp += int((predicted & mask).sum())
-        pred += int(predicted.sum())
-        true += int(mask.sum())
-    return 1.0 if pred + true == 0 else 2 * tp / (pred + true)
+        tp += int(np.count_nonzero(predicted & mask))
+        n_pred += int(np.count_nonzero(predicted))
+        n_true += int(np.count_nonzero(mask))
+    return dice_from_counts(tp, n_pred - tp, n_true - tp)
 
 
 def _provenance(layout, blend, ensemble, request, ids, timer, started, checked) -> dict:

@@ -174,7 +174,7 @@ def draw_contrails(rng: np.random.Generator, size: int, is_empty: bool) -> list[
     Either kind of record may also hold contrails born after the labelled frame, which
     are not labelled (they are not in frame 4).
     """
-    n_labelled = 0 if is_empty else min(int(rng.geometric(0.35)), 6)
+    n_labelled = 0 if is_empty else min(int(rng.geometric(0.3)), 6)
     n_late = int(rng.random() < 0.3)
     # Contrails of one scene share flight corridors and the upper-level wind.
     heading = rng.uniform(0, 2 * np.pi)
@@ -198,7 +198,7 @@ def _one_contrail(rng: np.random.Generator, size: int, heading: float, wind, bir
         bend=turn / (2 * length),
         length=length,
         half_width=max(rng.uniform(0.5, 1.5) * np.sqrt(scale), 0.7),
-        opacity=rng.uniform(0.08, 0.2),
+        opacity=rng.uniform(0.1, 0.25),
         birth=birth,
         drift=(float(drift[0]), float(drift[1])),
     )

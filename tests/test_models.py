@@ -36,6 +36,7 @@ def net_input_shapes(model: nn.Module) -> list[tuple[int, ...]]:
     return shapes
 
 
+@pytest.mark.filterwarnings("ignore:Encoder does not have prefix tokens")
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_architecture_returns_logits_at_input_size(arch):
     torch.manual_seed(0)

@@ -86,3 +86,16 @@ def test_postprocess_levels_match_dense_thresholding(seed, min_pixels, min_size)
     want = pp.postprocess_levels_reference(values, start, positions, shape, min_pixels, min_size)
     for t in range(10, 31):  # thresholds above every dropped value
         np.testing.assert_array_equal(got >= t, want >= t)
+
+
+def test_component_levels_serve_several_sizes_in_one_pass():
+    values, start, positions, shape = _sparse(7)
+    order = pp.descending_order(values, start)
+    neighbours = pp.neighbour_table(start, positions, *shape)
+    together = pp.component_levels(values, start, order, neighbours, np.array([2, 4, 9], np.int64))
+    for row, size in zip(together, (2, 4, 9)):
+        alone = pp.component_levels(values, start, order, neighbours, np.array([size], np.int64))[0]
+        np.testing.assert_array_equal(row, alone)
+        want = pp.postprocess_levels_reference(values, start, positions, shape, 0, size)
+        for t in range(10, 31):
+            np.testing.assert_array_equal(np.minimum(row, values) >= t, want >= t)

@@ -169,9 +169,16 @@ def test_contrails_are_thin_and_drift_between_frames(synthetic):
     for folder, mask in _positive_records(root):
         interior = mask & ndimage.binary_erosion(mask)
         assert interior.sum() <= 0.3 * mask.sum()
-    # The labelled frame shows the contrail where frame 0 (before birth, or drifted) does not.
-    b14 = [np.load(f / "band_14.npy")[mask] for f, mask in _positive_records(root)]
-    assert np.mean([values[:, 0].mean() - values[:, 4].mean() for values in b14]) > 1.0
+    # B14 on the label minus around it, per frame: coldest at the labelled frame; weaker at
+    # frame 0 (most contrails not born yet) and at frame 7 (they drifted off the label).
+    contrast = []
+    for folder, mask in _positive_records(root):
+        b14 = np.load(folder / "band_14.npy")
+        ring = ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask)
+        contrast.append(b14[mask].mean(axis=0) - b14[ring].mean(axis=0))
+    by_frame = np.mean(contrast, axis=0)
+    assert by_frame[4] < -1.0
+    assert by_frame[0] > by_frame[4] + 1.0 and by_frame[7] > by_frame[4] + 1.0
 
 
 def test_size_scales_the_images(tmp_path):

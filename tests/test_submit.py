@@ -1,0 +1,134 @@
+"""`ek submit` and `ek export` end to end on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from ensemble_kit.cli import main
+from ensemble_kit.layout import Layout
+from ensemble_kit.rle import decode
+
+CONFIG = """
+name: {name}
+input: {{channels: ash, frames: {frames}}}
+model: {{arch: {arch}, encoder: tu-test_resnet}}
+optim: {{name: adam, lr: 0.003}}
+train: {{epochs: 1, batch_size: 8, max_steps_per_epoch: 2, seed: {seed}}}
+tta: {tta}
+"""
+
+
+def ek(*args: str, check: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if check:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def blended(tmp_path_factory, synth_root):
+    """Two configs x 2 folds trained, blended; returns (workdir, data root)."""
+    folder = tmp_path_factory.mktemp("submit")
+    configs = []
+    for name, frames, arch, seed, tta in (("a", "[4]", "Unet", 0, "[identity, hflip]"),
+                                         ("b", "[3, 4, 5]", "FPN", 1, "[identity, vflip]")):
+        path = folder / f"{name}.yaml"
+        path.write_text(CONFIG.format(name=name, frames=frames, arch=arch, seed=seed, tta=tta))
+        configs.append(path)
+    workdir = folder / "folds"
+    ek("cv", "--data", synth_root, "--workdir", workdir, "--folds", "2", *configs)
+    ek("blend", "--oof", "--workdir", workdir, "--steps", "4")
+    return workdir, synth_root
+
+
+def test_submission_is_valid_and_complete(blended, tmp_path):
+    workdir, root = blended
+    out = tmp_path / "sub" / "submission.csv"
+    result = ek("submit", "--workdir", workdir, "--data", root, "--out", out)
+    assert "records/s" in result.output and str(out) in result.output
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(frame.columns) == ["record_id", "encoded_pixels"]
+    assert sorted(frame["record_id"]) == sorted(p.name for p in (root / "test").iterdir())
+    for rle in frame["encoded_pixels"]:
+        decode(rle, (64, 64))
+    provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["records"] == len(frame) and set(provenance["configs"]) <= {"a", "b"}
+    assert set(provenance["seconds_by_stage"]) == {"read", "model", "encode"}
+    assert ek("submit", "--check", out, "--data", root).exit_code == 0
+
+
+def test_validation_split_agrees_with_blend_holdout(blended, tmp_path):
+    workdir, root = blended
+    out = tmp_path / "validation.csv"
+    result = ek("submit", "--workdir", workdir, "--data", root, "--split", "validation", "--out", out)
+    dice = json.loads(out.with_suffix(".json").read_text())["dice"]
+    holdout = json.loads(Layout(workdir).blend_json.read_text())["scores"]["holdout"]
+    assert f"global dice on validation: {dice:.4f}" in result.output
+    assert dice == pytest.approx(holdout, abs=2e-3)
+
+
+def test_stale_blend_is_refused(blended, tmp_path):
+    workdir, root = blended
+    copy = tmp_path / "folds"
+    shutil.copytree(workdir, copy)
+    oof = Layout(copy).oof_npy("a")
+    array = np.load(oof)
+    array[0, 0, 0] ^= 1
+    np.save(oof, array)
+    result = ek("submit", "--workdir", copy, "--data", root, "--out", tmp_path / "s.csv", check=False)
+    assert result.exit_code == 2 and "stale" in result.output and not (tmp_path / "s.csv").exists()
+
+
+def test_missing_blend_says_what_to_run(tmp_path):
+    result = ek("submit", "--workdir", tmp_path, check=False)
+    assert result.exit_code == 2 and "ek blend --oof" in result.output
+
+
+def test_corrupt_test_record_leaves_previous_submission(blended, tmp_path):
+    workdir, root = blended
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    victim = sorted((data / "test").iterdir())[-1] / "band_14.npy"
+    victim.write_bytes(b"\x93NUMPY broken")
+    out = tmp_path / "submission.csv"
+    out.write_text("record_id,encoded_pixels\nkeep,-\n")
+    result = ek("submit", "--workdir", workdir, "--data", data, "--out", out, check=False)
+    assert result.exit_code == 2 and "band_14.npy" in result.output
+    assert out.read_text() == "record_id,encoded_pixels\nkeep,-\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".submission")] == []
+
+
+def test_check_rejects_a_bad_csv(tmp_path, blended):
+    _, root = blended
+    bad = tmp_path / "bad.csv"
+    bad.write_text("record_id,encoded_pixels\n123,5 2 6 1\n")
+    result = ek("submit", "--check", bad, check=False)
+    assert result.exit_code == 2 and "bad.csv" in result.output
+
+
+def test_export_parity_and_exported_submission(blended, tmp_path):
+    workdir, root = blended
+    result = ek("export", "--workdir", workdir)
+    assert "max |prob diff|" in result.output
+    manifest = json.loads((Layout(workdir).export_dir / "manifest.json").read_text())
+    assert all(entry["max_abs_diff"] <= 1e-4 for entry in manifest["configs"].values())
+    eager, exported = tmp_path / "eager.csv", tmp_path / "exported.csv"
+    ek("submit", "--workdir", workdir, "--data", root, "--out", eager)
+    ek("submit", "--workdir", workdir, "--data", root, "--out", exported, "--exported")
+    assert eager.read_text() == exported.read_text()
+
+
+def test_export_fails_loudly_when_outputs_differ(blended, monkeypatch):
+    from ensemble_kit import export
+
+    workdir, _ = blended
+    monkeypatch.setattr(export, "parity", lambda *a: 0.5)
+    result = ek("export", "--workdir", workdir, check=False)
+    assert result.exit_code == 2 and "differs from eager" in result.output
