@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -112,22 +113,29 @@ def bench_components(folder: Path, n_images: int) -> dict:
 
 def run_search_child(folder: Path, n_images: int, component_grid: tuple[int, ...]) -> dict:
     """In a fresh process: compile on a tiny problem, then time one full search."""
-    oofs = [np.load(p, mmap_mode="r")[:n_images] for p in sorted(folder.glob("oof_*.npy"))]
-    labels = np.load(folder / "labels.npy", mmap_mode="r")[:n_images]
+    oofs = [_first_rows(p, n_images) for p in sorted(folder.glob("oof_*.npy"))]
+    labels = _first_rows(folder / "labels.npy", n_images)
     folds = np.load(folder / "folds.npy")[:n_images]
     blend.search([o[:10] for o in oofs[:2]], np.asarray(labels[:10]), folds[:10], steps=2)
     tracemalloc.start()
-    start = time.perf_counter()
-    labels = np.asarray(labels)  # labels are loaded into memory by run_blend too
+    start, cpu_start = time.perf_counter(), time.process_time()
+    labels = np.array(labels)  # labels are loaded into memory by run_blend too
     result = blend.search(oofs, labels, folds, steps=25, min_component_grid=component_grid)
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     return {
         "images": n_images, "seconds": seconds, "tracemalloc_peak_mb": peak / 2**20,
+        "cpu_seconds": time.process_time() - cpu_start,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "dice": result.choice.dice, "nested": result.nested.pooled(result.mode),
         "weights": result.choice.weights.tolist(), "min_pixels": result.choice.min_pixels,
     }
+
+
+def _first_rows(path: Path, n_rows: int) -> np.memmap:
+    """A memmap of the first rows of a .npy file (a file-backed memmap, not a view)."""
+    whole = np.load(path, mmap_mode="r")
+    return np.memmap(path, np.uint8, "r", offset=whole.offset, shape=(n_rows, *whole.shape[1:]))
 
 
 def bench_search(folder: Path, n_images: int, component_grid: tuple[int, ...]) -> dict:
@@ -170,13 +178,14 @@ def main() -> None:
 
 
 def report(folder: Path, args) -> None:
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are wall-clock, shared machine)")
     sweep = bench_sweep(folder, min(args.sweep_images, args.images))
-    print(f"sweep ({sweep['images']} images): numba {sweep['numba_s'] * 1e3:.1f} ms, numpy {sweep['numpy_s']:.2f} s, ratio {sweep['ratio']:.0f}x")
+    print(f"sweep ({sweep['images']} images, {sweep['images'] * 65536 / 1e6:.0f} M pixels): numba {sweep['numba_s'] * 1e3:.1f} ms, numpy {sweep['numpy_s']:.2f} s, ratio {sweep['ratio']:.0f}x")
     for grid, label in (((0,), "min-pixel"), (blend.MIN_COMPONENT_GRID, "min-pixel + min-component")):
         full = bench_search(folder, args.images, grid)
         half = bench_search(folder, args.images // 2, grid)
-        print(f"search [{label}] {full['images']} images: {full['seconds']:.2f} s, tracemalloc peak {full['tracemalloc_peak_mb']:.0f} MB, "
-              f"max RSS {full['max_rss_mb']:.0f} MB; {half['images']} images: {half['seconds']:.2f} s "
+        print(f"search [{label}] {full['images']} images: {full['seconds']:.2f} s (CPU {full['cpu_seconds']:.1f} s), tracemalloc peak {full['tracemalloc_peak_mb']:.0f} MB, "
+              f"max RSS {full['max_rss_mb']:.0f} MB; {half['images']} images: {half['seconds']:.2f} s (CPU {half['cpu_seconds']:.1f} s) "
               f"(time ratio full/half {full['seconds'] / half['seconds']:.2f}); OOF dice {full['dice']:.4f}, nested {full['nested']:.4f}, "
               f"weights {full['weights']}, min_pixels {full['min_pixels']}")
     comps = bench_components(folder, min(args.images, 1000))

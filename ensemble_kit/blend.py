@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,17 +204,26 @@ def _assemble(parts, folds, hist, floor, shape) -> Candidates:
 
 
 def _read_rows(array: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
-    """Copy rows ``lo:hi`` into ``out``; a whole-file memmap is read with ``pread``."""
+    """Copy rows ``lo:hi`` into ``out``; a file-backed memmap is read with ``pread``.
+
+    Reading instead of touching the mapping keeps the file's pages out of this process's
+    resident memory (the OS page cache still holds them).
+    """
     row_bytes = int(np.prod(array.shape[1:]))
-    filename = getattr(array, "filename", None)
-    offset = getattr(array, "offset", None)
-    whole_file = filename is not None and offset is not None and array.flags.c_contiguous
-    if whole_file and os.path.getsize(filename) == offset + array.shape[0] * row_bytes:
-        with open(filename, "rb") as fh:
-            fh.seek(offset + lo * row_bytes)
+    if _is_plain_memmap(array, row_bytes):
+        with open(array.filename, "rb") as fh:
+            fh.seek(array.offset + lo * row_bytes)
             fh.readinto(memoryview(out.reshape(-1)))
         return
     out.reshape(hi - lo, -1)[:] = np.asarray(array[lo:hi]).reshape(hi - lo, -1)
+
+
+def _is_plain_memmap(array: np.ndarray, row_bytes: int) -> bool:
+    """A memmap opened on a file (not a view of one), C-ordered, lying inside the file."""
+    if not isinstance(array, np.memmap) or not isinstance(array.base, mmap.mmap) or array.filename is None:
+        return False
+    end = array.offset + array.shape[0] * row_bytes
+    return array.flags.c_contiguous and array.dtype == np.uint8 and end <= os.path.getsize(array.filename)
 
 
 # ----------------------------------------------------------------------------- scoring

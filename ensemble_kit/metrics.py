@@ -93,10 +93,51 @@ def image_histograms_reference(values: np.ndarray, labels: np.ndarray) -> np.nda
     return np.stack([np.bincount(row, minlength=2 * N_CODES) for row in flat]).reshape(n, N_CODES, 2)
 
 
+@njit(cache=True, parallel=True)
+def _flat_histogram(values: np.ndarray, labels: np.ndarray, n_chunks: int) -> np.ndarray:
+    """Counts of ``(code, label)`` of flat uint8 arrays, in ``n_chunks`` parallel parts."""
+    n = values.shape[0]
+    partial = np.zeros((n_chunks, N_CODES, 2), dtype=np.int64)
+    words = labels[: n // 8 * 8].view(np.uint64)
+    for k in prange(n_chunks):
+        lo, hi = k * n // n_chunks, (k + 1) * n // n_chunks
+        # four interleaved tables: runs of equal codes (mostly 0) do not wait on one counter
+        lanes = np.zeros((4, N_CODES), dtype=np.int64)
+        stop = lo + (hi - lo) // 4 * 4
+        for p in range(lo, stop, 4):
+            lanes[0, values[p]] += 1
+            lanes[1, values[p + 1]] += 1
+            lanes[2, values[p + 2]] += 1
+            lanes[3, values[p + 3]] += 1
+        for p in range(stop, hi):
+            lanes[0, values[p]] += 1
+        counts = lanes[0] + lanes[1] + lanes[2] + lanes[3]
+        p = lo
+        while p < hi:  # positives are rare: skip eight zero labels at a time
+            if p % 8 == 0 and p + 8 <= hi and words[p // 8] == 0:
+                p += 8
+                continue
+            if labels[p]:
+                counts[values[p]] -= 1
+                partial[k, values[p], 1] += 1
+            p += 1
+        partial[k, :, 0] = counts
+    return partial.sum(axis=0)
+
+
 def global_histogram(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Counts of ``(code, label)`` over all images: int64 ``(256, 2)``."""
+    """Counts of ``(code, label)`` over all pixels of all images: int64 ``(256, 2)``."""
     values, labels = _as_3d(values), _as_3d(labels)
-    return image_histograms(values, labels).sum(axis=0)
+    if values.shape != labels.shape:
+        raise ValueError(f"shapes differ: {values.shape} vs {labels.shape}")
+    flat_values = np.ascontiguousarray(values).reshape(-1)
+    flat_labels = np.ascontiguousarray(labels).reshape(-1).view(np.uint8) if labels.dtype.itemsize == 1 else (labels != 0).reshape(-1).view(np.uint8)
+    return _flat_histogram(flat_values, flat_labels, max(1, min(64, flat_values.size // 65536)))
+
+
+def global_histogram_reference(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Numpy reference of :func:`global_histogram`."""
+    return image_histograms_reference(_as_3d(values), _as_3d(labels)).sum(axis=0)
 
 
 def sweep_from_histogram(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

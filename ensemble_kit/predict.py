@@ -21,27 +21,17 @@ import difflib
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from .augment import dihedral, dihedral_inverse
 from .config import TTA_NAMES
 from .errors import EkError
 
 log = logging.getLogger(__name__)
 
-_FORWARD: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda x: x,
-    "hflip": lambda x: x.flip(-1),
-    "vflip": lambda x: x.flip(-2),
-    "hvflip": lambda x: x.flip(-2, -1),
-    "transpose": lambda x: x.transpose(-2, -1),
-    "rot90": lambda x: x.rot90(1, (-2, -1)),
-    "rot270": lambda x: x.rot90(3, (-2, -1)),
-    "antitranspose": lambda x: x.transpose(-2, -1).flip(-2, -1),
-}
-_INVERSE_NAME = {"rot90": "rot270", "rot270": "rot90"}  # every other transform is its own inverse
 SWAPS_AXES = frozenset({"transpose", "rot90", "rot270", "antitranspose"})
 MERGES = ("mean", "logit")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,12 +40,12 @@ _CHUNK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def tta_transform(x: torch.Tensor, name: str) -> torch.Tensor:
     """Apply the dihedral transform ``name`` to the last two dims of ``x``."""
-    return _FORWARD[_check_name(name)](x)
+    return dihedral(x, _check_name(name))
 
 
 def tta_inverse(x: torch.Tensor, name: str) -> torch.Tensor:
     """Undo :func:`tta_transform`: ``tta_inverse(tta_transform(x, n), n) == x``."""
-    return _FORWARD[_INVERSE_NAME.get(_check_name(name), name)](x)
+    return dihedral_inverse(x, _check_name(name))
 
 
 def predict_probs(
@@ -176,8 +166,8 @@ def _expand(tta: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_name(name: str) -> str:
-    if name not in _FORWARD:
-        close = difflib.get_close_matches(name, list(_FORWARD), n=3)
+    if name not in TTA_NAMES:
+        close = difflib.get_close_matches(name, list(TTA_NAMES), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise EkError(f"unknown tta '{name}'{hint}; choose from {', '.join(TTA_NAMES)} or d4")
     return name

@@ -17,8 +17,9 @@
   the aggregated mask is "more than half of the annotators". About half of the labelled
   records are empty.
 
-Everything is a deterministic function of ``seed``; record ``k`` of a split depends only
-on ``(seed, split, k)`` and on whether it was drawn empty.
+Everything is a deterministic function of the arguments: the content of record ``k`` of a
+split depends only on ``(seed, split, k)`` and on whether it was drawn empty (exactly half
+of each split, in a seeded order); ids are drawn in order train, validation, test.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.fft
+from tqdm import tqdm
 
 from .data import INDIVIDUAL_FILE, LABELLED_FRAME, MASK_FILE, N_FRAMES, band_file
 from .errors import EkError
@@ -96,13 +98,18 @@ def write_synthetic(
     """
     counts = {"train": n_train, "validation": n_validation, "test": n_test}
     _check_arguments(Path(out), counts, size)
-    ids = record_ids(sum(counts.values()), seed)
-    split_ids = _split_list(ids, counts)
+    split_ids = _split_list(record_ids(sum(counts.values()), seed), counts)
+    jobs = [
+        (split, index, record_id, is_empty)
+        for split, n in counts.items()
+        for index, (record_id, is_empty) in enumerate(
+            zip(split_ids[split], _empty_flags(n, split, seed))
+        )
+    ]
     empty = 0
-    for split, n in counts.items():
-        for index, (record_id, is_empty) in enumerate(zip(split_ids[split], _empty_flags(n, split, seed))):
-            rng = np.random.default_rng([seed, SPLIT_SEEDS[split], index])
-            empty += _write_record(Path(out) / split / record_id, split, rng, size, is_empty)
+    for split, index, record_id, is_empty in tqdm(jobs, desc="synthetic records", disable=None):
+        rng = np.random.default_rng([seed, SPLIT_SEEDS[split], index])
+        empty += _write_record(Path(out) / split / record_id, split, rng, size, is_empty)
     test_rows = "".join(f"{record_id},-\n" for record_id in sorted(split_ids["test"]))
     write_text(Path(out) / "sample_submission.csv", "record_id,encoded_pixels\n" + test_rows)
     log.info("wrote %s synthetic records of %d px to %s", counts, size, out)
@@ -148,12 +155,16 @@ def _empty_flags(n: int, split: str, seed: int) -> np.ndarray:
     return rng.permutation(n) < n // 2
 
 
-def _write_record(folder: Path, split: str, rng: np.random.Generator, size: int, is_empty: bool) -> int:
+def _write_record(
+    folder: Path, split: str, rng: np.random.Generator, size: int, is_empty: bool
+) -> int:
     """Write one record (to a hidden folder, then renamed); 1 if its label is empty."""
     contrails = draw_contrails(rng, size, is_empty)
-    bands = render_bands(rng, size, contrails).transpose(0, 2, 3, 1)
+    bands = np.ascontiguousarray(render_bands(rng, size, contrails).transpose(0, 2, 3, 1))
     individual = annotate(rng, size, [c for c in contrails if c.birth <= LABELLED_FRAME])
-    aggregated = (2 * individual.sum(axis=-1, keepdims=True) > individual.shape[-1]).astype(np.int32)
+    aggregated = (2 * individual.sum(axis=-1, keepdims=True) > individual.shape[-1]).astype(
+        np.int32
+    )
     tmp = folder.parent / f".{folder.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -178,13 +189,22 @@ def draw_contrails(rng: np.random.Generator, size: int, is_empty: bool) -> list[
     n_late = int(rng.random() < 0.3)
     # Contrails of one scene share flight corridors and the upper-level wind.
     heading = rng.uniform(0, 2 * np.pi)
-    wind = rng.uniform(0.5, 3.0) * size / 256 * np.array([np.cos(heading + 1.3), np.sin(heading + 1.3)])
+    wind = (
+        rng.uniform(0.5, 3.0)
+        * size
+        / 256
+        * np.array([np.cos(heading + 1.3), np.sin(heading + 1.3)])
+    )
     births = [int(rng.integers(0, LABELLED_FRAME + 1)) for _ in range(n_labelled)]
     births += [int(rng.integers(LABELLED_FRAME + 1, N_FRAMES)) for _ in range(n_late)]
-    return [_one_contrail(rng, size, heading, wind, birth, k == 0) for k, birth in enumerate(births)]
+    return [
+        _one_contrail(rng, size, heading, wind, birth, k == 0) for k, birth in enumerate(births)
+    ]
 
 
-def _one_contrail(rng: np.random.Generator, size: int, heading: float, wind, birth: int, first: bool) -> Contrail:
+def _one_contrail(
+    rng: np.random.Generator, size: int, heading: float, wind, birth: int, first: bool
+) -> Contrail:
     scale = size / 256
     drift = wind + rng.normal(0, 0.2, 2) * scale
     length = max(rng.uniform(40, 200) * scale, 12.0)
@@ -295,7 +315,9 @@ def render_bands(rng: np.random.Generator, size: int, contrails: list[Contrail])
     low_wind, high_wind = rng.normal(0, 1.2, (2, 2)) * size / 256
     low = _cloud_opacity(rng, size, low_wind, cover=rng.uniform(0.0, 0.5), peak=1.0, scale=size / 8)
     _overlay(bands, low, WATER_FACTOR, top_k=rng.uniform(235.0, 268.0))
-    cirrus = _cloud_opacity(rng, size, high_wind, cover=rng.uniform(0.0, 0.35), peak=0.35, scale=size / 10)
+    cirrus = _cloud_opacity(
+        rng, size, high_wind, cover=rng.uniform(0.0, 0.35), peak=0.35, scale=size / 10
+    )
     _overlay(bands, cirrus, ICE_FACTOR, top_k=rng.uniform(210.0, 230.0))
     if contrails:
         opacity = 1 - np.exp(-contrail_depth(contrails, size))
@@ -310,7 +332,9 @@ def render_bands(rng: np.random.Generator, size: int, contrails: list[Contrail])
 def clear_sky(rng: np.random.Generator, size: int) -> np.ndarray:
     """Cloud-free brightness temperatures, float32 ``(9, 8, S, S)``: surface and water vapour."""
     still = np.zeros((1, 2))
-    surface = rng.uniform(280.0, 298.0) + 3.0 * smooth_fields(rng, size, size / 4, still, detail=0.2)
+    surface = rng.uniform(280.0, 298.0) + 3.0 * smooth_fields(
+        rng, size, size / 4, still, detail=0.2
+    )
     moisture = smooth_fields(rng, size, size / 6, still)
     vapour = rng.uniform(228.0, 238.0) + 1.5 * smooth_fields(rng, size, size / 5, still)
     levels = [
@@ -327,7 +351,9 @@ def clear_sky(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.repeat(np.stack(levels), N_FRAMES, axis=1)
 
 
-def _cloud_opacity(rng, size: int, wind: np.ndarray, cover: float, peak: float, scale: float) -> np.ndarray:
+def _cloud_opacity(
+    rng, size: int, wind: np.ndarray, cover: float, peak: float, scale: float
+) -> np.ndarray:
     """Emissivity at B14 ``(8, S, S)`` of a drifting cloud layer covering about ``cover``."""
     field = smooth_fields(rng, size, scale, np.outer(FRAME_OFFSETS, wind), detail=0.35)
     threshold = np.quantile(field[LABELLED_FRAME], 1 - cover) if cover > 0 else np.inf
@@ -343,7 +369,9 @@ def _overlay(bands: np.ndarray, opacity_b14: np.ndarray, factor: dict, top_k: fl
         values[covered] -= -np.expm1(-factor[band] * depth) * (values[covered] - top_k)
 
 
-def smooth_fields(rng, size: int, scale: float, shifts: np.ndarray, detail: float = 0.0) -> np.ndarray:
+def smooth_fields(
+    rng, size: int, scale: float, shifts: np.ndarray, detail: float = 0.0
+) -> np.ndarray:
     """A smooth random field of unit std, float32 ``(len(shifts), S, S)``, moved by ``shifts``.
 
     Gaussian low-pass white noise (correlation ``scale`` px, plus ``detail`` times a

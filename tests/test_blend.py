@@ -256,3 +256,13 @@ def test_run_blend_bad_inputs_are_one_line_errors(tmp_path, bad):
     with pytest.raises(EkError) as error:
         blend.run_blend(layout, configs=configs, steps=2)
     assert "\n" not in str(error.value)
+
+
+def test_refinement_is_kept_only_when_nested_gains():
+    oofs, labels, folds = _problem(seed=4)
+    plain = blend.search(oofs, labels, folds, steps=4, min_pixels_grid=(0,), min_component_grid=(0,))
+    refined = blend.search(oofs, labels, folds, steps=4, refine=True, min_pixels_grid=(0,), min_component_grid=(0,))
+    assert refined.choice.weights.dtype.kind == "i" and (refined.choice.weights >= 0).all()
+    best = max(refined.nested.pooled(m) for m in refined.nested.counts)
+    assert best >= max(plain.nested.pooled(m) for m in plain.nested.counts)
+    assert refined.nested.refined == (best > max(plain.nested.pooled(m) for m in plain.nested.counts))

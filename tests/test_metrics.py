@@ -79,3 +79,9 @@ def test_best_threshold_predicts_nothing_when_labels_are_empty():
 
 def test_dice_from_counts_arrays():
     np.testing.assert_allclose(metrics.dice_from_counts([1, 0, 0], [1, 0, 2], [0, 0, 1]), [2 / 3, 1.0, 0.0])
+
+
+@pytest.mark.parametrize("case", [*range(3), *EDGE_CASES])
+def test_global_histogram_matches_reference(case):
+    values, labels = _random_case(case, shape=(3, 200, 250)) if isinstance(case, int) else EDGE_CASES[case]
+    np.testing.assert_array_equal(metrics.global_histogram(values, labels), metrics.global_histogram_reference(values, labels))

@@ -23,7 +23,12 @@ COUNTS = {"train": 8, "validation": 6, "test": 3}
 def synthetic(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("synthetic")
     summary = write_synthetic(
-        root, n_train=COUNTS["train"], n_validation=COUNTS["validation"], n_test=COUNTS["test"], size=SIZE, seed=0
+        root,
+        n_train=COUNTS["train"],
+        n_validation=COUNTS["validation"],
+        n_test=COUNTS["test"],
+        size=SIZE,
+        seed=0,
     )
     return root, summary
 
@@ -72,7 +77,10 @@ def test_files_dtypes_and_shapes_match_kaggle(synthetic, split):
 
 def test_band_levels_are_realistic(synthetic):
     root, _ = synthetic
-    means = {band: np.mean([np.load(f / data.band_file(band)).mean() for f in _records(root, "train")]) for band in BANDS}
+    means = {
+        band: np.mean([np.load(f / data.band_file(band)).mean() for f in _records(root, "train")])
+        for band in BANDS
+    }
     assert 220 < means[8] < 245 and means[8] < means[9] < means[10]  # water vapour bands
     assert 260 < means[14] < 300 and means[15] < means[14] < means[13]
     assert means[16] < means[12] < means[14]
@@ -166,7 +174,7 @@ def test_contrails_show_in_the_ash_channels(synthetic):
 
 def test_contrails_are_thin_and_drift_between_frames(synthetic):
     root, _ = synthetic
-    for folder, mask in _positive_records(root):
+    for _folder, mask in _positive_records(root):
         interior = mask & ndimage.binary_erosion(mask)
         assert interior.sum() <= 0.3 * mask.sum()
     # B14 on the label minus around it, per frame: coldest at the labelled frame; weaker at
@@ -194,7 +202,9 @@ def test_size_scales_the_images(tmp_path):
 )
 def test_bad_arguments_raise_ek_error(tmp_path, kwargs, message):
     with pytest.raises(EkError, match=message):
-        write_synthetic(tmp_path, **{"n_train": 1, "n_validation": 0, "n_test": 0, "size": 32, **kwargs})
+        write_synthetic(
+            tmp_path, **{"n_train": 1, "n_validation": 0, "n_test": 0, "size": 32, **kwargs}
+        )
 
 
 def test_refuses_a_folder_that_already_holds_records(synthetic, tmp_path):
