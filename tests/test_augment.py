@@ -5,21 +5,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from dihedral_reference import NUMPY_DIHEDRAL
 
 from ensemble_kit.augment import DIHEDRAL, Augmenter, dihedral, dihedral_inverse, shift_label
 from ensemble_kit.config import AugmentSpec
 from ensemble_kit.errors import EkError
-
-NUMPY_DIHEDRAL = {
-    "identity": lambda a: a,
-    "hflip": lambda a: np.flip(a, -1),
-    "vflip": lambda a: np.flip(a, -2),
-    "hvflip": lambda a: np.flip(a, (-2, -1)),
-    "transpose": lambda a: np.swapaxes(a, -2, -1),
-    "rot90": lambda a: np.rot90(a, 1, axes=(-2, -1)),
-    "rot270": lambda a: np.rot90(a, 3, axes=(-2, -1)),
-    "antitranspose": lambda a: np.swapaxes(np.flip(a, (-2, -1)), -2, -1),
-}
 
 
 def _asymmetric(batch=2, channels=3, height=4, width=5):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dihedral_reference import NUMPY_DIHEDRAL
 from torch import nn
 
 from ensemble_kit import predict
@@ -14,23 +15,7 @@ from ensemble_kit.errors import EkError
 from ensemble_kit.models import build_model
 from ensemble_kit.predict import auto_chunk, predict_probs, tta_inverse, tta_transform
 
-
-def antitranspose(a: np.ndarray) -> np.ndarray:
-    rows, cols = a.shape[-2:]
-    i, j = np.meshgrid(np.arange(cols), np.arange(rows), indexing="ij")
-    return a[..., rows - 1 - j, cols - 1 - i]  # out[i, j] = a[rows-1-j, cols-1-i]
-
-
-NUMPY = {
-    "identity": lambda a: a,
-    "hflip": lambda a: np.flip(a, -1),
-    "vflip": lambda a: np.flip(a, -2),
-    "hvflip": lambda a: np.flip(a, (-2, -1)),
-    "transpose": lambda a: np.swapaxes(a, -1, -2),
-    "rot90": lambda a: np.rot90(a, 1, axes=(-2, -1)),
-    "rot270": lambda a: np.rot90(a, 3, axes=(-2, -1)),
-    "antitranspose": antitranspose,
-}
+NUMPY = NUMPY_DIHEDRAL
 NUMPY_INVERSE = {**NUMPY, "rot90": NUMPY["rot270"], "rot270": NUMPY["rot90"]}
 
 
