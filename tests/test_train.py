@@ -85,9 +85,12 @@ def test_bf16_autocast_on_cpu():
 
 def test_channels_last():
     t = trainer(train={"channels_last": True})
+    kernel = next(p for p in t.model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous()
     x, _ = t.prepare(*batch())
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert trainer().runtime.channels_last is False  # auto: CUDA only
+    assert trainer().runtime.channels_last is True  # auto: on, CPU included
+    assert trainer(train={"channels_last": False}).runtime.channels_last is False
 
 
 def test_gradient_clipping_bounds_the_norm(monkeypatch):
