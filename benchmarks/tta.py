@@ -5,7 +5,7 @@
 For a tiny U-Net (``tu-test_resnet``) and a resnet18 U-Net on a batch of 9-channel
 inputs, on CPU and, when present, CUDA: images per second of
 
-- ``auto``: ``predict_probs(chunk=0)``, the chunk its timing probe picked;
+- ``auto``: ``predict_probs(chunk=0)``, the chunk auto_chunk picks by its fixed rule;
 - ``all``: ``predict_probs(chunk=4)``, all four copies in one batch (for reference);
 - ``per-flip``: one forward pass per flip, merged the same way (the baseline).
 
@@ -62,7 +62,7 @@ def bench(encoder: str, device: str, args: argparse.Namespace) -> None:
         "per-flip": lambda t: per_flip(model, t),
     }
     reference = methods["per-flip"](x)
-    for name, fn in methods.items():  # warm-up (and the auto chunk's probe), equal outputs
+    for name, fn in methods.items():  # warm-up, equal outputs
         torch.testing.assert_close(fn(x), reference, atol=1e-5, rtol=0, msg=f"{name} differs")
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(args.repeats):

@@ -103,7 +103,7 @@ class TrainSpec:
     batch_size: int = 16
     accumulate: int = 1
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | none | bf16 | fp16
-    channels_last: str | bool = "auto"  # auto: on (faster on CUDA and on CPU)
+    channels_last: str | bool = "auto"  # auto: on CUDA only
     compile: bool = False  # torch.compile(mode="reduce-overhead")
     clip_grad: float = 0.0
     ema: float = 0.0  # EMA decay of the weights; 0 disables

@@ -9,7 +9,6 @@ import torch
 from dihedral_reference import NUMPY_DIHEDRAL
 from torch import nn
 
-from ensemble_kit import predict
 from ensemble_kit.config import TTA_NAMES, Config, ModelSpec
 from ensemble_kit.errors import EkError
 from ensemble_kit.models import build_model
@@ -148,15 +147,14 @@ def test_bf16_autocast_on_cpu_is_close(images):
     assert not torch.equal(half, full)
 
 
-def test_auto_chunk_is_probed_once_per_model_and_shape(monkeypatch, images):
-    calls = []
-    monkeypatch.setattr(predict, "_probe_chunk", lambda model, x, copies: calls.append(x.shape) or copies)
-    net = random_net()
-    assert auto_chunk(net, images, 4) == 4
-    assert auto_chunk(net, images, 4) == 4
-    assert auto_chunk(net, images[:1], 4) == 4
-    assert auto_chunk(net, images, 1) == 1
-    assert len(calls) == 2
+def test_auto_chunk_is_a_fixed_rule(images):
+    small = torch.nn.Conv2d(images.shape[1], 1, 3, padding=1)
+    large = torch.nn.Sequential(small, torch.nn.Linear(3000, 2000))  # > 5M parameters
+    assert auto_chunk(small, images, 4) == 4
+    assert auto_chunk(large, images, 4) == 1
+    assert auto_chunk(small, images, 1) == 1
+    meta = images.to("meta")
+    assert auto_chunk(large, meta, 4) == 4  # any accelerator: all copies in one pass
 
 
 @pytest.mark.parametrize(

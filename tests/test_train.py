@@ -89,8 +89,7 @@ def test_channels_last():
     assert kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous()
     x, _ = t.prepare(*batch())
     assert x.is_contiguous(memory_format=torch.channels_last)
-    assert trainer().runtime.channels_last is True  # auto: on, CPU included
-    assert trainer(train={"channels_last": False}).runtime.channels_last is False
+    assert trainer().runtime.channels_last is False  # auto: CUDA only
 
 
 def test_gradient_clipping_bounds_the_norm(monkeypatch):
@@ -144,3 +143,21 @@ def test_same_seed_same_weights_after_steps():
     a, b = trainer(), trainer()
     step(a), step(b)
     assert torch.equal(weights(a), weights(b))
+
+
+def test_early_stopping_stops_after_patience(tmp_path, monkeypatch):
+    from ensemble_kit import train as train_module
+    from ensemble_kit.loader import ArraySet
+
+    scores = iter([0.5, 0.4, 0.3, 0.9, 0.9])
+    monkeypatch.setattr(train_module, "evaluate", lambda trainer, val: (1.0, next(scores), 128))
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8).numpy()
+    labels = (torch.rand(8, 32, 32, generator=g) > 0.9).to(torch.uint8).numpy()
+    arrays = ArraySet(((inputs, labels),), np.c_[np.zeros(8, np.int64), np.arange(8)])
+    config = config_from_dict({"model": {"encoder": "tu-test_resnet"}, "train": {"epochs": 5, "batch_size": 4, "early_stop": 2}})
+    summary = train_module.train_fold(config, tmp_path, 0, arrays, arrays, CPU)
+    assert summary["epochs"] == 3 and summary["best_epoch"] == 1
+    no_patience = config_from_dict({"model": {"encoder": "tu-test_resnet"}, "train": {"epochs": 2, "batch_size": 4}})
+    scores = iter([0.5, 0.4])
+    assert train_module.train_fold(no_patience, tmp_path / "b", 0, arrays, arrays, CPU)["epochs"] == 2
