@@ -157,7 +157,6 @@ def predict_set(models: list[torch.nn.Module], config: Config, arrays: ArraySet,
 
 def run_fold(job: FoldJob) -> dict:
     """Train one fold, write its OOF and holdout parts, then its DONE marker."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     layout, config, fold = job.layout, job.config, job.fold
     splits, _ = ensure_splits(layout, None, None)
     device = resolve_device(job.device)

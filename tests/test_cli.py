@@ -53,3 +53,15 @@ def test_synth_command(tmp_path):
                                        "--test", "2", "--size", "32"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "d" / "train").iterdir())) == 4
+
+
+def test_ray_backend_without_ray_is_a_clear_error(tmp_path, sample_root, tiny_config_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed")
+    result = CliRunner().invoke(main, ["cv", "--data", str(sample_root), "--workdir", str(tmp_path / "w"),
+                                       "--folds", "3", "--backend", "ray", str(tiny_config_path)])
+    assert result.exit_code == 2 and "pip install 'ensemble-kit[ray]'" in result.output
