@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from .errors import EkError
@@ -41,6 +42,4 @@ def _run_ray(jobs: Sequence) -> list[dict]:
 
 
 def _cluster_address() -> bool:
-    import os
-
     return "RAY_ADDRESS" in os.environ

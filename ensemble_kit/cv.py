@@ -28,7 +28,7 @@ from .folds import HOLDOUT_FOLD, ensure_splits
 from .layout import Layout, fold_files
 from .loader import ArraySet, batches, to_float
 from .metrics import best_from_counts, dice_from_counts, threshold_sweep
-from .oof import ArrayWriter, to_uint8, write_ids
+from .oof import ArrayWriter, missing_folds, to_uint8, write_ids
 from .predict import predict_probs
 from .train import load_fold_model, resolve_device, resolve_runtime, train_fold, write_done
 
@@ -202,7 +202,7 @@ def assemble(layout: Layout, config: Config, data_root: Path, splits: pd.DataFra
     Returns None (and logs which folds are missing) while any fold is not DONE.
     """
     name = config.name
-    pending = missing_folds_of(layout, name, meta["n_folds"])
+    pending = missing_folds(layout, name, meta["n_folds"])
     if pending:
         log.warning("%s: OOF not assembled; folds %s are not DONE yet", name, pending)
         return None
@@ -223,10 +223,6 @@ def assemble(layout: Layout, config: Config, data_root: Path, splits: pd.DataFra
     write_json(layout.summary(name), summary)
     _plot_curves(layout, name, meta["n_folds"])
     return summary
-
-
-def missing_folds_of(layout: Layout, name: str, n_folds: int) -> list[int]:
-    return [k for k in range(n_folds) if not (layout.fold_dir(name, k) / "DONE").is_file()]
 
 
 def _part(layout: Layout, name: str, fold: int, file: str) -> np.ndarray:

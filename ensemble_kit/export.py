@@ -10,11 +10,13 @@ tolerance.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import load_config, resolved_dict
@@ -116,8 +118,6 @@ def load_exported(layout: Layout, name: str, n_folds: int, device: torch.device)
 
 
 def _blended_names(layout: Layout) -> list[str]:
-    import json
-
     if layout.blend_json.is_file():
         return list(json.loads(layout.blend_json.read_text())["configs"])
     names = [n for n in layout.config_names() if layout.summary(n).is_file()]
@@ -127,6 +127,4 @@ def _blended_names(layout: Layout) -> list[str]:
 
 
 def _label_side(layout: Layout, name: str) -> int:
-    import numpy as np
-
     return int(np.load(layout.oof_npy(name), mmap_mode="r").shape[-1])

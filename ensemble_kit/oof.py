@@ -15,7 +15,6 @@ peak memory does not grow with N and a killed run leaves no half-written ``oof.n
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +96,10 @@ def write_ids(path: Path, frame: pd.DataFrame) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def missing_folds(layout: Layout, name: str) -> list[int]:
-    """Folds of a config whose folder exists but has no DONE marker, or that are absent."""
-    summary = _summary(layout, name, required=False)
-    n_folds = summary.get("n_folds") if summary else None
+def missing_folds(layout: Layout, name: str, n_folds: int | None = None) -> list[int]:
+    """Folds of a config without a DONE marker (K from the summary or the fold folders by default)."""
+    if n_folds is None:
+        n_folds = _summary(layout, name, required=False).get("n_folds")
     if n_folds is None:
         found = sorted(layout.config_dir(name).glob("fold_*"))
         n_folds = len(found)
@@ -158,7 +157,3 @@ def _summary(layout: Layout, name: str, required: bool) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise EkError(f"{path}: not valid JSON") from None
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
