@@ -110,24 +110,44 @@ def ensure_labels(layout: Layout, data_root: Path, split: str, workers: int | No
     return open_entry(path)
 
 
+class LabelReader:
+    """Labels of fixed records (columns ``record_id``, ``split``), read in any slices.
+
+    Each split's label cache is opened and indexed once, so reading a large set chunk by
+    chunk costs no repeated directory listing.
+    """
+
+    def __init__(self, layout: Layout, data_root: Path, records: pd.DataFrame, soft: bool = False):
+        if len(records) == 0:
+            raise EkError("no records to load labels for (empty pool)")
+        key = "soft" if soft else "labels"
+        self.splits = records["split"].to_numpy()
+        self.rows = np.empty(len(records), dtype=np.int64)
+        self.arrays = {}
+        for split in pd.unique(self.splits):
+            entry = ensure_labels(layout, data_root, str(split))
+            members = self.splits == split
+            self.arrays[split] = entry.arrays[key]
+            self.rows[members] = entry.index_of(records["record_id"][members].tolist())
+
+    def read(self, positions: slice = slice(None)) -> np.ndarray:
+        """uint8 ``(n, H, W)`` labels of the records at ``positions``, in row order."""
+        splits, rows = self.splits[positions], self.rows[positions]
+        first = next(iter(self.arrays.values()))
+        result = np.empty((len(rows), *first.shape[1:]), dtype=np.uint8)
+        for split, array in self.arrays.items():
+            members = splits == split
+            if members.any():
+                result[members] = array[rows[members]]
+        return result
+
+
 def load_labels(layout: Layout, data_root: Path, records: pd.DataFrame, soft: bool = False) -> np.ndarray:
     """Labels of ``records`` (columns ``record_id``, ``split``) in row order, uint8 ``(N, H, W)``.
 
     Hard labels are 0/1; ``soft=True`` gives the annotators' mean x 255.
     """
-    key = "soft" if soft else "labels"
-    if len(records) == 0:
-        raise EkError("no records to load labels for (empty pool)")
-    splits = records["split"].to_numpy()
-    result = None
-    for split in pd.unique(splits):
-        entry = ensure_labels(layout, data_root, str(split))
-        rows = splits == split
-        values = entry.arrays[key][entry.index_of(records["record_id"][rows].tolist())]
-        if result is None:
-            result = np.empty((len(records), *values.shape[1:]), dtype=np.uint8)
-        result[rows] = values
-    return result
+    return LabelReader(layout, data_root, records, soft).read()
 
 
 def open_entry(path: Path) -> CacheEntry:

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from .augment import shift_label
-from .cache import ensure_inputs, ensure_labels, load_labels
+from .cache import LabelReader, ensure_inputs, ensure_labels
 from .config import Config, config_digest, dump_config, load_config, tta_list
 from .errors import EkError
 from .files import atomic_path, digest_file, write_json, write_text
@@ -107,7 +107,7 @@ def _claim_config_dir(layout: Layout, config: Config) -> None:
 
 
 def fold_sets(layout: Layout, data_root: Path, config: Config, splits: pd.DataFrame, fold: int):
-    """Training, validation and holdout ArraySets of one fold (plus their record ids)."""
+    """Training, validation and holdout ArraySets of one fold."""
     sources, lookup = [], {}
     for split in pd.unique(splits["split"]):
         inputs = ensure_inputs(layout, data_root, split, config.input)
@@ -121,17 +121,17 @@ def fold_sets(layout: Layout, data_root: Path, config: Config, splits: pd.DataFr
         for split, group in rows.groupby("split", sort=False):
             source, input_index, label_index = lookup[split]
             ids = group["record_id"].tolist()
-            if not np.array_equal(input_index(ids), label_index(ids)):
+            input_rows = input_index(ids)
+            if not np.array_equal(input_rows, label_index(ids)):
                 raise EkError(f"{layout.cache_dir}: input and label caches disagree for '{split}'")
-            index[rows.index.get_indexer(group.index)] = np.c_[np.full(len(ids), source), input_index(ids)]
+            index[rows.index.get_indexer(group.index)] = np.c_[np.full(len(ids), source), input_rows]
         return ArraySet(tuple(pairs), index, soft=soft)
 
     pool = splits[splits["fold"] != HOLDOUT_FOLD]
     train = pool[pool["fold"] != fold].reset_index(drop=True)
     val = pool[pool["fold"] == fold].reset_index(drop=True)
     holdout = splits[splits["fold"] == HOLDOUT_FOLD].reset_index(drop=True)
-    return (member_set(train, config.label.soft), member_set(val, False), member_set(holdout, False),
-            val["record_id"].tolist(), holdout["record_id"].tolist())
+    return member_set(train, config.label.soft), member_set(val, False), member_set(holdout, False)
 
 
 def predict_inputs(models: list[torch.nn.Module], config: Config, x: torch.Tensor) -> np.ndarray:
@@ -160,7 +160,7 @@ def run_fold(job: FoldJob) -> dict:
     layout, config, fold = job.layout, job.config, job.fold
     splits, _ = ensure_splits(layout, None, None)
     device = resolve_device(job.device)
-    train, val, holdout, val_ids, holdout_ids = fold_sets(layout, job.data_root, config, splits, fold)
+    train, val, holdout = fold_sets(layout, job.data_root, config, splits, fold)
     if len(val) == 0 or len(train) == 0:
         raise EkError(f"{layout.splits_csv}: fold {fold} has no training or no validation records")
     fold_dir = layout.fold_dir(config.name, fold)
@@ -238,12 +238,17 @@ def _assemble_holdout(layout: Layout, name: str, n_folds: int, n_rows: int, side
             writer.write(chunk, to_uint8(mean))
 
 
-def _dice_of(layout: Layout, data_root: Path, records: pd.DataFrame, codes: np.ndarray, threshold: int | None = None):
-    """Best-threshold dice (or dice at ``threshold``) of uint8 codes against labels, chunked."""
+def _dice_of(labels: LabelReader, codes: np.ndarray, positions: np.ndarray | None = None,
+             threshold: int | None = None):
+    """Best-threshold dice (or dice at ``threshold``) of uint8 codes against labels, chunked.
+
+    ``positions`` picks rows of both (default: all of them).
+    """
+    positions = np.arange(len(codes)) if positions is None else positions
     counts = None
-    for start in range(0, len(records), ROW_CHUNK):
-        chunk = records.iloc[start : start + ROW_CHUNK].reset_index(drop=True)
-        part = threshold_sweep(np.asarray(codes[start : start + ROW_CHUNK]), load_labels(layout, data_root, chunk))
+    for start in range(0, len(positions), ROW_CHUNK):
+        chunk = positions[start : start + ROW_CHUNK]
+        part = threshold_sweep(np.asarray(codes[chunk]), labels.read(chunk))
         counts = part if counts is None else tuple(a + b for a, b in zip(counts, part))
     if threshold is None:
         threshold, dice = best_from_counts(*counts)
@@ -255,14 +260,15 @@ def _dice_of(layout: Layout, data_root: Path, records: pd.DataFrame, codes: np.n
 
 def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, meta) -> dict:
     oof = np.load(layout.oof_npy(config.name), mmap_mode="r")
+    pool_labels = LabelReader(layout, data_root, pool)
     per_fold = []
     for fold in range(meta["n_folds"]):
         rows = np.flatnonzero(pool["fold"].to_numpy() == fold)
-        dice, threshold = _dice_of(layout, data_root, pool.iloc[rows].reset_index(drop=True), oof[rows])
+        dice, threshold = _dice_of(pool_labels, oof, rows)
         done = fold_files(layout.fold_dir(config.name, fold))["done"]
         per_fold.append({"fold": fold, "dice": dice, "threshold": threshold / 255,
                          **{k: v for k, v in json.loads(done.read_text()).items() if k != "fold"}})
-    oof_dice, oof_threshold = _dice_of(layout, data_root, pool, oof)
+    oof_dice, oof_threshold = _dice_of(pool_labels, oof)
     summary = {
         "name": config.name, "n_folds": meta["n_folds"], "folds": per_fold,
         "oof_dice": oof_dice, "oof_threshold": oof_threshold / 255,
@@ -274,8 +280,9 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
     }
     if len(holdout):
         codes = np.load(layout.holdout_npy(config.name), mmap_mode="r")
-        summary["holdout_dice"] = _dice_of(layout, data_root, holdout, codes)[0]
-        summary["holdout_dice_at_oof_threshold"] = _dice_of(layout, data_root, holdout, codes, oof_threshold)[0]
+        holdout_labels = LabelReader(layout, data_root, holdout)
+        summary["holdout_dice"] = _dice_of(holdout_labels, codes)[0]
+        summary["holdout_dice_at_oof_threshold"] = _dice_of(holdout_labels, codes, threshold=oof_threshold)[0]
     log.info("%s: OOF dice %.4f (threshold %.3f), holdout dice %s", config.name, oof_dice,
              oof_threshold / 255, summary["holdout_dice_at_oof_threshold"])
     return summary
