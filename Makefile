@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all lint format docs demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,13 @@ test-all: install
 	$(PY) -m pytest -q -m ""
 
 lint: install
-	$(PY) -m ruff check ensemble_kit tests benchmarks
+	$(PY) -m ruff check ensemble_kit tests benchmarks scripts
+	$(PY) -m ruff format --check ensemble_kit tests benchmarks scripts
+	$(PY) -m mypy ensemble_kit
+
+format: install
+	$(PY) -m ruff format ensemble_kit tests benchmarks scripts
+	$(PY) -m ruff check --fix ensemble_kit tests benchmarks scripts
 
 demo: install
 	bash scripts/demo.sh $(EK)

@@ -37,8 +37,13 @@ from ensemble_kit import blend, metrics, postprocess  # noqa: E402
 def make_data(folder: Path, n_images: int, n_configs: int, side: int = 256, seed: int = 0) -> None:
     """Synthetic labels (thin line segments in ~40 % of images) and OOF memmaps per config."""
     rng = np.random.default_rng(seed)
-    labels = np.lib.format.open_memmap(folder / "labels.npy", "w+", np.uint8, (n_images, side, side))
-    oofs = [np.lib.format.open_memmap(folder / f"oof_{c}.npy", "w+", np.uint8, (n_images, side, side)) for c in range(n_configs)]
+    labels = np.lib.format.open_memmap(
+        folder / "labels.npy", "w+", np.uint8, (n_images, side, side)
+    )
+    oofs = [
+        np.lib.format.open_memmap(folder / f"oof_{c}.npy", "w+", np.uint8, (n_images, side, side))
+        for c in range(n_configs)
+    ]
     for lo in range(0, n_images, 64):
         hi = min(lo + 64, n_images)
         truth, signal = _chunk_signal(rng, hi - lo, side)
@@ -77,7 +82,9 @@ def _draw_segment(rng, image, side, strength):
 def _config_codes(rng, signal, gain):
     codes = rng.standard_exponential(signal.shape, dtype=np.float32) * 0.006
     hot = signal > 0
-    codes[hot] += signal[hot] * gain * (1 + 0.5 * rng.standard_normal(int(hot.sum()), dtype=np.float32))
+    codes[hot] += (
+        signal[hot] * gain * (1 + 0.5 * rng.standard_normal(int(hot.sum()), dtype=np.float32))
+    )
     return np.rint(np.clip(codes, 0, 1) * 255).astype(np.uint8)
 
 
@@ -100,14 +107,22 @@ def bench_components(folder: Path, n_images: int) -> dict:
     postprocess.label_components_batch(masks[:2])
     postprocess.remove_small_components_batch(masks[:2], 10)
     numba_label = _best_of(lambda: postprocess.label_components_batch(masks, labels_out), 5)
-    numba_filter = _best_of(lambda: postprocess.remove_small_components_batch(masks, 10, kept_out), 5)
+    numba_filter = _best_of(
+        lambda: postprocess.remove_small_components_batch(masks, 10, kept_out), 5
+    )
     structure = np.ones((3, 3), bool)
     scipy_label = _best_of(lambda: [ndimage.label(m, structure=structure) for m in masks], 2)
-    scipy_filter = _best_of(lambda: [postprocess.remove_small_components_reference(m, 10) for m in masks], 2)
+    scipy_filter = _best_of(
+        lambda: [postprocess.remove_small_components_reference(m, 10) for m in masks], 2
+    )
     return {
         "images": n_images,
-        "label_numba_s": numba_label, "label_scipy_s": scipy_label, "label_ratio": scipy_label / numba_label,
-        "filter_numba_s": numba_filter, "filter_scipy_s": scipy_filter, "filter_ratio": scipy_filter / numba_filter,
+        "label_numba_s": numba_label,
+        "label_scipy_s": scipy_label,
+        "label_ratio": scipy_label / numba_label,
+        "filter_numba_s": numba_filter,
+        "filter_scipy_s": scipy_filter,
+        "filter_ratio": scipy_filter / numba_filter,
     }
 
 
@@ -124,11 +139,15 @@ def run_search_child(folder: Path, n_images: int, component_grid: tuple[int, ...
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     return {
-        "images": n_images, "seconds": seconds, "tracemalloc_peak_mb": peak / 2**20,
+        "images": n_images,
+        "seconds": seconds,
+        "tracemalloc_peak_mb": peak / 2**20,
         "cpu_seconds": time.process_time() - cpu_start,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "dice": result.choice.dice, "nested": result.nested.pooled(result.mode),
-        "weights": result.choice.weights.tolist(), "min_pixels": result.choice.min_pixels,
+        "dice": result.choice.dice,
+        "nested": result.nested.pooled(result.mode),
+        "weights": result.choice.weights.tolist(),
+        "min_pixels": result.choice.min_pixels,
     }
 
 
@@ -139,8 +158,16 @@ def _first_rows(path: Path, n_rows: int) -> np.memmap:
 
 
 def bench_search(folder: Path, n_images: int, component_grid: tuple[int, ...]) -> dict:
-    command = [sys.executable, __file__, "--child", str(folder), "--images", str(n_images),
-               "--components", ",".join(map(str, component_grid))]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(folder),
+        "--images",
+        str(n_images),
+        "--components",
+        ",".join(map(str, component_grid)),
+    ]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -158,7 +185,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2200)
     parser.add_argument("--configs", type=int, default=10)
-    parser.add_argument("--sweep-images", type=int, default=256, help="images for the sweep comparison")
+    parser.add_argument(
+        "--sweep-images", type=int, default=256, help="images for the sweep comparison"
+    )
     parser.add_argument("--data", type=Path, help="reuse/keep the synthetic data in this folder")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--components", default="0", help=argparse.SUPPRESS)
@@ -173,25 +202,38 @@ def main() -> None:
         if not (folder / "folds.npy").is_file() or len(np.load(folder / "folds.npy")) < args.images:
             start = time.perf_counter()
             make_data(folder, args.images, args.configs)
-            print(f"data: {args.images} images x {args.configs} configs in {time.perf_counter() - start:.1f} s")
+            print(
+                f"data: {args.images} images x {args.configs} configs in {time.perf_counter() - start:.1f} s"
+            )
         report(folder, args)
 
 
 def report(folder: Path, args) -> None:
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are wall-clock, shared machine)")
+    print(
+        f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are wall-clock, shared machine)"
+    )
     sweep = bench_sweep(folder, min(args.sweep_images, args.images))
-    print(f"sweep ({sweep['images']} images, {sweep['images'] * 65536 / 1e6:.0f} M pixels): numba {sweep['numba_s'] * 1e3:.1f} ms, numpy {sweep['numpy_s']:.2f} s, ratio {sweep['ratio']:.0f}x")
-    for grid, label in (((0,), "min-pixel"), (blend.MIN_COMPONENT_GRID, "min-pixel + min-component")):
+    print(
+        f"sweep ({sweep['images']} images, {sweep['images'] * 65536 / 1e6:.0f} M pixels): numba {sweep['numba_s'] * 1e3:.1f} ms, numpy {sweep['numpy_s']:.2f} s, ratio {sweep['ratio']:.0f}x"
+    )
+    for grid, label in (
+        ((0,), "min-pixel"),
+        (blend.MIN_COMPONENT_GRID, "min-pixel + min-component"),
+    ):
         full = bench_search(folder, args.images, grid)
         half = bench_search(folder, args.images // 2, grid)
-        print(f"search [{label}] {full['images']} images: {full['seconds']:.2f} s (CPU {full['cpu_seconds']:.1f} s), tracemalloc peak {full['tracemalloc_peak_mb']:.0f} MB, "
-              f"max RSS {full['max_rss_mb']:.0f} MB; {half['images']} images: {half['seconds']:.2f} s (CPU {half['cpu_seconds']:.1f} s) "
-              f"(time ratio full/half {full['seconds'] / half['seconds']:.2f}); OOF dice {full['dice']:.4f}, nested {full['nested']:.4f}, "
-              f"weights {full['weights']}, min_pixels {full['min_pixels']}")
+        print(
+            f"search [{label}] {full['images']} images: {full['seconds']:.2f} s (CPU {full['cpu_seconds']:.1f} s), tracemalloc peak {full['tracemalloc_peak_mb']:.0f} MB, "
+            f"max RSS {full['max_rss_mb']:.0f} MB; {half['images']} images: {half['seconds']:.2f} s (CPU {half['cpu_seconds']:.1f} s) "
+            f"(time ratio full/half {full['seconds'] / half['seconds']:.2f}); OOF dice {full['dice']:.4f}, nested {full['nested']:.4f}, "
+            f"weights {full['weights']}, min_pixels {full['min_pixels']}"
+        )
     comps = bench_components(folder, min(args.images, 1000))
-    print(f"components ({comps['images']} masks): label numba {comps['label_numba_s'] * 1e3:.0f} ms vs scipy loop "
-          f"{comps['label_scipy_s'] * 1e3:.0f} ms ({comps['label_ratio']:.1f}x); min-component filter numba "
-          f"{comps['filter_numba_s'] * 1e3:.0f} ms vs scipy {comps['filter_scipy_s'] * 1e3:.0f} ms ({comps['filter_ratio']:.1f}x)")
+    print(
+        f"components ({comps['images']} masks): label numba {comps['label_numba_s'] * 1e3:.0f} ms vs scipy loop "
+        f"{comps['label_scipy_s'] * 1e3:.0f} ms ({comps['label_ratio']:.1f}x); min-component filter numba "
+        f"{comps['filter_numba_s'] * 1e3:.0f} ms vs scipy {comps['filter_scipy_s'] * 1e3:.0f} ms ({comps['filter_ratio']:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ensemble_kit import data
-from ensemble_kit.cache import ensure_inputs, ensure_labels
 from ensemble_kit.config import InputSpec
+from ensemble_kit.data.cache import ensure_inputs, ensure_labels
+from ensemble_kit.data.loader import ArraySet, batches, labels_to_float, to_float
+from ensemble_kit.data.synth import write_synthetic
 from ensemble_kit.layout import Layout
-from ensemble_kit.loader import ArraySet, batches, labels_to_float, to_float
-from ensemble_kit.synth import write_synthetic
 
 
 class PerRecordFiles(Dataset):
@@ -35,7 +35,9 @@ class PerRecordFiles(Dataset):
 
     def __getitem__(self, index: int):
         folder = self.folders[index]
-        return torch.from_numpy(data.build_input(folder, self.spec)), torch.from_numpy(data.load_mask(folder))
+        return torch.from_numpy(data.build_input(folder, self.spec)), torch.from_numpy(
+            data.load_mask(folder)
+        )
 
 
 def rate(loader, epochs: int, decode: bool) -> float:
@@ -63,7 +65,9 @@ def main() -> None:
     spec = InputSpec(channels="ash", frames=(3, 4, 5))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
-        write_synthetic(root, n_train=args.records, n_validation=2, n_test=2, size=args.size, seed=0)
+        write_synthetic(
+            root, n_train=args.records, n_validation=2, n_test=2, size=args.size, seed=0
+        )
         layout = Layout(Path(tmp) / "folds")
         started = time.perf_counter()
         inputs = ensure_inputs(layout, root, "train", spec)
@@ -75,15 +79,23 @@ def main() -> None:
         rates = {}
         for decode in (False, True):
             cache_loader = batches(cached, args.batch_size, shuffle=True, num_workers=args.workers)
-            naive = DataLoader(PerRecordFiles(folders, spec), batch_size=args.batch_size, shuffle=True,
-                               num_workers=args.workers)
+            naive = DataLoader(
+                PerRecordFiles(folders, spec),
+                batch_size=args.batch_size,
+                shuffle=True,
+                num_workers=args.workers,
+            )
             rates[decode] = (rate(naive, 1, decode), rate(cache_loader, 5, decode))
-    print(f"records {args.records} at {args.size} px, ash frames 3-5, batch {args.batch_size}, workers {args.workers}")
+    print(
+        f"records {args.records} at {args.size} px, ash frames 3-5, batch {args.batch_size}, workers {args.workers}"
+    )
     print(f"cache build (once): {build:.1f} s")
     for decode, label in ((False, "loader output"), (True, "loader + decode to float on this CPU")):
         naive_rate, cache_rate = rates[decode]
-        print(f"{label}: per-record .npy {naive_rate:7.1f} samples/s, cache {cache_rate:7.1f} samples/s, "
-              f"ratio {cache_rate / naive_rate:.1f}x")
+        print(
+            f"{label}: per-record .npy {naive_rate:7.1f} samples/s, cache {cache_rate:7.1f} samples/s, "
+            f"ratio {cache_rate / naive_rate:.1f}x"
+        )
     print(f"ratio (loader output): {rates[False][1] / rates[False][0]:.1f}x (target >= 10x)")
 
 

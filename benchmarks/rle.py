@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ensemble_kit.rle import decode, decode_reference, encode, encode_batch, encode_reference
+from ensemble_kit.inference.rle import (
+    decode,
+    decode_reference,
+    encode,
+    encode_batch,
+    encode_reference,
+)
 
 SHAPE = (256, 256)
 

@@ -48,7 +48,9 @@ def clone_test_records(data: Path, total: int) -> None:
         for file in source.iterdir():
             os.link(file, target / file.name)
     ids = sorted(p.name for p in test.iterdir())
-    pd.DataFrame({"record_id": ids, "encoded_pixels": "-"}).to_csv(data / "sample_submission.csv", index=False)
+    pd.DataFrame({"record_id": ids, "encoded_pixels": "-"}).to_csv(
+        data / "sample_submission.csv", index=False
+    )
 
 
 def main() -> None:
@@ -60,11 +62,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "data"
-        run("synth", "--out", data, "--train", 40, "--validation", 4, "--test", args.distinct, "--size", 256)
+        run(
+            "synth",
+            "--out",
+            data,
+            "--train",
+            40,
+            "--validation",
+            4,
+            "--test",
+            args.distinct,
+            "--size",
+            256,
+        )
         clone_test_records(data, args.records)
         configs = []
-        for name, frames, arch, encoder in (("tiny_unet", "[3, 4, 5]", "Unet", "tu-test_resnet"),
-                                            ("tiny_fpn", "[4]", "FPN", "tu-test_efficientnet")):
+        for name, frames, arch, encoder in (
+            ("tiny_unet", "[3, 4, 5]", "Unet", "tu-test_resnet"),
+            ("tiny_fpn", "[4]", "FPN", "tu-test_efficientnet"),
+        ):
             path = root / f"{name}.yaml"
             path.write_text(CONFIG.format(name=name, frames=frames, arch=arch, encoder=encoder))
             configs.append(path)
@@ -79,12 +95,23 @@ def main() -> None:
             fields["configs"] = {"tiny_unet": 1, "tiny_fpn": 1}
             (workdir / "blend.json").write_text(json.dumps(fields))
         started = time.perf_counter()
-        output = run("submit", "--workdir", workdir, "--data", data, "--out", root / "sub.csv",
-                     "--batch-size", args.batch_size)
+        output = run(
+            "submit",
+            "--workdir",
+            workdir,
+            "--data",
+            data,
+            "--out",
+            root / "sub.csv",
+            "--batch-size",
+            args.batch_size,
+        )
         wall = time.perf_counter() - started
     print(output.strip())
-    print(f"{args.records} records ({args.distinct} distinct), 2 configs x 5 folds x 4 TTA: "
-          f"{wall:.1f} s wall, {args.records / wall:.1f} records/s")
+    print(
+        f"{args.records} records ({args.distinct} distinct), 2 configs x 5 folds x 4 TTA: "
+        f"{wall:.1f} s wall, {args.records / wall:.1f} records/s"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import segmentation_models_pytorch as smp
 import torch
 
 from ensemble_kit.config import config_from_dict
-from ensemble_kit.train import Trainer, resolve_runtime
+from ensemble_kit.runtime import resolve_runtime
+from ensemble_kit.training.trainer import Trainer
 
 
 def plain_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,13 +59,18 @@ def plain_step(args, device, x_uint8, y):
 
 def ek_step(args, device, x_uint8, y):
     fast = device.type == "cuda"
-    config = config_from_dict({
-        "input": {"channels": "ash", "frames": [3, 4, 5]},
-        "model": {"arch": "Unet", "encoder": args.encoder},
-        "optim": {"name": "adam", "lr": 1e-4},
-        "train": {"amp": "bf16" if fast else "none", "channels_last": fast or args.channels_last,
-                  "compile": fast and not args.no_compile},
-    })
+    config = config_from_dict(
+        {
+            "input": {"channels": "ash", "frames": [3, 4, 5]},
+            "model": {"arch": "Unet", "encoder": args.encoder},
+            "optim": {"name": "adam", "lr": 1e-4},
+            "train": {
+                "amp": "bf16" if fast else "none",
+                "channels_last": fast or args.channels_last,
+                "compile": fast and not args.no_compile,
+            },
+        }
+    )
     trainer = Trainer(config, resolve_runtime(config, device), total_steps=10**6)
     trainer.model.train()
     generator = torch.Generator().manual_seed(0)
@@ -86,7 +92,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--channels-last", action="store_true", help="also on CPU (not ek's CPU default)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="also on CPU (not ek's CPU default)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -96,20 +104,35 @@ def main() -> None:
     args.steps = args.steps or (50 if cuda else 4)
     args.warmup = args.warmup if args.warmup is not None else (15 if cuda else 1)
     generator = torch.Generator().manual_seed(0)
-    x_uint8 = torch.randint(0, 256, (args.batch, 9, args.size, args.size), generator=generator, dtype=torch.uint8).to(device)
-    y = (torch.rand(args.batch, 1, args.size, args.size, generator=generator) > 0.99).float().to(device)
+    x_uint8 = torch.randint(
+        0, 256, (args.batch, 9, args.size, args.size), generator=generator, dtype=torch.uint8
+    ).to(device)
+    y = (
+        (torch.rand(args.batch, 1, args.size, args.size, generator=generator) > 0.99)
+        .float()
+        .to(device)
+    )
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     torch.manual_seed(0)
-    steps = {"plain fp32": plain_step(args, device, x_uint8, y), "ek": ek_step(args, device, x_uint8, y)}
+    steps = {
+        "plain fp32": plain_step(args, device, x_uint8, y),
+        "ek": ek_step(args, device, x_uint8, y),
+    }
     rates = {label: [] for label in steps}
     for _ in range(args.rounds):  # alternate, so load changes hit both alike; keep the best round
         for label, step in steps.items():
             rates[label].append(timed(step, args.steps, args.warmup, device, args.batch))
     for label, values in rates.items():
-        print(f"{label:12s} best {max(values):8.1f} img/s  (rounds: {', '.join(f'{v:.1f}' for v in values)})")
+        print(
+            f"{label:12s} best {max(values):8.1f} img/s  (rounds: {', '.join(f'{v:.1f}' for v in values)})"
+        )
     target = 2.5 if cuda else 1.0
-    print(f"{name}: {args.encoder} U-Net, {args.size} px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds")
-    print(f"ratio ek / plain: {max(rates['ek']) / max(rates['plain fp32']):.2f}x (target >= {target}x)")
+    print(
+        f"{name}: {args.encoder} U-Net, {args.size} px, batch {args.batch}, {args.steps} steps x {args.rounds} rounds"
+    )
+    print(
+        f"ratio ek / plain: {max(rates['ek']) / max(rates['plain fp32']):.2f}x (target >= {target}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from ensemble_kit.config import Config, InputSpec, ModelSpec  # noqa: E402
+from ensemble_kit.inference.tta import auto_chunk, predict_probs, tta_inverse, tta_transform  # noqa: E402
 from ensemble_kit.models import build_model, count_parameters  # noqa: E402
-from ensemble_kit.predict import auto_chunk, predict_probs, tta_inverse, tta_transform  # noqa: E402
 
 FLIPS = ("identity", "hflip", "vflip", "hvflip")
 ENCODERS = ("tu-test_resnet", "resnet18")
@@ -53,7 +53,9 @@ def best_seconds(fn, x: torch.Tensor, repeats: int) -> list[float]:
 
 def bench(encoder: str, device: str, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
-    config = Config(input=InputSpec(channels="bands"), model=ModelSpec(arch="Unet", encoder=encoder))
+    config = Config(
+        input=InputSpec(channels="bands"), model=ModelSpec(arch="Unet", encoder=encoder)
+    )
     model = build_model(config).to(device).eval()
     x = torch.randn(args.batch, config.input.in_channels, args.size, args.size, device=device)
     methods = {
@@ -71,11 +73,15 @@ def bench(encoder: str, device: str, args: argparse.Namespace) -> None:
     with torch.inference_mode():
         chunk = auto_chunk(model, x, len(FLIPS))
     base = min(times["per-flip"])
-    print(f"{device:4} {encoder:15} {count_parameters(model) / 1e6:5.1f}M params  auto chunk={chunk}")
+    print(
+        f"{device:4} {encoder:15} {count_parameters(model) / 1e6:5.1f}M params  auto chunk={chunk}"
+    )
     for name, runs in times.items():
         best = min(runs)
-        print(f"    {name:9} {args.batch / best:7.2f} img/s  best {best:.3f} s  "
-              f"median {sorted(runs)[len(runs) // 2]:.3f} s  x{base / best:.2f} vs per-flip")
+        print(
+            f"    {name:9} {args.batch / best:7.2f} img/s  best {best:.3f} s  "
+            f"median {sorted(runs)[len(runs) // 2]:.3f} s  x{base / best:.2f} vs per-flip"
+        )
 
 
 def main() -> None:
@@ -85,8 +91,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch "
-          f"{args.batch} x 9 x {args.size}^2, TTA {'+'.join(FLIPS)}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, batch "
+        f"{args.batch} x 9 x {args.size}^2, TTA {'+'.join(FLIPS)}"
+    )
     for device in devices:
         for encoder in ENCODERS:
             bench(encoder, device, args)

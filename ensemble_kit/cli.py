@@ -11,14 +11,29 @@ import click
 from .errors import EkError
 from .layout import DEFAULT_SUBMISSION, DEFAULT_WORKDIR, Layout
 
-WORKDIR = click.option("--workdir", type=click.Path(path_type=Path), default=DEFAULT_WORKDIR,
-                       show_default=True, help="Where splits, caches, fold models and OOF live.")
-DEVICE = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
+WORKDIR = click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_WORKDIR,
+    show_default=True,
+    help="Where splits, caches, fold models and OOF live.",
+)
+DEVICE = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="cpu, cuda, cuda:1, ... (auto: cuda if present).",
+)
 
 
 def data_option(required: bool = False):
-    return click.option("--data", "data_root", type=click.Path(path_type=Path), required=required,
-                        help="Data folder in the Kaggle layout (train/, validation/, test/).")
+    return click.option(
+        "--data",
+        "data_root",
+        type=click.Path(path_type=Path),
+        required=required,
+        help="Data folder in the Kaggle layout (train/, validation/, test/).",
+    )
 
 
 class EkGroup(click.Group):
@@ -49,9 +64,11 @@ def main(verbose: bool) -> None:
 @click.option("--seed", default=0, show_default=True)
 def synth(out: Path, n_train: int, n_validation: int, n_test: int, size: int, seed: int) -> None:
     """Write a synthetic contrail data set in the Kaggle layout."""
-    from .synth import write_synthetic
+    from .data.synth import write_synthetic
 
-    counts = write_synthetic(out, n_train=n_train, n_validation=n_validation, n_test=n_test, size=size, seed=seed)
+    counts = write_synthetic(
+        out, n_train=n_train, n_validation=n_validation, n_test=n_test, size=size, seed=seed
+    )
     click.echo(f"wrote {counts} to {out}")
 
 
@@ -60,15 +77,22 @@ def synth(out: Path, n_train: int, n_validation: int, n_test: int, size: int, se
 @WORKDIR
 @click.option("--folds", "n_folds", default=5, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--pool-validation", is_flag=True, help="Pool the validation split into the folds (no holdout).")
+@click.option(
+    "--pool-validation", is_flag=True, help="Pool the validation split into the folds (no holdout)."
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing splits.csv.")
-def folds(data_root: Path, workdir: Path, n_folds: int, seed: int, pool_validation: bool, force: bool) -> None:
+def folds(
+    data_root: Path, workdir: Path, n_folds: int, seed: int, pool_validation: bool, force: bool
+) -> None:
     """Write the shared K-fold splits (folds/splits.csv)."""
-    from .folds import make_splits
+    from .data.splits import make_splits
 
     layout = Layout(workdir)
     if layout.splits_csv.is_file() and not force:
-        raise EkError(f"{layout.splits_csv} exists; every config's OOF depends on it (use --force to replace it)")
+        raise EkError(
+            f"{layout.splits_csv} exists; every config's OOF depends on it "
+            "(use --force to replace it)"
+        )
     splits = make_splits(layout, data_root, n_folds, seed, pool_validation)
     counts = splits.groupby("fold").size().to_dict()
     click.echo(f"wrote {layout.splits_csv}: records per fold {counts}")
@@ -77,13 +101,23 @@ def folds(data_root: Path, workdir: Path, n_folds: int, seed: int, pool_validati
 @main.command()
 @data_option(required=True)
 @WORKDIR
-@click.option("--split", "split_names", multiple=True, default=("train", "validation", "test"), show_default=True)
-@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU count, at most 8).")
+@click.option(
+    "--split",
+    "split_names",
+    multiple=True,
+    default=("train", "validation", "test"),
+    show_default=True,
+)
+@click.option(
+    "--workers", type=int, default=None, help="Worker processes (default: CPU count, at most 8)."
+)
 @click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
-def prepare(data_root: Path, workdir: Path, split_names: tuple[str, ...], workers: int | None, configs) -> None:
+def prepare(
+    data_root: Path, workdir: Path, split_names: tuple[str, ...], workers: int | None, configs
+) -> None:
     """Build the input caches the configs need (once per split and input spec)."""
-    from .cache import ensure_inputs
     from .config import load_config
+    from .data.cache import ensure_inputs
 
     layout = Layout(workdir)
     for path in configs:
@@ -97,8 +131,12 @@ def prepare(data_root: Path, workdir: Path, split_names: tuple[str, ...], worker
 @main.command()
 @data_option()
 @WORKDIR
-@click.option("--folds", "n_folds", type=int, default=None, help="K (default 5 for a new splits.csv).")
-@click.option("--fold", "fold_ids", type=int, multiple=True, help="Run only these folds (repeatable).")
+@click.option(
+    "--folds", "n_folds", type=int, default=None, help="K (default 5 for a new splits.csv)."
+)
+@click.option(
+    "--fold", "fold_ids", type=int, multiple=True, help="Run only these folds (repeatable)."
+)
 @click.option("--epochs", type=int, default=None, help="Override train.epochs of every config.")
 @DEVICE
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
@@ -106,11 +144,13 @@ def prepare(data_root: Path, workdir: Path, split_names: tuple[str, ...], worker
 @click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def cv(data_root, workdir, n_folds, fold_ids, epochs, device, backend, seed, configs) -> None:
     """Train K fold models per config and save out-of-fold probabilities."""
-    from .cv import CvRequest, run_cv
-    from .status import format_status, status_rows
+    from .training.cv import CvRequest, run_cv
+    from .training.status import format_status, status_rows
 
     layout = Layout(workdir)
-    request = CvRequest(tuple(configs), layout, data_root, n_folds, tuple(fold_ids), epochs, device, backend, seed)
+    request = CvRequest(
+        tuple(configs), layout, data_root, n_folds, tuple(fold_ids), epochs, device, backend, seed
+    )
     run_cv(request)
     click.echo(format_status(status_rows(layout)))
 
@@ -119,7 +159,7 @@ def cv(data_root, workdir, n_folds, fold_ids, epochs, device, backend, seed, con
 @WORKDIR
 def status(workdir: Path) -> None:
     """Table of configs x folds: done / running / stopped / missing, best epoch and dice."""
-    from .status import format_status, status_rows
+    from .training.status import format_status, status_rows
 
     click.echo(format_status(status_rows(Layout(workdir))))
 
@@ -131,7 +171,9 @@ def status(workdir: Path) -> None:
 @click.option("--configs", "names", multiple=True, help="Blend only these configs (repeatable).")
 @click.option("--steps", default=25, show_default=True, help="Greedy selection rounds.")
 @click.option("--refine", is_flag=True, help="Coordinate-search refinement of the weights.")
-def blend(oof: bool, workdir: Path, data_root: Path | None, names, steps: int, refine: bool) -> None:
+def blend(
+    oof: bool, workdir: Path, data_root: Path | None, names, steps: int, refine: bool
+) -> None:
     """Search ensemble weights, threshold and postprocessing on OOF dice."""
     from .blend import run_blend
 
@@ -146,27 +188,43 @@ def blend(oof: bool, workdir: Path, data_root: Path | None, names, steps: int, r
 @main.command()
 @data_option()
 @WORKDIR
-@click.option("--split", default="test", show_default=True, help="Split to predict (validation: also prints its dice).")
-@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_SUBMISSION, show_default=True)
+@click.option(
+    "--split",
+    default="test",
+    show_default=True,
+    help="Split to predict (validation: also prints its dice).",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=DEFAULT_SUBMISSION, show_default=True
+)
 @click.option("--batch-size", default=16, show_default=True)
 @DEVICE
-@click.option("--exported", is_flag=True, help="Predict from the `ek export` bundle instead of checkpoints.")
-@click.option("--check", "check_file", type=click.Path(path_type=Path), default=None,
-              help="Only validate an existing submission CSV (with --data: against its ids).")
+@click.option(
+    "--exported", is_flag=True, help="Predict from the `ek export` bundle instead of checkpoints."
+)
+@click.option(
+    "--check",
+    "check_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Only validate an existing submission CSV (with --data: against its ids).",
+)
 def submit(data_root, workdir, split, out, batch_size, device, exported, check_file) -> None:
     """Predict with the blended fold x config ensemble and write a validated submission CSV."""
     if check_file is not None:
-        from .submission import check_submission
+        from .inference.submission import check_submission
 
         result = check_submission(check_file, data_root, split)
         click.echo(f"{check_file}: valid ({result})")
         return
-    from .submit import SubmitRequest, run_submit
+    from .inference.submit import SubmitRequest, run_submit
 
     request = SubmitRequest(Layout(workdir), data_root, split, out, batch_size, device, exported)
     result = run_submit(request)
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds_by_stage"].items())
-    click.echo(f"{result['records']} records, {result['records_per_second']:.1f} records/s ({stages})")
+    click.echo(
+        f"{result['records']} records, {result['records_per_second']:.1f} records/s ({stages})"
+    )
     if "dice" in result:
         click.echo(f"global dice on {split}: {result['dice']:.4f}")
     click.echo(f"wrote {out}")
@@ -174,16 +232,26 @@ def submit(data_root, workdir, split, out, batch_size, device, exported, check_f
 
 @main.command()
 @WORKDIR
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx"]), default="torchscript", show_default=True)
-@click.option("--configs", "names", multiple=True, help="Export these configs (default: those in blend.json).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["torchscript", "onnx"]),
+    default="torchscript",
+    show_default=True,
+)
+@click.option(
+    "--configs", "names", multiple=True, help="Export these configs (default: those in blend.json)."
+)
 def export(workdir: Path, fmt: str, names) -> None:
     """Export fold models as a portable bundle, parity-checked against the eager models."""
-    from .export import export_models
+    from .inference.export import export_models
 
     layout = Layout(workdir)
     manifest = export_models(layout, fmt, list(names) or None)
     for name, entry in manifest["configs"].items():
-        click.echo(f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}")
+        click.echo(
+            f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}"
+        )
     click.echo(f"wrote {layout.export_dir}")
 
 

@@ -8,7 +8,6 @@ every output) and ``config_digest`` its digest.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,21 @@ import yaml
 
 from .errors import EkError
 from .files import digest_json
+from .registry import (
+    AMP_MODES,
+    CHANNELS,
+    LOSSES,
+    NORMALIZATIONS,
+    OPTIMIZERS,
+    SCHEDULES,
+    TEMPORAL,
+    TTA_MERGES,
+    TTA_NAMES,
+    Registry,
+    did_you_mean,
+)
 
 ALL_BANDS = (8, 9, 10, 11, 12, 13, 14, 15, 16)
-TTA_NAMES = ("identity", "hflip", "vflip", "hvflip", "transpose", "rot90", "rot270", "antitranspose")
 
 
 @dataclass(frozen=True)
@@ -129,15 +140,15 @@ class Config:
     tta_chunk: int = 0  # flipped copies per forward pass; 0 picks by model size
 
 
-CHOICES = {
-    ("input", "channels"): ("ash", "bands"),
-    ("input", "normalize"): ("meanstd", "minmax"),
-    ("model", "temporal"): ("none", "mix"),
-    ("loss", "name"): ("dice", "bce", "focal", "logcosh_dice", "lovasz"),
-    ("optim", "name"): ("adam", "adamw", "sgd"),
-    ("schedule", "name"): ("none", "cosine", "onecycle"),
-    ("train", "amp"): ("auto", "none", "bf16", "fp16"),
-    ("tta_merge",): ("mean", "logit"),
+CHOICES: dict[tuple[str, ...], Registry] = {
+    ("input", "channels"): CHANNELS,
+    ("input", "normalize"): NORMALIZATIONS,
+    ("model", "temporal"): TEMPORAL,
+    ("loss", "name"): LOSSES,
+    ("optim", "name"): OPTIMIZERS,
+    ("schedule", "name"): SCHEDULES,
+    ("train", "amp"): AMP_MODES,
+    ("tta_merge",): TTA_MERGES,
 }
 
 
@@ -195,9 +206,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     values = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise EkError(f"{source}: unknown key '{prefix}{key}'{hint}")
+            raise EkError(f"{source}: unknown key '{prefix}{key}'{did_you_mean(key, names)}")
         values[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
     return cls(**values)
 
@@ -248,11 +257,16 @@ def _validate(config: Config, source: str) -> None:
         for value in _values_at(config, path):
             if value not in allowed:
                 raise EkError(
-                    f"{source}: '{'.'.join(path)}' is {value!r}; choose one of {', '.join(allowed)}"
+                    f"{source}: '{'.'.join(path)}' is {value!r}"
+                    f"{did_you_mean(value, allowed.names)}; "
+                    f"choose one of {', '.join(allowed.names)}"
                 )
     for name in config.tta:
         if name not in TTA_NAMES + ("d4",):
-            raise EkError(f"{source}: unknown tta '{name}'; choose from {', '.join(TTA_NAMES)} or d4")
+            raise EkError(
+                f"{source}: unknown tta '{name}'{did_you_mean(name, TTA_NAMES)}; "
+                f"choose from {', '.join(TTA_NAMES)} or d4"
+            )
     for frame in config.input.frames:
         if not 0 <= frame <= 7:
             raise EkError(f"{source}: 'input.frames' has {frame}; frames are 0..7 (4 is labelled)")

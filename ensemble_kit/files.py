@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
@@ -46,12 +44,6 @@ def write_text(path: Path | str, text: str) -> None:
 def write_json(path: Path | str, data: Any) -> None:
     """Write ``data`` as indented JSON atomically."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def save_npy(path: Path | str, array: np.ndarray) -> None:
-    """Save an array as ``.npy`` atomically."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
 
 
 def digest_bytes(data: bytes) -> str:

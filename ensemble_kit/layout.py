@@ -8,7 +8,8 @@ A run writes under a *workdir* (``folds/`` by default, relative to the current d
       cache/                memory-mappable inputs, one folder per (split, input-spec digest)
       <config name>/
         config.yaml         the resolved config
-        fold_<i>/           best.pt, last.pt, metrics.csv, config.yaml, DONE
+        fold_<i>/           best.pt, last.pt, metrics.csv, config.yaml, DONE,
+                            RUNNING (while training), oof_part.npy, holdout_part.npy
         oof.npy             uint8 (N, H, W): probability x 255, rows as oof_ids.csv
         oof_ids.csv         record_id,fold
         holdout.npy         uint8 (M, H, W): mean over the K fold models
@@ -59,9 +60,7 @@ class Layout:
         """Names of configs that have a folder under the workdir (sorted)."""
         if not self.workdir.is_dir():
             return []
-        return sorted(
-            p.name for p in self.workdir.iterdir() if (p / "config.yaml").is_file()
-        )
+        return sorted(p.name for p in self.workdir.iterdir() if (p / "config.yaml").is_file())
 
     def fold_dir(self, name: str, fold: int) -> Path:
         return self.config_dir(name) / f"fold_{fold}"
@@ -110,4 +109,7 @@ def fold_files(fold_dir: Path) -> dict[str, Path]:
         "metrics": fold_dir / "metrics.csv",
         "config": fold_dir / "config.yaml",
         "done": fold_dir / "DONE",
+        "running": fold_dir / "RUNNING",
+        "oof_part": fold_dir / "oof_part.npy",
+        "holdout_part": fold_dir / "holdout_part.npy",
     }

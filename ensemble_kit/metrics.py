@@ -90,7 +90,9 @@ def image_histograms_reference(values: np.ndarray, labels: np.ndarray) -> np.nda
     """Numpy reference of :func:`image_histograms`."""
     n = values.shape[0]
     flat = values.reshape(n, -1).astype(np.int64) * 2 + (labels.reshape(n, -1) != 0)
-    return np.stack([np.bincount(row, minlength=2 * N_CODES) for row in flat]).reshape(n, N_CODES, 2)
+    return np.stack([np.bincount(row, minlength=2 * N_CODES) for row in flat]).reshape(
+        n, N_CODES, 2
+    )
 
 
 @njit(cache=True, parallel=True)
@@ -131,7 +133,11 @@ def global_histogram(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
     if values.shape != labels.shape:
         raise ValueError(f"shapes differ: {values.shape} vs {labels.shape}")
     flat_values = np.ascontiguousarray(values).reshape(-1)
-    flat_labels = np.ascontiguousarray(labels).reshape(-1).view(np.uint8) if labels.dtype.itemsize == 1 else (labels != 0).reshape(-1).view(np.uint8)
+    flat_labels = (
+        np.ascontiguousarray(labels).reshape(-1).view(np.uint8)
+        if labels.dtype.itemsize == 1
+        else (labels != 0).reshape(-1).view(np.uint8)
+    )
     return _flat_histogram(flat_values, flat_labels, max(1, min(64, flat_values.size // 65536)))
 
 
@@ -154,7 +160,9 @@ def sweep_from_histogram(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return tp, fp, int(hist[:, 1].sum()) - tp
 
 
-def threshold_sweep(probs_uint8: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def threshold_sweep(
+    probs_uint8: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact TP/FP/FN for every threshold ``t = 0..255`` (``pred = probs_uint8 >= t``).
 
     Threshold 256 ("nothing") is not in the arrays: it has ``tp = fp = 0`` and
@@ -182,7 +190,9 @@ def threshold_sweep_reference(probs_uint8: np.ndarray, labels: np.ndarray):
     return tp, fp, fn
 
 
-def best_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, lowest: int = 0) -> tuple[int, float]:
+def best_from_counts(
+    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, lowest: int = 0
+) -> tuple[int, float]:
     """The threshold with the highest dice among ``lowest..len(tp)`` (the last is "nothing").
 
     Ties go to the smallest threshold.
@@ -197,7 +207,9 @@ def best_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, lowest: int
         ``(threshold, dice)``; ``threshold == len(tp)`` means predict nothing.
     """
     positives = int(tp[0] + fn[0])
-    dice = np.append(dice_from_counts(tp[lowest:], fp[lowest:], fn[lowest:]), 1.0 if positives == 0 else 0.0)
+    dice = np.append(
+        dice_from_counts(tp[lowest:], fp[lowest:], fn[lowest:]), 1.0 if positives == 0 else 0.0
+    )
     best = int(np.argmax(dice))
     return lowest + best, float(dice[best])
 

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 
@@ -28,12 +27,23 @@ from torch import nn
 
 from .config import Config, ModelSpec
 from .errors import EkError
+from .registry import did_you_mean
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (
-        smp.Unet, smp.UnetPlusPlus, smp.FPN, smp.DeepLabV3, smp.DeepLabV3Plus, smp.Linknet,
-        smp.PSPNet, smp.MAnet, smp.PAN, smp.UPerNet, smp.Segformer, smp.DPT,
+        smp.Unet,
+        smp.UnetPlusPlus,
+        smp.FPN,
+        smp.DeepLabV3,
+        smp.DeepLabV3Plus,
+        smp.Linknet,
+        smp.PSPNet,
+        smp.MAnet,
+        smp.PAN,
+        smp.UPerNet,
+        smp.Segformer,
+        smp.DPT,
     )
 }
 # DPT's encoder returns (features, prefix tokens): not the plain feature list FrameMix mixes.
@@ -59,14 +69,18 @@ def build_model(config: Config) -> nn.Module:
     arch = architecture_name(spec.arch)
     frames = len(config.input.frames) if spec.temporal == "mix" else 1
     if frames > 1 and arch not in TEMPORAL_MIX_ARCHITECTURES:
-        raise EkError(f"model.temporal 'mix' is not supported for {arch}; use one of "
-                      f"{', '.join(TEMPORAL_MIX_ARCHITECTURES)}")
+        raise EkError(
+            f"model.temporal 'mix' is not supported for {arch}; use one of "
+            f"{', '.join(TEMPORAL_MIX_ARCHITECTURES)}"
+        )
     channels = config.input.channels_per_frame if frames > 1 else config.input.in_channels
     net = _create_smp(arch, spec, channels)
     if frames > 1:
         net = TemporalMix(net, frames)
     stride = net.encoder.output_stride if _needs_divisible(net) else 1
-    return LabelResolution(net, spec.upsample, spec.upsample_size, stride, MIN_SIZE.get(arch, 0), arch)
+    return LabelResolution(
+        net, spec.upsample, spec.upsample_size, stride, MIN_SIZE.get(arch, 0), arch
+    )
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -79,8 +93,10 @@ def architecture_name(name: str) -> str:
     by_lower = {key.lower(): key for key in ARCHITECTURES}
     if name.lower() in by_lower:
         return by_lower[name.lower()]
-    raise EkError(f"unknown model.arch '{name}'{_suggest(name, list(ARCHITECTURES))}; "
-                  f"choose one of {', '.join(ARCHITECTURES)}")
+    raise EkError(
+        f"unknown model.arch '{name}'{did_you_mean(name, ARCHITECTURES, n=5)}; "
+        f"choose one of {', '.join(ARCHITECTURES)}"
+    )
 
 
 def check_encoder(name: str) -> None:
@@ -91,17 +107,15 @@ def check_encoder(name: str) -> None:
     if name in smp_names or (name.startswith("tu-") and timm.is_model(name[3:])):
         return
     if timm.is_model(name):
-        raise EkError(f"unknown model.encoder '{name}' (did you mean tu-{name}? "
-                      "timm encoders take the 'tu-' prefix)")
+        raise EkError(
+            f"unknown model.encoder '{name}' (did you mean tu-{name}? "
+            "timm encoders take the 'tu-' prefix)"
+        )
     known = smp_names + ["tu-" + model for model in timm.list_models()]
-    raise EkError(f"unknown model.encoder '{name}'{_suggest(name, known)} "
-                  "(smp encoders by name, any timm model as 'tu-<timm name>')")
-
-
-def _suggest(name: str, known: list[str]) -> str:
-    by_lower = {k.lower(): k for k in known}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=5, cutoff=0.6)
-    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
+    raise EkError(
+        f"unknown model.encoder '{name}'{did_you_mean(name, known, n=5)} "
+        "(smp encoders by name, any timm model as 'tu-<timm name>')"
+    )
 
 
 def _create_smp(arch: str, spec: ModelSpec, in_channels: int) -> nn.Module:
@@ -113,10 +127,17 @@ def _create_smp(arch: str, spec: ModelSpec, in_channels: int) -> nn.Module:
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     unknown = sorted(set(spec.decoder) - accepted)
     if unknown:
-        raise EkError(f"model.decoder has {', '.join(unknown)}, unknown to {arch}; "
-                      f"it takes {', '.join(sorted(accepted))}")
-    return cls(encoder_name=spec.encoder, encoder_weights=weights, in_channels=in_channels,
-               classes=1, **spec.decoder)
+        raise EkError(
+            f"model.decoder has {', '.join(unknown)}, unknown to {arch}; "
+            f"it takes {', '.join(sorted(accepted))}"
+        )
+    return cls(
+        encoder_name=spec.encoder,
+        encoder_weights=weights,
+        in_channels=in_channels,
+        classes=1,
+        **spec.decoder,
+    )
 
 
 def _needs_divisible(net: nn.Module) -> bool:
@@ -131,8 +152,15 @@ class LabelResolution(nn.Module):
     down: ``area`` averaging, an exact average pool for whole-number factors.
     """
 
-    def __init__(self, net: nn.Module, upsample: float = 1.0, upsample_size: int | None = None,
-                 stride: int = 1, min_size: int = 0, arch: str = ""):
+    def __init__(
+        self,
+        net: nn.Module,
+        upsample: float = 1.0,
+        upsample_size: int | None = None,
+        stride: int = 1,
+        min_size: int = 0,
+        arch: str = "",
+    ):
         super().__init__()
         if upsample <= 0 or (upsample_size is not None and upsample_size <= 0):
             raise EkError("model.upsample and model.upsample_size must be positive")
@@ -152,13 +180,15 @@ class LabelResolution(nn.Module):
         size = (int(x.shape[-2]), int(x.shape[-1]))  # plain ints: traced exports bake the size in
         work = self.work_size(*size)
         if min(work) < self.min_size:
-            raise EkError(f"{self.arch} needs inputs of at least {self.min_size} px "
-                          f"(got {work[0]}x{work[1]}); raise model.upsample")
+            raise EkError(
+                f"{self.arch} needs inputs of at least {self.min_size} px "
+                f"(got {work[0]}x{work[1]}); raise model.upsample"
+            )
         if work != size:
             x = F.interpolate(x, size=work, mode="bilinear", align_corners=False)
         x, pads = _pad_to_multiple(x, self.stride)
         logits = self.net(x)
-        logits = logits[..., pads[2]:pads[2] + work[0], pads[0]:pads[0] + work[1]]
+        logits = logits[..., pads[2] : pads[2] + work[0], pads[0] : pads[0] + work[1]]
         if work != size:
             logits = F.interpolate(logits, size=size, mode="area")
         return logits
@@ -209,7 +239,8 @@ class TemporalMix(nn.Module):
         self.frames = frames
         # Level 0 is the input itself, which smp decoders do not use: a fixed mean suffices.
         self.mixers = nn.ModuleList(
-            FrameMix(c, frames, learned=level > 0) for level, c in enumerate(net.encoder.out_channels)
+            FrameMix(c, frames, learned=level > 0)
+            for level, c in enumerate(net.encoder.out_channels)
         )
 
     @property

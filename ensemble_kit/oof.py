@@ -23,7 +23,7 @@ import pandas as pd
 
 from .errors import EkError
 from .files import atomic_path
-from .layout import Layout
+from .layout import Layout, fold_files
 
 
 def to_uint8(probabilities: np.ndarray) -> np.ndarray:
@@ -97,13 +97,13 @@ def write_ids(path: Path, frame: pd.DataFrame) -> None:
 
 
 def missing_folds(layout: Layout, name: str, n_folds: int | None = None) -> list[int]:
-    """Folds of a config without a DONE marker (K from the summary or the fold folders by default)."""
+    """Folds of a config without a DONE marker (K by default from the summary or fold folders)."""
     if n_folds is None:
         n_folds = _summary(layout, name, required=False).get("n_folds")
     if n_folds is None:
         found = sorted(layout.config_dir(name).glob("fold_*"))
         n_folds = len(found)
-    return [k for k in range(n_folds) if not (layout.fold_dir(name, k) / "DONE").is_file()]
+    return [k for k in range(n_folds) if not fold_files(layout.fold_dir(name, k))["done"].is_file()]
 
 
 def read_oof(layout: Layout, name: str) -> OofSet:

@@ -112,7 +112,9 @@ def _compact_labels(out, parent, provisional, foreground) -> int:
     return count
 
 
-def label_components_batch(masks: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def label_components_batch(
+    masks: np.ndarray, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """8-connected component labels of a batch ``(B, H, W)``: int32 labels and counts ``(B,)``.
 
     Labels are ``1..count`` per image in raster order of each component's first pixel; 0 is
@@ -178,7 +180,9 @@ def label_components_reference(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels, int(count)
 
 
-def remove_small_components_batch(masks: np.ndarray, min_size: int, out: np.ndarray | None = None) -> np.ndarray:
+def remove_small_components_batch(
+    masks: np.ndarray, min_size: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """Drop 8-connected components with fewer than ``min_size`` pixels; bool ``(B, H, W)``.
 
     Args:
@@ -257,11 +261,14 @@ def _as_uint8(mask: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def neighbour_table(image_start: np.ndarray, positions: np.ndarray, height: int, width: int) -> np.ndarray:
+def neighbour_table(
+    image_start: np.ndarray, positions: np.ndarray, height: int, width: int
+) -> np.ndarray:
     """For sparse pixels sorted by (image, raster position): index of each 8-neighbour or -1.
 
     Args:
-        image_start: int64 ``(N + 1,)``; image ``i`` owns pixels ``image_start[i]:image_start[i+1]``.
+        image_start: int64 ``(N + 1,)``; image ``i`` owns pixels
+            ``image_start[i]:image_start[i+1]``.
         positions: int32 ``(P,)`` raster positions ``r * width + c`` within each image.
         height: Image height.
         width: Image width.
@@ -346,7 +353,9 @@ def component_levels(values, image_start, order, neighbours, min_sizes):
             for j in range(8):
                 q = neighbours[p, j]
                 if q >= 0 and added[q]:
-                    _grow(p, q, values[p], min_sizes, parent, size, reached, next_member, tail, level)
+                    _grow(
+                        p, q, values[p], min_sizes, parent, size, reached, next_member, tail, level
+                    )
     return level
 
 
@@ -395,7 +404,9 @@ def min_pixel_levels(values, image_start, order, min_pixels: int) -> np.ndarray:
     return cut
 
 
-def postprocess_levels(values, image_start, order, neighbours, min_pixels: int, min_size: int) -> np.ndarray:
+def postprocess_levels(
+    values, image_start, order, neighbours, min_pixels: int, min_size: int
+) -> np.ndarray:
     """Level of each sparse pixel under threshold -> min-pixel -> min-component.
 
     A pixel is predicted at threshold ``t`` iff ``t <= level`` (for ``t`` above every
@@ -410,7 +421,9 @@ def postprocess_levels(values, image_start, order, neighbours, min_pixels: int, 
         levels = np.minimum(levels, np.repeat(cut, np.diff(image_start)))
     if min_size > 1:
         sizes = np.array([min_size], dtype=np.int64)
-        levels = np.minimum(levels, component_levels(values, image_start, order, neighbours, sizes)[0])
+        levels = np.minimum(
+            levels, component_levels(values, image_start, order, neighbours, sizes)[0]
+        )
     return levels
 
 

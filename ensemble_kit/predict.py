@@ -1,173 +1,20 @@
-"""Test-time augmentation (TTA) shared by out-of-fold and submission predictions.
+"""Moved to :mod:`ensemble_kit.inference.tta`;
+kept so that ``ensemble_kit.predict`` still imports."""
 
-``predict_probs`` runs every model on every dihedral copy of a batch, undoes each
-transform on the logits, merges the copies (mean of probabilities or mean of logits) and
-averages the models. Copies are concatenated along the batch dimension, ``chunk`` at a
-time; ``chunk=0`` applies a fixed rule (:func:`auto_chunk`): all copies in one batch on a
-GPU, one copy at a time on CPU.
+from .inference.tta import (
+    SWAPS_AXES,
+    auto_chunk,
+    predict_inputs,
+    predict_probs,
+    tta_inverse,
+    tta_transform,
+)
 
-Transforms act on the last two dims ``(H, W)``, named as in numpy:
-``hflip`` = ``np.flip(x, -1)``, ``vflip`` = ``np.flip(x, -2)``, ``hvflip`` = both,
-``transpose`` = swap H and W, ``rot90`` = ``np.rot90(x, 1, axes=(-2, -1))`` (counter-
-clockwise), ``rot270`` = ``np.rot90(x, 3, ...)``, ``antitranspose`` = transpose about the
-anti-diagonal. Only ``identity`` and ``transpose`` keep the labels' +0.5 px offset.
-"""
-
-from __future__ import annotations
-
-import contextlib
-import difflib
-import logging
-from collections.abc import Iterator, Sequence
-
-import torch
-from torch import nn
-
-from .augment import dihedral, dihedral_inverse
-from .config import TTA_NAMES
-from .errors import EkError
-
-log = logging.getLogger(__name__)
-
-SWAPS_AXES = frozenset({"transpose", "rot90", "rot270", "antitranspose"})
-MERGES = ("mean", "logit")
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def tta_transform(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Apply the dihedral transform ``name`` to the last two dims of ``x``."""
-    return dihedral(x, _check_name(name))
-
-
-def tta_inverse(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Undo :func:`tta_transform`: ``tta_inverse(tta_transform(x, n), n) == x``."""
-    return dihedral_inverse(x, _check_name(name))
-
-
-def predict_probs(
-    models: Sequence[nn.Module],
-    images: torch.Tensor,
-    tta: Sequence[str] = ("identity",),
-    merge: str = "mean",
-    chunk: int = 0,
-    amp: str | None = None,
-) -> torch.Tensor:
-    """Probabilities ``(B, 1, H, W)``: the mean over models of each one's TTA-merged output.
-
-    Args:
-        models: segmentation models returning logits ``(B, 1, H, W)``; each is run in eval
-            mode and left in the mode it had.
-        images: ``(B, C, H, W)``, moved to each model's device and dtype.
-        tta: transform names (see the module docstring); ``d4`` stands for all eight.
-        merge: ``mean`` of sigmoid probabilities, or ``logit`` (sigmoid of the mean logit).
-        chunk: transformed copies per forward pass; 0 picks by :func:`auto_chunk`.
-        amp: None keeps the caller's autocast; ``auto`` (bf16 on CUDA, off on CPU),
-            ``bf16``, ``fp16`` or ``none`` set it.
-
-    Returns:
-        float32 probabilities on ``images``' device.
-    """
-    names = _expand(tta)
-    if merge not in MERGES:
-        raise EkError(f"unknown tta_merge '{merge}'; choose one of {', '.join(MERGES)}")
-    if chunk < 0:
-        raise EkError(f"tta_chunk must be 0 (automatic) or positive, got {chunk}")
-    if not models:
-        raise EkError("predict_probs needs at least one model")
-    total = sum(_model_probs(model, images, names, merge, chunk, amp).to(images.device)
-                for model in models)
-    return total / len(models)
-
-
-def auto_chunk(model: nn.Module, x: torch.Tensor, copies: int) -> int:
-    """Copies per forward pass, by a fixed rule so that predictions are reproducible.
-
-    All copies in one pass on an accelerator; one copy at a time on CPU, where batching the
-    copies of 4 x 9 x 256^2 inputs ran 0.64x (2.3M-parameter U-Net) and 0.79x (resnet18) as
-    fast as one pass per flip on an idle 2-core machine. A timing probe was tried and
-    dropped: OOF must not depend on the machine's load.
-    """
-    if copies <= 1 or x.device.type == "cpu":
-        return 1
-    return copies
-
-
-def _model_probs(model: nn.Module, images: torch.Tensor, names: tuple[str, ...], merge: str,
-                 chunk: int, amp: str | None) -> torch.Tensor:
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else images.device
-    x = images.to(device=device, dtype=param.dtype if param is not None else images.dtype)
-    square = x.shape[-1] == x.shape[-2]
-    with torch.inference_mode(), _autocast(device, amp), _eval_mode(model):
-        size = chunk or auto_chunk(model, x, max(len(g) for g in _groups(names, square)))
-        total = None
-        for logits in _run_copies(model, x, names, size, square):
-            part = logits if merge == "logit" else logits.sigmoid()
-            total = part if total is None else total + part
-    mean = total / len(names)
-    return mean.sigmoid() if merge == "logit" else mean
-
-
-def _run_copies(model: nn.Module, x: torch.Tensor, names: tuple[str, ...], size: int,
-                square: bool) -> Iterator[torch.Tensor]:
-    """Yield each copy's float32 logits, back in x's orientation; ``size`` copies per pass."""
-    for group in _groups(names, square):
-        for start in range(0, len(group), size):
-            part = group[start:start + size]
-            batch = torch.cat([tta_transform(x, name) for name in part]) if len(part) > 1 \
-                else tta_transform(x, part[0])
-            for name, logits in zip(part, model(batch).float().split(len(x))):
-                yield tta_inverse(logits, name)
-
-
-def _groups(names: tuple[str, ...], square: bool) -> list[tuple[str, ...]]:
-    """Copies that can share a batch: all, or for non-square inputs those of equal shape."""
-    if square:
-        return [names]
-    kept = tuple(n for n in names if n not in SWAPS_AXES)
-    swapped = tuple(n for n in names if n in SWAPS_AXES)
-    return [g for g in (kept, swapped) if g]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _expand(tta: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(tta, str):
-        tta = (tta,)
-    names = tuple(n for name in tta for n in (TTA_NAMES if name == "d4" else (name,)))
-    if not names:
-        raise EkError("tta needs at least one transform (identity for none)")
-    return tuple(_check_name(name) for name in names)
-
-
-def _check_name(name: str) -> str:
-    if name not in TTA_NAMES:
-        close = difflib.get_close_matches(name, list(TTA_NAMES), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise EkError(f"unknown tta '{name}'{hint}; choose from {', '.join(TTA_NAMES)} or d4")
-    return name
-
-
-def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
-    if amp is None:
-        return contextlib.nullcontext()
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    if amp not in AMP_DTYPES:
-        raise EkError(f"unknown amp '{amp}'; choose one of auto, {', '.join(AMP_DTYPES)}")
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+__all__ = [
+    "SWAPS_AXES",
+    "tta_transform",
+    "tta_inverse",
+    "predict_probs",
+    "predict_inputs",
+    "auto_chunk",
+]

@@ -46,7 +46,9 @@ def write_blend_report(report_dir: Path, blend: dict, curves: dict) -> list[Path
     paths = [
         plot_threshold_curves(curves, blend["threshold"], report_dir / "thresholds.png"),
         plot_selection_path(scores["selection_path"], report_dir / "selection.png"),
-        plot_min_pixels(scores["min_pixels_curve"], blend["min_pixels"], report_dir / "min_pixels.png"),
+        plot_min_pixels(
+            scores["min_pixels_curve"], blend["min_pixels"], report_dir / "min_pixels.png"
+        ),
         plot_fold_scores(scores, report_dir / "folds.png"),
     ]
     text = report_dir / "report.txt"
@@ -62,7 +64,12 @@ def plot_threshold_curves(curves: dict, chosen: float, path: Path) -> Path:
         style = {"color": "black", "linewidth": 2.5} if name == "blend" else {"linewidth": 1}
         ax.plot(thresholds, dice, label=name, **style)
     ax.axvline(chosen, color="grey", linestyle="--", linewidth=1)
-    ax.set(xlabel="threshold (probability)", ylabel="global dice (OOF)", xlim=(0, 1), title="Dice vs threshold")
+    ax.set(
+        xlabel="threshold (probability)",
+        ylabel="global dice (OOF)",
+        xlim=(0, 1),
+        title="Dice vs threshold",
+    )
     ax.legend(fontsize="small")
     return _save(fig, path)
 
@@ -111,11 +118,14 @@ def format_blend_table(blend: dict) -> str:
     """A short text summary of a blend: choice, then one row per config and the blend."""
     s = blend["scores"]
     weights = ", ".join(f"{n} x{w}" for n, w in blend["configs"].items())
-    fraction = "" if blend["top_fraction"] is None else f" (top {blend['top_fraction']:.5%} of pixels)"
+    fraction = (
+        "" if blend["top_fraction"] is None else f" (top {blend['top_fraction']:.5%} of pixels)"
+    )
     holdout = "-" if s["holdout"] is None else f"{s['holdout']:.4f}"
     lines = [
         f"weights: {weights}",
-        f"threshold: {blend['threshold']:.4f} [{blend['threshold_mode']}]{fraction}, sum >= {blend['threshold_sum']}",
+        f"threshold: {blend['threshold']:.4f} [{blend['threshold_mode']}]{fraction}, "
+        f"sum >= {blend['threshold_sum']}",
         f"min_pixels: {blend['min_pixels']}  min_component: {blend['min_component']}",
         "",
         f"{'':24s} {'OOF':>8s} {'nested':>8s} {'thr':>6s}",
@@ -126,7 +136,8 @@ def format_blend_table(blend: dict) -> str:
     lines.append(f"{'blend':24s} {s['blend_oof']:8.4f} {nested:8.4f} {blend['threshold']:6.3f}")
     lines += [
         f"blend without postprocessing (OOF): {s['blend_oof_no_postprocess']:.4f}",
-        f"nested by mode: value {s['nested']['value']:.4f}, top_fraction {s['nested']['top_fraction']:.4f}",
+        f"nested by mode: value {s['nested']['value']:.4f}, "
+        f"top_fraction {s['nested']['top_fraction']:.4f}",
         f"nested per fold: {' '.join(f'{d:.4f}' for d in s['nested']['per_fold'])}",
         f"holdout: {holdout}",
     ]
@@ -148,8 +159,16 @@ def plot_training_curves(metrics: dict, path: Path) -> Path:
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for fold, frame in sorted(metrics.items()):
         line = loss_ax.plot(frame["epoch"], frame["train_loss"], label=f"fold {fold} train")[0]
-        loss_ax.plot(frame["epoch"], frame["val_loss"], linestyle="--", color=line.get_color(), label=f"fold {fold} val")
-        dice_ax.plot(frame["epoch"], frame["val_dice"], color=line.get_color(), label=f"fold {fold}")
+        loss_ax.plot(
+            frame["epoch"],
+            frame["val_loss"],
+            linestyle="--",
+            color=line.get_color(),
+            label=f"fold {fold} val",
+        )
+        dice_ax.plot(
+            frame["epoch"], frame["val_dice"], color=line.get_color(), label=f"fold {fold}"
+        )
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     dice_ax.set(xlabel="epoch", ylabel="validation dice", title="Dice")
     for ax in (loss_ax, dice_ax):

@@ -35,7 +35,7 @@ def sample_copy(sample_root: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """A small synthetic data set at 64 px (train 48, validation 12, test 8)."""
-    from ensemble_kit.synth import write_synthetic
+    from ensemble_kit.data.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("synth") / "data"
     write_synthetic(root, n_train=48, n_validation=12, n_test=8, size=64, seed=0)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from dihedral_reference import NUMPY_DIHEDRAL
 
-from ensemble_kit.augment import DIHEDRAL, Augmenter, dihedral, dihedral_inverse, shift_label
 from ensemble_kit.config import AugmentSpec
 from ensemble_kit.errors import EkError
+from ensemble_kit.geometry import DIHEDRAL, dihedral, dihedral_inverse, shift_label
+from ensemble_kit.training.augment import Augmenter
 
 
 def _asymmetric(batch=2, channels=3, height=4, width=5):

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from ensemble_kit import blend, metrics, postprocess
+from ensemble_kit.blend.kernels import _best_per_set
 from ensemble_kit.errors import EkError
 from ensemble_kit.layout import Layout
 from ensemble_kit.oof import to_uint8
@@ -34,7 +35,9 @@ def _problem(seed=0, n=24, n_configs=3):
 
 def _dense_best(oofs, labels, weights, lowest):
     sums = sum(int(w) * o.astype(np.int64) for w, o in zip(weights, oofs))
-    dice = [metrics.global_dice(sums >= t, labels) for t in range(lowest, 255 * int(sum(weights)) + 2)]
+    dice = [
+        metrics.global_dice(sums >= t, labels) for t in range(lowest, 255 * int(sum(weights)) + 2)
+    ]
     return max(dice)
 
 
@@ -43,7 +46,7 @@ def test_best_per_set_matches_reference():
     hist = rng.integers(0, 5, (3, 40, 2))
     positives = hist[:, :, 1].sum(axis=1) + rng.integers(0, 4, 3)
     for lowest in (0, 7, 39):
-        dice, thresholds = blend._best_per_set(hist, positives, lowest)
+        dice, thresholds = _best_per_set(hist, positives, lowest)
         ref_dice, ref_thresholds = blend.best_per_set_reference(hist, positives, lowest)
         np.testing.assert_array_equal(thresholds, ref_thresholds)
         np.testing.assert_allclose(dice, ref_dice, rtol=0, atol=1e-15)
@@ -55,7 +58,9 @@ def test_candidates_keep_every_pixel_above_the_floor():
     top = np.max(oofs, axis=0).reshape(len(labels), -1)
     image, position = np.nonzero(top >= 60)
     np.testing.assert_array_equal(cands.positions, position)
-    np.testing.assert_array_equal(cands.values, np.stack(oofs).reshape(len(oofs), len(labels), -1)[:, image, position])
+    np.testing.assert_array_equal(
+        cands.values, np.stack(oofs).reshape(len(oofs), len(labels), -1)[:, image, position]
+    )
     np.testing.assert_array_equal(cands.labels, labels.reshape(len(labels), -1)[image, position])
     assert cands.fold_positives.sum() == labels.sum()
     for c, oof in enumerate(oofs):
@@ -78,7 +83,9 @@ def test_scorer_matches_dense_blend(weights):
     cands = blend.build_candidates(oofs, labels, folds, floor=20)
     base = np.array(weights, np.int64) - np.eye(3, dtype=np.int64)[0]
     dice, _ = blend.Scorer(cands).moves([base], [(0, 0, 1)])[0]
-    assert dice[0] == pytest.approx(_dense_best(oofs, labels, weights, 20 * sum(weights)), abs=1e-12)
+    assert dice[0] == pytest.approx(
+        _dense_best(oofs, labels, weights, 20 * sum(weights)), abs=1e-12
+    )
     held_in = folds != 1
     want = _dense_best([o[held_in] for o in oofs], labels[held_in], weights, 20 * sum(weights))
     assert dice[2] == pytest.approx(want, abs=1e-12)
@@ -93,7 +100,12 @@ def test_choose_threshold_table_matches_dense_postprocessing():
     for i, min_pixels in enumerate((0, 5)):
         for j, min_size in enumerate((0, 3)):
             dice = [
-                metrics.global_dice(postprocess.remove_small_components(postprocess.apply_min_pixels(sums >= t, min_pixels), min_size), labels)
+                metrics.global_dice(
+                    postprocess.remove_small_components(
+                        postprocess.apply_min_pixels(sums >= t, min_pixels), min_size
+                    ),
+                    labels,
+                )
                 for t in range(40, 512)
             ]
             assert choice.table[i, j] == pytest.approx(max(dice), abs=1e-12)
@@ -117,18 +129,24 @@ def test_nested_is_not_above_optimistic_on_average():
     gaps = []
     for seed in range(4):
         oofs, labels, folds = _problem(seed=seed + 10)
-        result = blend.search(oofs, labels, folds, steps=4, min_pixels_grid=(0, 5), min_component_grid=(0, 2))
+        result = blend.search(
+            oofs, labels, folds, steps=4, min_pixels_grid=(0, 5), min_component_grid=(0, 2)
+        )
         gaps.append(result.choice.dice - result.nested.pooled(result.mode))
     assert np.mean(gaps) >= 0
 
 
 def test_apply_blend_reproduces_the_scored_dice():
     oofs, labels, folds = _problem(seed=2)
-    result = blend.search(oofs, labels, folds, steps=4, min_pixels_grid=(0, 5, 20), min_component_grid=(0, 2, 4))
+    result = blend.search(
+        oofs, labels, folds, steps=4, min_pixels_grid=(0, 5, 20), min_component_grid=(0, 2, 4)
+    )
     fields = blend.blend_dict(result, folds, {})
     predicted = blend.apply_blend(fields, dict(zip(result.names, oofs)))
     assert metrics.global_dice(predicted, labels) == pytest.approx(result.choice.dice, abs=1e-12)
-    assert fields["threshold"] == pytest.approx(fields["threshold_sum"] / (255 * sum(fields["configs"].values())))
+    assert fields["threshold"] == pytest.approx(
+        fields["threshold_sum"] / (255 * sum(fields["configs"].values()))
+    )
 
 
 def test_top_fraction_threshold():
@@ -164,16 +182,22 @@ def _write_workdir(tmp_path, configs=("alpha", "beta"), n_train=12, n_holdout=4,
     workdir, data = tmp_path / "folds", tmp_path / "data"
     train_ids = [str(10**17 + 7 * i) for i in range(n_train)]
     holdout_ids = [str(9 * 10**17 + 3 * i) for i in range(n_holdout)]
-    labels = {rid: _labels(rng, 1, (side, side))[0] if i % 3 else np.zeros((side, side), np.uint8)
-              for i, rid in enumerate(train_ids + holdout_ids)}
+    labels = {
+        rid: _labels(rng, 1, (side, side))[0] if i % 3 else np.zeros((side, side), np.uint8)
+        for i, rid in enumerate(train_ids + holdout_ids)
+    }
     for rid, mask in labels.items():
         folder = data / ("train" if rid in train_ids else "validation") / rid
         folder.mkdir(parents=True)
         np.save(folder / "human_pixel_masks.npy", mask.astype(np.int32)[:, :, None])
     folds = [i % 3 for i in range(n_train)]
-    splits = pd.DataFrame({"record_id": train_ids + holdout_ids,
-                           "split": ["train"] * n_train + ["validation"] * n_holdout,
-                           "fold": folds + [-1] * n_holdout})
+    splits = pd.DataFrame(
+        {
+            "record_id": train_ids + holdout_ids,
+            "split": ["train"] * n_train + ["validation"] * n_holdout,
+            "fold": folds + [-1] * n_holdout,
+        }
+    )
     workdir.mkdir()
     splits.to_csv(workdir / "splits.csv", index=False)
     (workdir / "splits.json").write_text(json.dumps({"data_root": str(data), "n_folds": 3}))
@@ -189,10 +213,17 @@ def _write_config(folder, rng, labels, train_ids, holdout_ids, folds, noise, spl
     (folder / "config.yaml").write_text("name: x\n")
     oof = np.stack([_noisy(rng, labels[r], noise) for r in train_ids])
     np.save(folder / "oof.npy", oof)
-    pd.DataFrame({"record_id": train_ids, "fold": folds}).to_csv(folder / "oof_ids.csv", index=False)
+    pd.DataFrame({"record_id": train_ids, "fold": folds}).to_csv(
+        folder / "oof_ids.csv", index=False
+    )
     np.save(folder / "holdout.npy", np.stack([_noisy(rng, labels[r], noise) for r in holdout_ids]))
     pd.DataFrame({"record_id": holdout_ids}).to_csv(folder / "holdout_ids.csv", index=False)
-    summary = {"n_folds": 3, "splits_digest": splits_digest, "config_digest": "c", "data_digest": "d"}
+    summary = {
+        "n_folds": 3,
+        "splits_digest": splits_digest,
+        "config_digest": "c",
+        "data_digest": "d",
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -201,10 +232,14 @@ def test_run_blend_end_to_end(tmp_path):
     result = blend.run_blend(layout, steps=3)
     written = json.loads(layout.blend_json.read_text())
     assert written == json.loads(json.dumps(result))
-    assert set(written["configs"]) <= {"alpha", "beta"} and all(w > 0 for w in written["configs"].values())
+    assert set(written["configs"]) <= {"alpha", "beta"} and all(
+        w > 0 for w in written["configs"].values()
+    )
     assert written["threshold_mode"] in ("value", "top_fraction")
     assert isinstance(written["threshold_sum"], int)
-    assert written["threshold"] == pytest.approx(written["threshold_sum"] / (255 * sum(written["configs"].values())))
+    assert written["threshold"] == pytest.approx(
+        written["threshold_sum"] / (255 * sum(written["configs"].values()))
+    )
     assert (written["top_fraction"] is None) == (written["threshold_mode"] == "value")
     scores = written["scores"]
     assert set(scores["per_config"]) == {"alpha", "beta"}
@@ -234,7 +269,9 @@ def test_run_blend_uses_named_configs_and_explicit_data(tmp_path):
     assert list(result["configs"]) == ["beta"]
 
 
-@pytest.mark.parametrize("bad", ["different_splits", "not_done", "shapes", "empty_pool", "all_empty", "unknown_config"])
+@pytest.mark.parametrize(
+    "bad", ["different_splits", "not_done", "shapes", "empty_pool", "all_empty", "unknown_config"]
+)
 def test_run_blend_bad_inputs_are_one_line_errors(tmp_path, bad):
     layout, data = _write_workdir(tmp_path)
     configs = None
@@ -260,9 +297,15 @@ def test_run_blend_bad_inputs_are_one_line_errors(tmp_path, bad):
 
 def test_refinement_is_kept_only_when_nested_gains():
     oofs, labels, folds = _problem(seed=4)
-    plain = blend.search(oofs, labels, folds, steps=4, min_pixels_grid=(0,), min_component_grid=(0,))
-    refined = blend.search(oofs, labels, folds, steps=4, refine=True, min_pixels_grid=(0,), min_component_grid=(0,))
+    plain = blend.search(
+        oofs, labels, folds, steps=4, min_pixels_grid=(0,), min_component_grid=(0,)
+    )
+    refined = blend.search(
+        oofs, labels, folds, steps=4, refine=True, min_pixels_grid=(0,), min_component_grid=(0,)
+    )
     assert refined.choice.weights.dtype.kind == "i" and (refined.choice.weights >= 0).all()
     best = max(refined.nested.pooled(m) for m in refined.nested.counts)
     assert best >= max(plain.nested.pooled(m) for m in plain.nested.counts)
-    assert refined.nested.refined == (best > max(plain.nested.pooled(m) for m in plain.nested.counts))
+    assert refined.nested.refined == (
+        best > max(plain.nested.pooled(m) for m in plain.nested.counts)
+    )

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from ensemble_kit import data
-from ensemble_kit.cache import decode_inputs, ensure_inputs, ensure_labels, load_labels
 from ensemble_kit.config import InputSpec
+from ensemble_kit.data.cache import decode_inputs, ensure_inputs, ensure_labels, load_labels
 from ensemble_kit.errors import EkError
 from ensemble_kit.layout import Layout
 
@@ -43,8 +43,12 @@ def test_label_cache(sample_root, tmp_path):
         folder = sample_root / "train" / rid
         np.testing.assert_array_equal(entry.arrays["labels"][row], data.load_mask(folder))
         soft = data.load_soft_label(folder)
-        np.testing.assert_array_equal(entry.arrays["soft"][row], np.rint(soft * 255).astype(np.uint8))
-    records = pd.DataFrame({"record_id": ["1002777035567823518", entry.ids[1]], "split": ["validation", "train"]})
+        np.testing.assert_array_equal(
+            entry.arrays["soft"][row], np.rint(soft * 255).astype(np.uint8)
+        )
+    records = pd.DataFrame(
+        {"record_id": ["1002777035567823518", entry.ids[1]], "split": ["validation", "train"]}
+    )
     labels = load_labels(layout, sample_root, records)
     assert labels[0].sum() == 25 and np.array_equal(labels[1], entry.arrays["labels"][1])
 

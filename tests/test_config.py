@@ -66,7 +66,9 @@ def test_frozen_and_digest_ignores_name(tmp_path):
 
 
 def test_dump_round_trip(tmp_path):
-    config = config_from_dict({"name": "r", "input": {"frames": [3, 4, 5]}, "model": {"upsample": 2}})
+    config = config_from_dict(
+        {"name": "r", "input": {"frames": [3, 4, 5]}, "model": {"upsample": 2}}
+    )
     path = tmp_path / "r.yaml"
     path.write_text(dump_config(config))
     assert load_config(path) == config

@@ -17,10 +17,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ensemble_kit import train as train_module
 from ensemble_kit.cli import main
+from ensemble_kit.inference.checkpoints import load_fold_model
 from ensemble_kit.layout import Layout
 from ensemble_kit.oof import read_oof
+from ensemble_kit.training import trainer as train_module
 
 QUICK = """
 name: {name}
@@ -50,7 +51,9 @@ def finished(tmp_path_factory, synth_root):
     folder = tmp_path_factory.mktemp("cv")
     config = write_config(folder)
     workdir = folder / "folds"
-    result = run_ek("cv", "--data", str(synth_root), "--workdir", str(workdir), "--folds", "2", str(config))
+    result = run_ek(
+        "cv", "--data", str(synth_root), "--workdir", str(workdir), "--folds", "2", str(config)
+    )
     assert result.exit_code == 0, result.output
     return Layout(workdir), synth_root, config
 
@@ -69,10 +72,24 @@ def test_outputs_and_formats(finished):
         for name in ("best.pt", "last.pt", "metrics.csv", "config.yaml", "DONE"):
             assert (fold_dir / name).is_file(), name
         metrics = pd.read_csv(fold_dir / "metrics.csv")
-        assert list(metrics.columns)[:6] == ["epoch", "train_loss", "val_loss", "val_dice", "threshold", "lr"]
+        assert list(metrics.columns)[:6] == [
+            "epoch",
+            "train_loss",
+            "val_loss",
+            "val_dice",
+            "threshold",
+            "lr",
+        ]
         assert len(metrics) == 2
     summary = json.loads(layout.summary("quick").read_text())
-    for key in ("oof_dice", "holdout_dice", "splits_digest", "config_digest", "data_digest", "folds"):
+    for key in (
+        "oof_dice",
+        "holdout_dice",
+        "splits_digest",
+        "config_digest",
+        "data_digest",
+        "folds",
+    ):
         assert key in summary
     assert 0.0 <= summary["oof_dice"] <= 1.0 and len(summary["folds"]) == 2
     assert layout.curves_png("quick").stat().st_size > 1000
@@ -80,9 +97,9 @@ def test_outputs_and_formats(finished):
 
 def test_oof_rows_are_the_fold_models_predictions(finished):
     """Each OOF row equals the TTA prediction of the model that never saw that record."""
-    from ensemble_kit.cache import decode_inputs, ensure_inputs
     from ensemble_kit.config import load_config
-    from ensemble_kit.cv import predict_inputs
+    from ensemble_kit.data.cache import decode_inputs, ensure_inputs
+    from ensemble_kit.inference.tta import predict_inputs
     from ensemble_kit.oof import to_uint8
 
     layout, root, config_path = finished
@@ -90,7 +107,9 @@ def test_oof_rows_are_the_fold_models_predictions(finished):
     oof = read_oof(layout, "quick")
     entry = ensure_inputs(layout, root, "train", config.input)
     for row in (0, len(oof.ids) - 1):
-        model = train_module.load_fold_model(config, layout.fold_dir("quick", int(oof.folds[row])), torch.device("cpu"))
+        model = load_fold_model(
+            config, layout.fold_dir("quick", int(oof.folds[row])), torch.device("cpu")
+        )
         x = torch.from_numpy(decode_inputs(entry.arrays["inputs"][entry.index_of([oof.ids[row]])]))
         expected = to_uint8(predict_inputs([model], config, x))[0]
         assert np.abs(expected.astype(int) - oof.probs[row]).max() <= 1
@@ -121,7 +140,9 @@ def test_changed_config_refused(finished, tmp_path):
 
 def test_other_k_refused(finished):
     layout, root, config = finished
-    result = CliRunner().invoke(main, ["cv", "--workdir", str(layout.workdir), "--folds", "3", str(config)])
+    result = CliRunner().invoke(
+        main, ["cv", "--workdir", str(layout.workdir), "--folds", "3", str(config)]
+    )
     assert result.exit_code == 2 and "has 2 folds, not 3" in result.output
 
 
@@ -130,7 +151,9 @@ def test_unknown_key_exit_code(tmp_path):
     bad.write_text("modle: {arch: Unet}\n")
     result = CliRunner().invoke(main, ["cv", "--workdir", str(tmp_path / "w"), str(bad)])
     assert result.exit_code == 2
-    assert result.output.strip() == "ek: error: " + f"{bad}: unknown key 'modle' (did you mean model?)"
+    assert (
+        result.output.strip() == "ek: error: " + f"{bad}: unknown key 'modle' (did you mean model?)"
+    )
 
 
 def test_partial_folds_then_assembly(tmp_path, synth_root):
@@ -158,7 +181,19 @@ def test_nan_loss_stops_the_fold_and_keeps_weights_finite(tmp_path, synth_root, 
         return float("nan") if calls["n"] == 3 else original(self, x, y, index, generator)
 
     monkeypatch.setattr(train_module.Trainer, "train_step", exploding)
-    result = CliRunner().invoke(main, ["cv", "--data", str(synth_root), "--workdir", str(tmp_path / "w"), "--folds", "2", str(config)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "cv",
+            "--data",
+            str(synth_root),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--folds",
+            "2",
+            str(config),
+        ],
+    )
     assert result.exit_code == 2
     assert "loss became NaN at epoch 2, step 1" in result.output
     fold_dir = Layout(tmp_path / "w").fold_dir("quick", 0)
@@ -182,8 +217,20 @@ def test_full_disk_during_checkpoint_keeps_previous(tmp_path, synth_root, monkey
 
     monkeypatch.setattr(torch, "save", flaky_save)
     with pytest.raises(OSError, match="No space"):
-        CliRunner().invoke(main, ["cv", "--data", str(synth_root), "--workdir", str(tmp_path / "w"), "--folds", "2", str(config)],
-                           catch_exceptions=False)
+        CliRunner().invoke(
+            main,
+            [
+                "cv",
+                "--data",
+                str(synth_root),
+                "--workdir",
+                str(tmp_path / "w"),
+                "--folds",
+                "2",
+                str(config),
+            ],
+            catch_exceptions=False,
+        )
     last = Layout(tmp_path / "w").fold_dir("quick", 0) / "last.pt"
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["state"]["epoch"] == 1
@@ -194,11 +241,29 @@ def test_full_disk_during_checkpoint_keeps_previous(tmp_path, synth_root, monkey
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path, synth_root):
     config = write_config(tmp_path, epochs=4)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "ensemble_kit.cli", "cv", "--data", str(synth_root), "--folds", "2"]
-    subprocess.run([*command, "--workdir", str(tmp_path / "straight"), str(config)], check=True, env=env, capture_output=True)
+    command = [
+        sys.executable,
+        "-m",
+        "ensemble_kit.cli",
+        "cv",
+        "--data",
+        str(synth_root),
+        "--folds",
+        "2",
+    ]
+    subprocess.run(
+        [*command, "--workdir", str(tmp_path / "straight"), str(config)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*command, "--workdir", str(killed), str(config)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--workdir", str(killed), str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = Layout(killed).fold_dir("quick", 0) / "last.pt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline:
@@ -206,8 +271,12 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, synth_root):
     time.sleep(0.3)  # into the next epoch
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (Layout(killed).fold_dir("quick", 0) / "DONE").exists(), "kill came too late to test resuming"
-    subprocess.run([*command, "--workdir", str(killed), str(config)], check=True, env=env, capture_output=True)
+    assert not (Layout(killed).fold_dir("quick", 0) / "DONE").exists(), (
+        "kill came too late to test resuming"
+    )
+    subprocess.run(
+        [*command, "--workdir", str(killed), str(config)], check=True, env=env, capture_output=True
+    )
     straight = np.load(Layout(tmp_path / "straight").oof_npy("quick"))
     resumed = np.load(Layout(killed).oof_npy("quick"))
     assert np.array_equal(straight, resumed)
@@ -216,18 +285,34 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path, synth_root):
 
 def test_tiny_config_learns_far_above_an_untrained_model(tmp_path, tiny_config_path):
     """The issue's acceptance run: `ek cv --folds 2 configs/tiny.yaml` on `ek synth` data."""
-    from ensemble_kit.cache import ensure_inputs, load_labels
     from ensemble_kit.config import load_config
-    from ensemble_kit.cv import predict_inputs
+    from ensemble_kit.data.cache import ensure_inputs, load_labels
+    from ensemble_kit.inference.tta import predict_inputs
     from ensemble_kit.metrics import best_threshold
     from ensemble_kit.models import build_model
     from ensemble_kit.oof import to_uint8
 
     data = tmp_path / "data"
-    assert run_ek("synth", "--out", str(data), "--train", "128", "--validation", "16", "--test", "4",
-                  "--size", "64").exit_code == 0
+    assert (
+        run_ek(
+            "synth",
+            "--out",
+            str(data),
+            "--train",
+            "128",
+            "--validation",
+            "16",
+            "--test",
+            "4",
+            "--size",
+            "64",
+        ).exit_code
+        == 0
+    )
     workdir = tmp_path / "folds"
-    result = run_ek("cv", "--data", str(data), "--workdir", str(workdir), "--folds", "2", str(tiny_config_path))
+    result = run_ek(
+        "cv", "--data", str(data), "--workdir", str(workdir), "--folds", "2", str(tiny_config_path)
+    )
     assert result.exit_code == 0, result.output
     layout = Layout(workdir)
     trained = json.loads(layout.summary("tiny").read_text())["oof_dice"]

@@ -51,7 +51,9 @@ def test_bands_normalised_with_pool_statistics(sample_root):
     assert scaled.min() >= 0 and scaled.max() <= 1
     raw = np.load(folders[0] / "band_08.npy")[:, :, 4]
     expected = (raw - stats["mean"][0]) / stats["std"][0]
-    np.testing.assert_allclose(data.build_input(folders[0], spec, stats)[0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        data.build_input(folders[0], spec, stats)[0], expected, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_labels_and_soft_labels(sample_root):

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ensemble_kit.data.splits import assign_folds, ensure_splits, make_splits, read_splits
 from ensemble_kit.errors import EkError
-from ensemble_kit.folds import assign_folds, ensure_splits, make_splits, read_splits
 from ensemble_kit.layout import Layout
 
 

@@ -7,7 +7,7 @@ from segmentation_models_pytorch.losses.lovasz import _lovasz_hinge
 
 from ensemble_kit.config import LossTerm
 from ensemble_kit.errors import EkError
-from ensemble_kit.losses import (
+from ensemble_kit.training.losses import (
     LOSSES,
     build_loss,
     dice_loss,

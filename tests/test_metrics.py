@@ -19,7 +19,10 @@ EDGE_CASES = {
     "all_positive": (np.full((2, 5, 5), 255, np.uint8), np.ones((2, 5, 5), np.uint8)),
     "one_pixel": (np.array([[[7]]], np.uint8), np.array([[[1]]], np.uint8)),
     "ties": (np.full((1, 6, 6), 128, np.uint8), np.eye(6, dtype=np.uint8)[None]),
-    "extremes": (np.array([[[0, 255], [255, 0]]], np.uint8), np.array([[[1, 1], [0, 0]]], np.uint8)),
+    "extremes": (
+        np.array([[[0, 255], [255, 0]]], np.uint8),
+        np.array([[[1, 1], [0, 0]]], np.uint8),
+    ),
 }
 
 
@@ -78,10 +81,16 @@ def test_best_threshold_predicts_nothing_when_labels_are_empty():
 
 
 def test_dice_from_counts_arrays():
-    np.testing.assert_allclose(metrics.dice_from_counts([1, 0, 0], [1, 0, 2], [0, 0, 1]), [2 / 3, 1.0, 0.0])
+    np.testing.assert_allclose(
+        metrics.dice_from_counts([1, 0, 0], [1, 0, 2], [0, 0, 1]), [2 / 3, 1.0, 0.0]
+    )
 
 
 @pytest.mark.parametrize("case", [*range(3), *EDGE_CASES])
 def test_global_histogram_matches_reference(case):
-    values, labels = _random_case(case, shape=(3, 200, 250)) if isinstance(case, int) else EDGE_CASES[case]
-    np.testing.assert_array_equal(metrics.global_histogram(values, labels), metrics.global_histogram_reference(values, labels))
+    values, labels = (
+        _random_case(case, shape=(3, 200, 250)) if isinstance(case, int) else EDGE_CASES[case]
+    )
+    np.testing.assert_array_equal(
+        metrics.global_histogram(values, labels), metrics.global_histogram_reference(values, labels)
+    )

@@ -89,7 +89,10 @@ def test_upsampling_a_constant_image_gives_the_constant_back():
     pointwise = nn.Conv2d(1, 1, 1, bias=False)
     nn.init.ones_(pointwise.weight)
     x = torch.full((1, 1, 16, 16), 0.25)
-    for model in (LabelResolution(pointwise, upsample=2), LabelResolution(pointwise, upsample_size=37)):
+    for model in (
+        LabelResolution(pointwise, upsample=2),
+        LabelResolution(pointwise, upsample_size=37),
+    ):
         with torch.no_grad():
             torch.testing.assert_close(model(x), x)
 
@@ -123,8 +126,9 @@ def test_temporal_mix_starts_as_the_mean_of_frames(arch):
     mixed = build_model(make_config(arch=arch, temporal="mix")).eval()
     frame = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(mixed(frame.repeat(1, 3, 1, 1)), plain_twin(mixed, arch)(frame),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            mixed(frame.repeat(1, 3, 1, 1)), plain_twin(mixed, arch)(frame), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_temporal_mix_reads_channels_frame_major():
@@ -133,11 +137,13 @@ def test_temporal_mix_reads_channels_frame_major():
     for mixer in mixed.net.mixers[1:]:  # pick frame 1 only at every level
         channels = mixer.conv.out_channels
         weight = torch.zeros_like(mixer.conv.weight)
-        weight[:, channels:2 * channels, 0, 0] = torch.eye(channels)
+        weight[:, channels : 2 * channels, 0, 0] = torch.eye(channels)
         mixer.conv.weight.data.copy_(weight)
     x = torch.randn(2, 9, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(mixed(x), plain_twin(mixed, "Unet")(x[:, 3:6]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            mixed(x), plain_twin(mixed, "Unet")(x[:, 3:6]), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_temporal_mix_is_refused_where_unsupported():
@@ -151,18 +157,26 @@ def test_single_frame_temporal_mix_is_the_plain_model():
     assert not isinstance(model.net, TemporalMix)
 
 
-@pytest.mark.parametrize(("arch", "close"), [("Unte", "Unet"), ("fpn", None), ("DeepLabV3+", "DeepLabV3")])
+@pytest.mark.parametrize(
+    ("arch", "close"), [("Unte", "Unet"), ("fpn", None), ("DeepLabV3+", "DeepLabV3")]
+)
 def test_architecture_names_are_case_insensitive_and_typos_list_close_names(arch, close):
     if close is None:
         assert isinstance(build_model(make_config(arch=arch)).net, smp.FPN)
         return
-    with pytest.raises(EkError, match=rf"unknown model.arch .{re.escape(arch)}.*did you mean {close}"):
+    with pytest.raises(
+        EkError, match=rf"unknown model.arch .{re.escape(arch)}.*did you mean {close}"
+    ):
         build_model(make_config(arch=arch))
 
 
 @pytest.mark.parametrize(
     ("encoder", "close"),
-    [("tu-test_resnt", "tu-test_resnet"), ("resnet81", "resnet18"), ("test_resnet", "tu-test_resnet")],
+    [
+        ("tu-test_resnt", "tu-test_resnet"),
+        ("resnet81", "resnet18"),
+        ("test_resnet", "tu-test_resnet"),
+    ],
 )
 def test_unknown_encoder_lists_close_names(encoder, close):
     with pytest.raises(EkError, match=rf"unknown model.encoder '{encoder}'.*{close}"):

@@ -58,7 +58,9 @@ def test_remove_small_components_matches_reference(seed, min_size):
 def test_apply_min_pixels_matches_reference(min_pixels):
     masks = _masks(5, n=8)
     masks[2] = False
-    np.testing.assert_array_equal(pp.apply_min_pixels(masks, min_pixels), pp.apply_min_pixels_reference(masks, min_pixels))
+    np.testing.assert_array_equal(
+        pp.apply_min_pixels(masks, min_pixels), pp.apply_min_pixels_reference(masks, min_pixels)
+    )
 
 
 def _sparse(seed, n=4, shape=(12, 13), low=10):
@@ -73,7 +75,10 @@ def _sparse(seed, n=4, shape=(12, 13), low=10):
 @pytest.mark.parametrize("seed", range(3))
 def test_neighbour_table_matches_reference(seed):
     _, start, positions, shape = _sparse(seed)
-    np.testing.assert_array_equal(pp.neighbour_table(start, positions, *shape), pp.neighbour_table_reference(start, positions, *shape))
+    np.testing.assert_array_equal(
+        pp.neighbour_table(start, positions, *shape),
+        pp.neighbour_table_reference(start, positions, *shape),
+    )
 
 
 @pytest.mark.parametrize("seed", range(3))

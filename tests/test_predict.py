@@ -11,8 +11,8 @@ from torch import nn
 
 from ensemble_kit.config import TTA_NAMES, Config, ModelSpec
 from ensemble_kit.errors import EkError
+from ensemble_kit.inference.tta import auto_chunk, predict_probs, tta_inverse, tta_transform
 from ensemble_kit.models import build_model
-from ensemble_kit.predict import auto_chunk, predict_probs, tta_inverse, tta_transform
 
 NUMPY = NUMPY_DIHEDRAL
 NUMPY_INVERSE = {**NUMPY, "rot90": NUMPY["rot270"], "rot270": NUMPY["rot90"]}
@@ -111,7 +111,9 @@ def test_identity_only_on_a_built_model_equals_sigmoid_of_its_logits():
 def test_several_models_are_averaged(images):
     nets = [random_net(0), random_net(1)]
     each = [predict_probs([net], images, ("identity", "vflip")) for net in nets]
-    torch.testing.assert_close(predict_probs(nets, images, ("identity", "vflip")), (each[0] + each[1]) / 2)
+    torch.testing.assert_close(
+        predict_probs(nets, images, ("identity", "vflip")), (each[0] + each[1]) / 2
+    )
 
 
 def test_models_run_in_eval_mode_and_keep_their_modes(images):
@@ -134,7 +136,9 @@ def test_inputs_follow_the_model_dtype_and_outputs_are_float32(images):
     net = random_net().double()
     got = predict_probs([net], images, ("identity", "transpose"))
     assert got.dtype == torch.float32
-    expected = np.mean([sigmoid(by_hand(random_net(), images, n)) for n in ("identity", "transpose")], 0)
+    expected = np.mean(
+        [sigmoid(by_hand(random_net(), images, n)) for n in ("identity", "transpose")], 0
+    )
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from ensemble_kit.errors import EkError
-from ensemble_kit.rle import (
+from ensemble_kit.inference.rle import (
     _runs_dense,
     _runs_sparse,
     decode,

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from ensemble_kit.errors import EkError
-from ensemble_kit.rle import decode, encode
-from ensemble_kit.submission import HEADER, check_submission, write_submission
+from ensemble_kit.inference.rle import decode, encode
+from ensemble_kit.inference.submission import HEADER, check_submission, write_submission
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "contrails-sample"
 

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from ensemble_kit.cli import main
+from ensemble_kit.inference.rle import decode
 from ensemble_kit.layout import Layout
-from ensemble_kit.rle import decode
 
 CONFIG = """
 name: {name}
@@ -36,8 +36,10 @@ def blended(tmp_path_factory, synth_root):
     """Two configs x 2 folds trained, blended; returns (workdir, data root)."""
     folder = tmp_path_factory.mktemp("submit")
     configs = []
-    for name, frames, arch, seed, tta in (("a", "[4]", "Unet", 0, "[identity, hflip]"),
-                                         ("b", "[3, 4, 5]", "FPN", 1, "[identity, vflip]")):
+    for name, frames, arch, seed, tta in (
+        ("a", "[4]", "Unet", 0, "[identity, hflip]"),
+        ("b", "[3, 4, 5]", "FPN", 1, "[identity, vflip]"),
+    ):
         path = folder / f"{name}.yaml"
         path.write_text(CONFIG.format(name=name, frames=frames, arch=arch, seed=seed, tta=tta))
         configs.append(path)
@@ -66,7 +68,9 @@ def test_submission_is_valid_and_complete(blended, tmp_path):
 def test_validation_split_agrees_with_blend_holdout(blended, tmp_path):
     workdir, root = blended
     out = tmp_path / "validation.csv"
-    result = ek("submit", "--workdir", workdir, "--data", root, "--split", "validation", "--out", out)
+    result = ek(
+        "submit", "--workdir", workdir, "--data", root, "--split", "validation", "--out", out
+    )
     dice = json.loads(out.with_suffix(".json").read_text())["dice"]
     holdout = json.loads(Layout(workdir).blend_json.read_text())["scores"]["holdout"]
     assert f"global dice on validation: {dice:.4f}" in result.output
@@ -81,7 +85,9 @@ def test_stale_blend_is_refused(blended, tmp_path):
     array = np.load(oof)
     array[0, 0, 0] ^= 1
     np.save(oof, array)
-    result = ek("submit", "--workdir", copy, "--data", root, "--out", tmp_path / "s.csv", check=False)
+    result = ek(
+        "submit", "--workdir", copy, "--data", root, "--out", tmp_path / "s.csv", check=False
+    )
     assert result.exit_code == 2 and "stale" in result.output and not (tmp_path / "s.csv").exists()
 
 
@@ -125,7 +131,7 @@ def test_export_parity_and_exported_submission(blended, tmp_path):
 
 
 def test_export_fails_loudly_when_outputs_differ(blended, monkeypatch):
-    from ensemble_kit import export
+    from ensemble_kit.inference import export
 
     workdir, _ = blended
     monkeypatch.setattr(export, "parity", lambda *a: 0.5)

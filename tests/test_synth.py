@@ -12,8 +12,8 @@ from scipy import ndimage
 
 from ensemble_kit import data
 from ensemble_kit.config import InputSpec
+from ensemble_kit.data.synth import BANDS, record_ids, write_synthetic
 from ensemble_kit.errors import EkError
-from ensemble_kit.synth import BANDS, record_ids, write_synthetic
 
 SIZE = 64
 COUNTS = {"train": 8, "validation": 6, "test": 3}

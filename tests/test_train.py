@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ensemble_kit.config import ScheduleSpec, config_from_dict
-from ensemble_kit.train import Trainer, lr_factor, make_optimizer, resolve_runtime
+from ensemble_kit.runtime import resolve_runtime
+from ensemble_kit.training.trainer import Trainer, lr_factor, make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -60,7 +61,9 @@ def test_optimisers():
     sgd = make_optimizer(spec, params)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["momentum"] == 0.9
     for name, cls in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)):
-        assert type(make_optimizer(config_from_dict({"optim": {"name": name}}).optim, params)) is cls
+        assert (
+            type(make_optimizer(config_from_dict({"optim": {"name": name}}).optim, params)) is cls
+        )
 
 
 def test_training_steps_change_weights_and_accumulation_delays_them():
@@ -93,7 +96,11 @@ def test_channels_last():
 
 
 def test_gradient_clipping_bounds_the_norm(monkeypatch):
-    t = trainer(train={"clip_grad": 1e-3}, optim={"name": "sgd", "lr": 1.0, "momentum": 0.0}, schedule={"name": "none"})
+    t = trainer(
+        train={"clip_grad": 1e-3},
+        optim={"name": "sgd", "lr": 1.0, "momentum": 0.0},
+        schedule={"name": "none"},
+    )
     before = weights(t)
     step(t)
     assert (weights(t) - before).norm() <= 1e-3 + 1e-6
@@ -136,7 +143,9 @@ def test_shift_correct_moves_the_label_half_a_pixel():
     label[0, 10, 10] = 1
     _, target = t.prepare(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), label)
     assert target.sum().item() == pytest.approx(1.0, abs=1e-5)
-    assert target[0, 0, 10, 10] < 1.0 and target[0, 0, 9:11, 9:11].sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert target[0, 0, 10, 10] < 1.0 and target[0, 0, 9:11, 9:11].sum().item() == pytest.approx(
+        1.0, abs=1e-5
+    )
 
 
 def test_same_seed_same_weights_after_steps():
@@ -146,8 +155,8 @@ def test_same_seed_same_weights_after_steps():
 
 
 def test_early_stopping_stops_after_patience(tmp_path, monkeypatch):
-    from ensemble_kit import train as train_module
-    from ensemble_kit.loader import ArraySet
+    from ensemble_kit.data.loader import ArraySet
+    from ensemble_kit.training import trainer as train_module
 
     scores = iter([0.5, 0.4, 0.3, 0.9, 0.9])
     monkeypatch.setattr(train_module, "evaluate", lambda trainer, val: (1.0, next(scores), 128))
@@ -155,9 +164,18 @@ def test_early_stopping_stops_after_patience(tmp_path, monkeypatch):
     inputs = torch.randint(0, 256, (8, 3, 32, 32), generator=g, dtype=torch.uint8).numpy()
     labels = (torch.rand(8, 32, 32, generator=g) > 0.9).to(torch.uint8).numpy()
     arrays = ArraySet(((inputs, labels),), np.c_[np.zeros(8, np.int64), np.arange(8)])
-    config = config_from_dict({"model": {"encoder": "tu-test_resnet"}, "train": {"epochs": 5, "batch_size": 4, "early_stop": 2}})
+    config = config_from_dict(
+        {
+            "model": {"encoder": "tu-test_resnet"},
+            "train": {"epochs": 5, "batch_size": 4, "early_stop": 2},
+        }
+    )
     summary = train_module.train_fold(config, tmp_path, 0, arrays, arrays, CPU)
     assert summary["epochs"] == 3 and summary["best_epoch"] == 1
-    no_patience = config_from_dict({"model": {"encoder": "tu-test_resnet"}, "train": {"epochs": 2, "batch_size": 4}})
+    no_patience = config_from_dict(
+        {"model": {"encoder": "tu-test_resnet"}, "train": {"epochs": 2, "batch_size": 4}}
+    )
     scores = iter([0.5, 0.4])
-    assert train_module.train_fold(no_patience, tmp_path / "b", 0, arrays, arrays, CPU)["epochs"] == 2
+    assert (
+        train_module.train_fold(no_patience, tmp_path / "b", 0, arrays, arrays, CPU)["epochs"] == 2
+    )

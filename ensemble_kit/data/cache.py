@@ -28,11 +28,20 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from . import data
-from .config import InputSpec
-from .errors import EkError
-from .files import digest_json, write_json
-from .layout import Layout, record_dir
+from ..config import InputSpec
+from ..errors import EkError
+from ..files import digest_json, write_json
+from ..layout import Layout, record_dir
+from .records import (
+    MASK_FILE,
+    N_FRAMES,
+    band_statistics,
+    build_input,
+    has_labels,
+    list_records,
+    load_mask,
+    load_soft_label,
+)
 
 log = logging.getLogger(__name__)
 CHUNK = 16
@@ -79,31 +88,33 @@ def ensure_inputs(
     layout: Layout, data_root: Path, split: str, spec: InputSpec, workers: int | None = None
 ) -> CacheEntry:
     """Open the input cache of a (split, spec), building it first when missing."""
-    ids = data.list_records(data_root, split)
+    ids = list_records(data_root, split)
     if not ids:
         raise EkError(f"{Path(data_root) / split}: no records")
     stats = band_stats(layout, data_root, spec) if spec.channels == "bands" else None
     path = layout.cache_entry(split, spec_digest(spec, data_root, split, ids))
     if not (path / "meta.json").is_file():
         folders = [record_dir(data_root, split, rid) for rid in ids]
-        first = data.build_input(folders[0], spec, stats)
+        first = build_input(folders[0], spec, stats)
         arrays = {"inputs": ((len(ids), *first.shape), input_dtype(spec))}
         _build(path, ids, arrays, _InputFiller(spec, stats), folders, workers, f"cache {split}")
     return open_entry(path)
 
 
-def ensure_labels(layout: Layout, data_root: Path, split: str, workers: int | None = None) -> CacheEntry:
+def ensure_labels(
+    layout: Layout, data_root: Path, split: str, workers: int | None = None
+) -> CacheEntry:
     """Open the label cache of a split (records with masks), building it first when missing."""
-    ids = [rid for rid in data.list_records(data_root, split) if data.has_labels(data_root, split, rid)]
+    ids = [rid for rid in list_records(data_root, split) if has_labels(data_root, split, rid)]
     if not ids:
-        raise EkError(f"{Path(data_root) / split}: no records with {data.MASK_FILE}")
+        raise EkError(f"{Path(data_root) / split}: no records with {MASK_FILE}")
     path = layout.cache_dir / f"{split}-labels"
     meta = path / "meta.json"
     if meta.is_file() and json.loads(meta.read_text()).get("ids") != digest_json(ids):
         shutil.rmtree(path)  # the data folder changed under the cache
     if not meta.is_file():
         folders = [record_dir(data_root, split, rid) for rid in ids]
-        side = data.load_mask(folders[0]).shape[0]
+        side = load_mask(folders[0]).shape[0]
         shape = ((len(ids), side, side), np.dtype(np.uint8))
         arrays = {"labels": shape, "soft": shape}
         _build(path, ids, arrays, _fill_labels, folders, workers, f"labels {split}")
@@ -142,7 +153,9 @@ class LabelReader:
         return result
 
 
-def load_labels(layout: Layout, data_root: Path, records: pd.DataFrame, soft: bool = False) -> np.ndarray:
+def load_labels(
+    layout: Layout, data_root: Path, records: pd.DataFrame, soft: bool = False
+) -> np.ndarray:
     """Labels of ``records`` (columns ``record_id``, ``split``) in row order, uint8 ``(N, H, W)``.
 
     Hard labels are 0/1; ``soft=True`` gives the annotators' mean x 255.
@@ -159,13 +172,14 @@ def open_entry(path: Path) -> CacheEntry:
 
 def band_stats(layout: Layout, data_root: Path, spec: InputSpec) -> dict:
     """Per-band statistics of the training pool (a spread-out sample of ``train``), saved once."""
-    ids = data.list_records(data_root, "train")
-    path = layout.cache_dir / f"stats-{digest_json([str(Path(data_root).resolve()), list(spec.bands), digest_json(ids)])}.json"
+    ids = list_records(data_root, "train")
+    key = digest_json([str(Path(data_root).resolve()), list(spec.bands), digest_json(ids)])
+    path = layout.cache_dir / f"stats-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
     sample = ids[:: max(1, len(ids) // STATS_RECORDS)]
     folders = [record_dir(data_root, "train", rid) for rid in sample]
-    stats = data.band_statistics(folders, spec.bands, tuple(range(data.N_FRAMES)))
+    stats = band_statistics(folders, spec.bands, tuple(range(N_FRAMES)))
     write_json(path, stats)
     return stats
 
@@ -179,7 +193,7 @@ class _InputFiller:
     def __call__(self, arrays: dict[str, np.ndarray], rows: range, folders: list[Path]) -> None:
         out = arrays["inputs"]
         for row, folder in zip(rows, folders):
-            values = data.build_input(folder, self.spec, self.stats)
+            values = build_input(folder, self.spec, self.stats)
             if values.shape != out.shape[1:]:
                 raise EkError(f"{folder}: input shape {values.shape} differs from {out.shape[1:]}")
             out[row] = np.rint(values * 255.0) if out.dtype == np.uint8 else values
@@ -187,10 +201,10 @@ class _InputFiller:
 
 def _fill_labels(arrays: dict[str, np.ndarray], rows: range, folders: list[Path]) -> None:
     for row, folder in zip(rows, folders):
-        mask = data.load_mask(folder)
+        mask = load_mask(folder)
         if mask.shape != arrays["labels"].shape[1:]:
-            raise EkError(f"{folder / data.MASK_FILE}: shape {mask.shape} differs from the others")
-        soft = data.load_soft_label(folder)
+            raise EkError(f"{folder / MASK_FILE}: shape {mask.shape} differs from the others")
+        soft = load_soft_label(folder)
         arrays["labels"][row] = mask
         arrays["soft"][row] = mask * 255 if soft is None else np.rint(soft * 255.0)
 
@@ -218,7 +232,9 @@ def _build(
     tmp.mkdir(parents=True)
     try:
         for name, (shape, dtype) in specs.items():
-            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+            np.lib.format.open_memmap(
+                tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape
+            ).flush()
         tasks = [
             (tmp, list(specs), filler, start, folders[start : start + CHUNK])
             for start in range(0, len(folders), CHUNK)

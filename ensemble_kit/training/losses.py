@@ -21,15 +21,15 @@ All terms are computed in float32, even under autocast.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LossTerm
-from .errors import EkError
+from ..config import LossTerm
+from ..errors import EkError
+from ..registry import LOSSES
 
 DICE_SMOOTH = 1.0
 FOCAL_GAMMA = 2.0
@@ -105,13 +105,14 @@ def _lovasz_grad(labels_sorted: torch.Tensor) -> torch.Tensor:
     return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
 
 
-LOSSES: dict[str, LossFunction] = {
-    "dice": dice_loss,
-    "bce": bce_loss,
-    "focal": focal_loss,
-    "logcosh_dice": logcosh_dice_loss,
-    "lovasz": lovasz_hinge_loss,
-}
+for _name, _function in (
+    ("dice", dice_loss),
+    ("bce", bce_loss),
+    ("focal", focal_loss),
+    ("logcosh_dice", logcosh_dice_loss),
+    ("lovasz", lovasz_hinge_loss),
+):
+    LOSSES.register(_name)(_function)
 
 
 class WeightedLoss(nn.Module):
@@ -132,7 +133,7 @@ class WeightedLoss(nn.Module):
             values: dict[str, torch.Tensor] = {}
             for term in self.terms:
                 key = _unique_key(term.name, values)
-                values[key] = LOSSES[term.name](logits, target)
+                values[key] = LOSSES.get(term.name)(logits, target)
         return values
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -160,10 +161,7 @@ def build_loss(terms: tuple[LossTerm, ...]) -> WeightedLoss:
     if not terms:
         raise EkError("a loss needs at least one term")
     for term in terms:
-        if term.name not in LOSSES:
-            close = difflib.get_close_matches(term.name, list(LOSSES), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise EkError(f"unknown loss '{term.name}'{hint}; choose one of {', '.join(LOSSES)}")
+        LOSSES.check(term.name)
     return WeightedLoss(terms)
 
 

@@ -21,20 +21,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import __version__, data
-from .blend import apply_blend, blend_histogram, top_fraction_threshold, verify_blend
-from .cache import band_stats
-from .config import Config, InputSpec, load_config, tta_list
-from .cv import predict_inputs
-from .errors import EkError
-from .files import atomic_path, digest_file, write_json
-from .folds import read_meta
-from .layout import DEFAULT_SUBMISSION, Layout, record_dir
-from .metrics import dice_from_counts
-from .oof import to_uint8
+from .. import __version__
+from ..blend.apply import apply_blend, blend_histogram, verify_blend
+from ..blend.threshold import top_fraction_threshold
+from ..config import Config, InputSpec, load_config, tta_list
+from ..data.cache import band_stats
+from ..data.records import build_input, has_labels, list_records, load_mask
+from ..data.splits import read_meta
+from ..errors import EkError
+from ..files import atomic_path, digest_file, write_json
+from ..layout import DEFAULT_SUBMISSION, Layout, record_dir
+from ..metrics import dice_from_counts
+from ..oof import to_uint8
+from ..runtime import resolve_device
+from .checkpoints import load_fold_model
 from .rle import decode, encode
 from .submission import check_submission, write_submission
-from .train import load_fold_model, resolve_device
+from .tta import predict_inputs
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,10 @@ class _RecordInputs(Dataset):
         return len(self.folders)
 
     def __getitem__(self, index: int):
-        return tuple(torch.from_numpy(data.build_input(self.folders[index], s, st)) for s, st in zip(self.specs, self.stats))
+        return tuple(
+            torch.from_numpy(build_input(self.folders[index], s, st))
+            for s, st in zip(self.specs, self.stats)
+        )
 
 
 @dataclass
@@ -99,21 +105,35 @@ def load_ensemble(layout: Layout, blend: dict, device: torch.device, exported: b
 
             models[name] = load_exported(layout, name, n_folds, device)
         else:
-            models[name] = [load_fold_model(config, layout.fold_dir(name, k), device) for k in range(n_folds)]
+            models[name] = [
+                load_fold_model(config, layout.fold_dir(name, k), device) for k in range(n_folds)
+            ]
     specs = list(dict.fromkeys(c.input for c in configs.values()))
     return Ensemble(configs, models, specs)
 
 
-def predict_codes(ensemble: Ensemble, layout: Layout, data_root: Path, split: str, batch_size: int, device, timer: Timer):
+def predict_codes(
+    ensemble: Ensemble,
+    layout: Layout,
+    data_root: Path,
+    split: str,
+    batch_size: int,
+    device,
+    timer: Timer,
+):
     """Yield ``(record_ids, {config: uint8 codes (B, H, W)})`` batch by batch."""
-    ids = data.list_records(data_root, split)
+    ids = list_records(data_root, split)
     if not ids:
         raise EkError(f"{Path(data_root) / split}: no records to predict")
     train_root = Path(read_meta(layout)["data_root"])
-    stats = [band_stats(layout, train_root, s) if s.channels == "bands" else None for s in ensemble.specs]
+    stats = [
+        band_stats(layout, train_root, s) if s.channels == "bands" else None for s in ensemble.specs
+    ]
     folders = [record_dir(data_root, split, rid) for rid in ids]
     workers = 0 if len(ids) < 64 else 2
-    loader = DataLoader(_RecordInputs(folders, ensemble.specs, stats), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(
+        _RecordInputs(folders, ensemble.specs, stats), batch_size=batch_size, num_workers=workers
+    )
     start, clock = 0, time.perf_counter()
     for inputs in tqdm(loader, desc=f"predict {split}", unit="batch", leave=False):
         clock = timer.add("read", clock)
@@ -127,7 +147,7 @@ def predict_codes(ensemble: Ensemble, layout: Layout, data_root: Path, split: st
 
 
 def run_submit(request: SubmitRequest) -> dict:
-    """Predict a split, write the submission CSV atomically after validating it; returns provenance."""
+    """Predict a split, validate the CSV, write it atomically; returns the provenance."""
     layout = request.layout
     blend = verify_blend(layout)
     data_root = Path(request.data_root or read_meta(layout)["data_root"])
@@ -135,20 +155,24 @@ def run_submit(request: SubmitRequest) -> dict:
     started = time.perf_counter()
     ensemble = load_ensemble(layout, blend, device, request.exported)
     timer = Timer()
-    batches = predict_codes(ensemble, layout, data_root, request.split, request.batch_size, device, timer)
+    batches = predict_codes(
+        ensemble, layout, data_root, request.split, request.batch_size, device, timer
+    )
     ids, rles, shape = _blend_batches(blend, batches, timer)
     out = Path(request.out)
     with atomic_path(out) as tmp:
         write_submission(tmp, ids, rles)
         checked = check_submission(tmp, data_root, request.split, shape=shape)
     provenance = _provenance(layout, blend, ensemble, request, ids, timer, started, checked)
-    if request.split != "test" and all(data.has_labels(data_root, request.split, r) for r in ids):
+    if request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
         provenance["dice"] = _dice_against_masks(out, data_root, request.split, ids)
     write_json(out.with_suffix(".json"), provenance)
     return provenance
 
 
-def _blend_batches(blend: dict, batches, timer: Timer) -> tuple[list[str], list[str], tuple[int, int]]:
+def _blend_batches(
+    blend: dict, batches, timer: Timer
+) -> tuple[list[str], list[str], tuple[int, int]]:
     """Threshold, postprocess and encode batch by batch; top-fraction mode first collects the
     blend sums of the whole split in a temporary memmap to find its threshold."""
     if blend["threshold_mode"] == "top_fraction":
@@ -177,8 +201,13 @@ def _blend_top_fraction(blend: dict, batches, timer: Timer):
                 handles[name].write(np.ascontiguousarray(codes[name]).tobytes())
         for handle in handles.values():
             handle.close()
-        stored = {n: np.memmap(p, np.uint8, "r", shape=(len(ids), *shape)) for n, p in paths.items()}
-        histogram = sum(blend_histogram(blend, {n: stored[n][s : s + 64] for n in weights}) for s in range(0, len(ids), 64))
+        stored = {
+            n: np.memmap(p, np.uint8, "r", shape=(len(ids), *shape)) for n, p in paths.items()
+        }
+        histogram = sum(
+            blend_histogram(blend, {n: stored[n][s : s + 64] for n in weights})
+            for s in range(0, len(ids), 64)
+        )
         threshold = top_fraction_threshold(histogram, blend["top_fraction"])
         rles = []
         for start in range(0, len(ids), 64):
@@ -195,7 +224,7 @@ def _dice_against_masks(path: Path, data_root: Path, split: str, ids: list[str])
     rows = dict(pd.read_csv(path, dtype=str, keep_default_na=False).itertuples(index=False))
     tp = n_pred = n_true = 0
     for rid in ids:
-        mask = data.load_mask(record_dir(data_root, split, rid)).astype(bool)
+        mask = load_mask(record_dir(data_root, split, rid)).astype(bool)
         predicted = decode(rows[rid], mask.shape)
         tp += int(np.count_nonzero(predicted & mask))
         n_pred += int(np.count_nonzero(predicted))
@@ -210,10 +239,22 @@ def _provenance(layout, blend, ensemble, request, ids, timer, started, checked) 
         "split": request.split,
         "records": len(ids),
         "blend_json_digest": digest_file(layout.blend_json),
-        "configs": {n: {"weight": blend["configs"][n], "folds": len(ensemble.models[n]),
-                        "tta": list(tta_list(c)), "tta_merge": c.tta_merge} for n, c in ensemble.configs.items()},
-        "threshold": blend.get("threshold"), "min_pixels": blend.get("min_pixels"),
-        "min_component": blend.get("min_component"), "exported": request.exported,
-        "version": __version__, "seconds": total, "records_per_second": len(ids) / max(total, 1e-9),
-        "seconds_by_stage": timer.seconds, "check": checked,
+        "configs": {
+            n: {
+                "weight": blend["configs"][n],
+                "folds": len(ensemble.models[n]),
+                "tta": list(tta_list(c)),
+                "tta_merge": c.tta_merge,
+            }
+            for n, c in ensemble.configs.items()
+        },
+        "threshold": blend.get("threshold"),
+        "min_pixels": blend.get("min_pixels"),
+        "min_component": blend.get("min_component"),
+        "exported": request.exported,
+        "version": __version__,
+        "seconds": total,
+        "records_per_second": len(ids) / max(total, 1e-9),
+        "seconds_by_stage": timer.seconds,
+        "check": checked,
     }

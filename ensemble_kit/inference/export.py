@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import load_config, resolved_dict
-from .errors import EkError
-from .files import atomic_path, write_json
-from .folds import read_meta
-from .layout import Layout
-from .train import load_fold_model
+from ..config import load_config, resolved_dict
+from ..data.splits import read_meta
+from ..errors import EkError
+from ..files import atomic_path, write_json
+from ..layout import Layout
+from .checkpoints import load_fold_model
 
 log = logging.getLogger(__name__)
 FORMATS = ("torchscript", "onnx")
@@ -44,10 +44,17 @@ def sample_inputs(in_channels: int, side: int, count: int = 2, seed: int = 0) ->
 def parity(reference: torch.nn.Module, exported, inputs: torch.Tensor) -> float:
     """Largest absolute difference of sigmoid outputs between two models."""
     with torch.inference_mode():
-        return float((torch.sigmoid(reference(inputs)) - torch.sigmoid(exported(inputs))).abs().max())
+        return float(
+            (torch.sigmoid(reference(inputs)) - torch.sigmoid(exported(inputs))).abs().max()
+        )
 
 
-def export_models(layout: Layout, fmt: str = "torchscript", names: list[str] | None = None, side: int | None = None) -> dict:
+def export_models(
+    layout: Layout,
+    fmt: str = "torchscript",
+    names: list[str] | None = None,
+    side: int | None = None,
+) -> dict:
     """Trace every fold model of the named (default: blended) configs; returns the manifest."""
     if fmt not in FORMATS:
         raise EkError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -58,7 +65,11 @@ def export_models(layout: Layout, fmt: str = "torchscript", names: list[str] | N
         config = load_config(layout.config_dir(name) / "config.yaml")
         size = side or _label_side(layout, name)
         worst = max(_export_fold(layout, config, k, fmt, size) for k in range(n_folds))
-        manifest["configs"][name] = {"config": resolved_dict(config), "side": size, "max_abs_diff": worst}
+        manifest["configs"][name] = {
+            "config": resolved_dict(config),
+            "side": size,
+            "max_abs_diff": worst,
+        }
     if layout.blend_json.is_file():
         shutil.copyfile(layout.blend_json, layout.export_dir / "blend.json")
     write_json(layout.export_dir / "manifest.json", manifest)
@@ -73,12 +84,19 @@ def _export_fold(layout: Layout, config, fold: int, fmt: str, side: int) -> floa
     if fmt == "onnx":
         return _export_onnx(model, inputs, path)
     with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the input size is baked in on purpose
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
+        warnings.simplefilter(
+            "ignore", torch.jit.TracerWarning
+        )  # the input size is baked in on purpose
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # torch.jit is deprecated but still the portable format
         traced = torch.jit.freeze(torch.jit.trace(model, inputs[:1], check_trace=False))
     diff = parity(model, traced, inputs)
     if diff > TOLERANCE:
-        raise EkError(f"{config.name} fold {fold}: traced model differs from eager by {diff:.2e} (> {TOLERANCE}); not exported")
+        raise EkError(
+            f"{config.name} fold {fold}: traced model differs from eager by {diff:.2e} "
+            f"(> {TOLERANCE}); not exported"
+        )
     with atomic_path(path) as tmp:
         torch.jit.save(traced, str(tmp))
     reloaded = torch.jit.load(str(path))
@@ -91,10 +109,18 @@ def _export_onnx(model, inputs: torch.Tensor, path: Path) -> float:
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise EkError("--format onnx needs the onnx and onnxruntime packages (pip install onnx onnxruntime)") from None
+        raise EkError(
+            "--format onnx needs the onnx and onnxruntime packages (pip install onnx onnxruntime)"
+        ) from None
     with atomic_path(path) as tmp:
-        torch.onnx.export(model, inputs[:1], str(tmp), input_names=["x"], output_names=["logits"],
-                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(
+            model,
+            inputs[:1],
+            str(tmp),
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
+        )
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path))

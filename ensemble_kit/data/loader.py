@@ -34,7 +34,11 @@ class ArraySet:
         picked = self.rows[members]
         first_inputs, first_labels = self.sources[0]
         inputs = np.empty((len(members), *first_inputs.shape[1:]), first_inputs.dtype)
-        labels = None if first_labels is None else np.empty((len(members), *first_labels.shape[1:]), first_labels.dtype)
+        labels = (
+            None
+            if first_labels is None
+            else np.empty((len(members), *first_labels.shape[1:]), first_labels.dtype)
+        )
         for source in np.unique(picked[:, 0]):
             where = np.flatnonzero(picked[:, 0] == source)
             rows = picked[where, 1]
@@ -59,7 +63,9 @@ class _Batches(Dataset):
         return (inputs_t, None) if labels is None else (inputs_t, torch.from_numpy(labels))
 
 
-def batch_order(n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> list[np.ndarray]:
+def batch_order(
+    n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool
+) -> list[np.ndarray]:
     """Member indices per batch; a seeded permutation when shuffling."""
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .layout import Layout, fold_files
+from ..layout import Layout, fold_files
 
 
 def fold_state(fold_dir: Path) -> dict:
@@ -14,7 +14,7 @@ def fold_state(fold_dir: Path) -> dict:
     files = fold_files(fold_dir)
     if files["done"].is_file():
         return {"state": "done", **json.loads(files["done"].read_text())}
-    lock = fold_dir / "RUNNING"
+    lock = fold_files(fold_dir)["running"]
     if lock.is_file() and _alive(lock.read_text().strip()):
         return {"state": "running"}
     if files["last"].is_file():
@@ -38,13 +38,15 @@ def status_rows(layout: Layout) -> list[dict]:
         summary_path = layout.summary(name)
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         folds = [fold_state(layout.fold_dir(name, k)) for k in range(n_folds)]
-        rows.append({
-            "config": name,
-            "folds": folds,
-            "oof_dice": summary.get("oof_dice"),
-            "holdout_dice": summary.get("holdout_dice_at_oof_threshold"),
-            "seconds": sum(f.get("seconds_total", 0.0) for f in folds),
-        })
+        rows.append(
+            {
+                "config": name,
+                "folds": folds,
+                "oof_dice": summary.get("oof_dice"),
+                "holdout_dice": summary.get("holdout_dice_at_oof_threshold"),
+                "seconds": sum(f.get("seconds_total", 0.0) for f in folds),
+            }
+        )
     return rows
 
 
@@ -63,7 +65,11 @@ def format_status(rows: list[dict]) -> str:
     table = [header]
     for row in sorted(rows, key=lambda r: -(r["oof_dice"] or -1)):
         cells = [row["config"]] + [_fold_cell(f) for f in row["folds"]]
-        cells += [_number(row["oof_dice"]), _number(row["holdout_dice"]), f"{row['seconds'] / 60:.1f} min"]
+        cells += [
+            _number(row["oof_dice"]),
+            _number(row["holdout_dice"]),
+            f"{row['seconds'] / 60:.1f} min",
+        ]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import InputSpec
-from .errors import EkError
-from .layout import record_dir
+from ..config import InputSpec
+from ..errors import EkError
+from ..layout import record_dir
 
 N_FRAMES = 8
 LABELLED_FRAME = 4
@@ -76,10 +76,12 @@ def load_bands(folder: Path, bands: tuple[int, ...], frames: tuple[int, ...]) ->
 
 
 def ash_false_color(b11: np.ndarray, b14: np.ndarray, b15: np.ndarray) -> np.ndarray:
-    """Ash RGB in [0, 1]: R=(B15-B14) from (-4,2) K, G=(B14-B11) from (-4,5) K, B=B14 from (243,303) K.
+    """Ash RGB in [0, 1]: R=(B15-B14) from (-4,2) K, G=(B14-B11) from (-4,5) K,
+    B=B14 from (243,303) K.
 
     Inputs have any equal shapes; the output stacks the three channels first.
     """
+
     def scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
         return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
 

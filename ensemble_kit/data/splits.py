@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import data
+from ..errors import EkError
+from ..files import digest_file, digest_json, write_json
+from ..layout import Layout
+from ..oof import read_ids, write_ids
 from .cache import load_labels
-from .errors import EkError
-from .files import digest_file, digest_json, write_json
-from .layout import Layout
-from .oof import read_ids, write_ids
+from .records import has_labels, list_records
 
 HOLDOUT_FOLD = -1
 
@@ -54,7 +54,9 @@ def assign_folds(mask_sizes: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 def data_digest(data_root: Path, splits: tuple[str, ...]) -> str:
     """Digest of the record ids of the given splits (what identifies a data set)."""
     root = Path(data_root)
-    return digest_json({s: data.list_records(root, s) for s in splits if s == "train" or (root / s).is_dir()})
+    return digest_json(
+        {s: list_records(root, s) for s in splits if s == "train" or (root / s).is_dir()}
+    )
 
 
 def make_splits(
@@ -64,7 +66,7 @@ def make_splits(
     data_root = Path(data_root)
     pool = ("train", "validation") if pool_validation else ("train",)
     records = pd.DataFrame(
-        [(rid, split) for split in pool for rid in data.list_records(data_root, split)],
+        [(rid, split) for split in pool for rid in list_records(data_root, split)],
         columns=["record_id", "split"],
     )
     if records.empty:
@@ -74,15 +76,28 @@ def make_splits(
     holdout = _holdout(data_root, pool)
     splits = pd.concat([records, holdout], ignore_index=True)
     write_ids(layout.splits_csv, splits)
-    meta = SplitsMeta(str(data_root.resolve()), n_folds, seed, pool, data_digest(data_root, ("train", "validation")))
-    write_json(layout.splits_meta, {**meta.__dict__, "pool": list(pool), "digest": digest_file(layout.splits_csv)})
+    meta = SplitsMeta(
+        str(data_root.resolve()),
+        n_folds,
+        seed,
+        pool,
+        data_digest(data_root, ("train", "validation")),
+    )
+    write_json(
+        layout.splits_meta,
+        {**meta.__dict__, "pool": list(pool), "digest": digest_file(layout.splits_csv)},
+    )
     return splits
 
 
 def _holdout(data_root: Path, pool: tuple[str, ...]) -> pd.DataFrame:
     if "validation" in pool or not (data_root / "validation").is_dir():
         return pd.DataFrame(columns=["record_id", "split", "fold"])
-    ids = [rid for rid in data.list_records(data_root, "validation") if data.has_labels(data_root, "validation", rid)]
+    ids = [
+        rid
+        for rid in list_records(data_root, "validation")
+        if has_labels(data_root, "validation", rid)
+    ]
     return pd.DataFrame({"record_id": ids, "split": "validation", "fold": HOLDOUT_FOLD})
 
 
@@ -102,10 +117,6 @@ def read_meta(layout: Layout) -> dict:
         raise EkError(f"{layout.splits_meta}: missing; run `ek folds` or `ek cv`") from None
 
 
-def splits_digest(layout: Layout) -> str:
-    return digest_file(layout.splits_csv)
-
-
 def ensure_splits(
     layout: Layout, data_root: Path | None, n_folds: int | None, seed: int = 0
 ) -> tuple[pd.DataFrame, dict]:
@@ -121,11 +132,16 @@ def ensure_splits(
             f"{layout.splits_csv} has {meta['n_folds']} folds, not {n_folds}; use --folds "
             f"{meta['n_folds']}, or start over in a new --workdir (or delete {layout.workdir})"
         )
-    if data_root is not None and data_digest(Path(data_root), ("train", "validation")) != meta["data_digest"]:
+    if (
+        data_root is not None
+        and data_digest(Path(data_root), ("train", "validation")) != meta["data_digest"]
+    ):
         raise EkError(
             f"{layout.splits_csv} was made for another data set ({meta['data_root']}); "
             f"use a new --workdir or delete {layout.workdir} to start over"
         )
     if digest_file(layout.splits_csv) != meta.get("digest"):
-        raise EkError(f"{layout.splits_csv}: changed since it was written; restore it or start over")
+        raise EkError(
+            f"{layout.splits_csv}: changed since it was written; restore it or start over"
+        )
     return read_splits(layout), meta

@@ -1,0 +1,198 @@
+"""Numba kernels of the blend search, with the plain numpy reference of :func:`_best_per_set`.
+
+Arrays in, arrays out: nothing here knows about configs, files or the search around them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ..metrics import N_CODES, best_from_counts, sweep_from_histogram
+
+
+@njit(cache=True, parallel=True)
+def weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Blend sum ``S[p] = sum_c weights[c] * values[c, p]`` as int32 ``(P,)``."""
+    n_configs, n_pixels = values.shape
+    sums = np.zeros(n_pixels, dtype=np.int32)
+    for p in prange(n_pixels):
+        total = 0
+        for c in range(n_configs):
+            total += weights[c] * values[c, p]
+        sums[p] = total
+    return sums
+
+
+@njit(cache=True)
+def _best_per_set(hist, fold_positives, lowest):
+    """Best threshold ``>= lowest`` of the whole set and of each leave-one-fold-out set.
+
+    Args:
+        hist: int64 ``(K, n_values, 2)`` per-fold counts of (value, label).
+        fold_positives: int64 ``(K,)`` all positives per fold (dropped pixels included).
+        lowest: Smallest threshold searched; ``n_values`` means "predict nothing".
+
+    Returns:
+        ``(dice, threshold)`` of shape ``(K + 1,)``: index 0 all folds, ``k + 1`` without fold k.
+    """
+    n_folds, n_values, _ = hist.shape
+    best_dice = np.full(n_folds + 1, -1.0)
+    best_t = np.zeros(n_folds + 1, dtype=np.int64)
+    above = np.zeros((n_folds, 2), dtype=np.int64)
+    total_positives = fold_positives.sum()
+    for t in range(n_values, lowest - 1, -1):
+        if t < n_values:
+            for k in range(n_folds):
+                above[k, 0] += hist[k, t, 0]
+                above[k, 1] += hist[k, t, 1]
+        tp_all, fp_all = above[:, 1].sum(), above[:, 0].sum()
+        for s in range(n_folds + 1):
+            tp, fp, positives = tp_all, fp_all, total_positives
+            if s > 0:
+                tp, fp, positives = (
+                    tp - above[s - 1, 1],
+                    fp - above[s - 1, 0],
+                    positives - fold_positives[s - 1],
+                )
+            denominator = 2.0 * tp + fp + (positives - tp)
+            dice = 2.0 * tp / denominator if denominator > 0 else 1.0
+            if dice >= best_dice[s]:  # scanning down, so ties go to the smallest threshold
+                best_dice[s], best_t[s] = dice, t
+    return best_dice, best_t
+
+
+def best_per_set_reference(hist, fold_positives, lowest):
+    """Numpy reference of :func:`_best_per_set`."""
+    dice, thresholds = [], []
+    for s in range(len(fold_positives) + 1):
+        keep = np.arange(len(fold_positives)) != s - 1
+        tp, fp, fn = sweep_from_histogram(hist[keep].sum(axis=0))
+        threshold, best = best_from_counts(
+            tp, fp, fn + int(fold_positives[keep].sum()) - int(hist[keep, :, 1].sum()), lowest
+        )
+        dice.append(best)
+        thresholds.append(threshold)
+    return np.array(dice), np.array(thresholds)
+
+
+@njit(cache=True, parallel=True)
+def _score_moves(
+    bases,
+    values,
+    move_base,
+    move_config,
+    move_sign,
+    move_lowest,
+    labels,
+    pixel_fold,
+    fold_positives,
+    n_values,
+    scratch,
+):
+    """Best-threshold dice per set of each move ``bases[b] + sign * values[config]``.
+
+    Thresholds of move ``m`` are searched from ``move_lowest[m]`` (its floor) up.
+    ``scratch`` is int64 ``(T, >= K * n_values * 2)``: one reused histogram per worker, so
+    no call pays the page faults of fresh allocations.
+    """
+    n_moves, n_folds = move_base.shape[0], fold_positives.shape[0]
+    dice = np.zeros((n_moves, n_folds + 1))
+    thresholds = np.zeros((n_moves, n_folds + 1), dtype=np.int64)
+    n_workers = scratch.shape[0]
+    for worker in prange(n_workers):
+        hist = scratch[worker, : n_folds * n_values * 2].reshape((n_folds, n_values, 2))
+        for m in range(worker, n_moves, n_workers):
+            hist[:] = 0
+            base, config, sign = bases[move_base[m]], move_config[m], move_sign[m]
+            for p in range(labels.shape[0]):
+                hist[pixel_fold[p], base[p] + sign * values[config, p], labels[p]] += 1
+            dice[m], thresholds[m] = _best_per_set(hist, fold_positives, move_lowest[m])
+    return dice, thresholds
+
+
+@njit(cache=True)
+def fold_histograms(levels, labels, pixel_fold, n_folds, n_values):
+    """Per-fold counts of (level, label) for levels ``>= 0``: int64 ``(K, n_values, 2)``."""
+    hist = np.zeros((n_folds, n_values, 2), dtype=np.int64)
+    for p in range(levels.shape[0]):
+        if levels[p] >= 0:
+            hist[pixel_fold[p], levels[p], labels[p]] += 1
+    return hist
+
+
+@njit(cache=True, parallel=True)
+def _pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, n_values):
+    """Per (min-pixel, min-component) pair, per-fold counts of (level, label).
+
+    The level of a pixel is ``min(sum, cuts[a, image], taus[b, pixel])``: the highest
+    threshold at which it survives the pair. Returns int64 ``(A, B, K, n_values, 2)``.
+    """
+    n_cuts, n_taus = cuts.shape[0], taus.shape[0]
+    hist = np.zeros((n_cuts, n_taus, n_folds, n_values, 2), dtype=np.int64)
+    for pair in prange(n_cuts * n_taus):
+        a, b = pair // n_taus, pair % n_taus
+        for i in range(image_start.shape[0] - 1):
+            cut = cuts[a, i]
+            for p in range(image_start[i], image_start[i + 1]):
+                level = min(sums[p], cut, taus[b, p])
+                if level >= 0:
+                    hist[a, b, pixel_fold[p], level, labels[p]] += 1
+    return hist
+
+
+@njit(cache=True, parallel=True)
+def _scan_chunk(
+    stack: np.ndarray, labels: np.ndarray, floor: int, hist: np.ndarray, flags: np.ndarray
+) -> None:
+    """Dense pass over a chunk ``(C, B, HW)``: per-image histograms and candidate flags.
+
+    Writes ``hist`` int64 ``(C, B, 256, 2)`` and ``flags`` uint8 ``(B, >= HW)`` (reused buffers).
+    Codes are first counted without labels in a small table that stays in L1 cache; the
+    rare labelled positives are then moved to the label-1 column.
+    """
+    n_configs, n_images, n_pixels = stack.shape
+    for i in prange(n_images):
+        counts = np.zeros((n_configs, N_CODES), dtype=np.int32)
+        for p in range(n_pixels):
+            top = 0
+            for c in range(n_configs):
+                v = stack[c, i, p]
+                counts[c, v] += 1
+                top = max(top, v)
+            flags[i, p] = top >= floor
+        hist[:, i, :, 0] = counts
+        hist[:, i, :, 1] = 0
+        for p in range(n_pixels):
+            if labels[i, p]:
+                for c in range(n_configs):
+                    hist[c, i, stack[c, i, p], 1] += 1
+                    hist[c, i, stack[c, i, p], 0] -= 1
+
+
+@njit(cache=True, parallel=True)
+def _gather_chunk(stack, labels, flags, starts):
+    """Values, labels and positions of the flagged pixels of a chunk, in (image, raster) order.
+
+    ``flags`` is uint8 ``(B, HW)`` with ``HW`` a multiple of 8: eight flags are tested at
+    once, so the mostly-empty images cost little beyond one read of their flags.
+    """
+    n_configs, n_images, n_pixels = stack.shape
+    total = starts[-1]
+    values = np.empty((n_configs, total), dtype=np.uint8)
+    sparse_labels = np.empty(total, dtype=np.uint8)
+    positions = np.empty(total, dtype=np.int32)
+    for i in prange(n_images):
+        k = starts[i]
+        words = flags[i].view(np.uint64)
+        for w in range(words.shape[0]):
+            if words[w] == 0:
+                continue
+            for p in range(8 * w, 8 * w + 8):
+                if flags[i, p]:
+                    for c in range(n_configs):
+                        values[c, k] = stack[c, i, p]
+                    sparse_labels[k] = 1 if labels[i, p] else 0
+                    positions[k] = p
+                    k += 1
+    return values, sparse_labels, positions

@@ -1,0 +1,201 @@
+"""``ek blend --oof`` on a workdir: read OOF pool and labels, search, write blend.json, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import report
+from ..data.cache import load_labels
+from ..errors import EkError
+from ..files import write_json
+from ..metrics import dice_from_counts
+from ..oof import read_ids, read_oof
+from .apply import _digest, apply_blend, blend_histogram, top_fraction_threshold
+from .ensemble_search import SearchResult, search
+
+log = logging.getLogger(__name__)
+
+
+def run_blend(
+    layout,
+    data_root: Path | None = None,
+    configs: list[str] | None = None,
+    steps: int = 25,
+    refine: bool = False,
+) -> dict:
+    """``ek blend --oof``: search on every finished config's OOF, write blend.json and a report.
+
+    Args:
+        layout: The workdir :class:`~ensemble_kit.layout.Layout`.
+        data_root: Kaggle data folder with the labels; default: ``splits.json``'s data_root.
+        configs: Config names to pool; default every config with a ``summary.json``.
+        steps: Greedy selection rounds.
+        refine: Try an integer coordinate refinement of the weights.
+
+    Returns:
+        The blend dict, as written to ``layout.blend_json``.
+    """
+    pool = _read_pool(layout, configs)
+    splits = _read_splits(layout)
+    data_root = Path(data_root) if data_root is not None else _splits_data_root(layout)
+    first = pool[0]
+    labels = _load_labels(layout, data_root, first.ids, splits)
+    log.info("blend: %d configs, %d OOF records", len(pool), len(first.ids))
+    result = search(
+        [o.probs for o in pool], labels, first.folds, steps, refine, [o.name for o in pool]
+    )
+    blend = blend_dict(result, first.folds, _digests(layout, pool))
+    blend["scores"]["holdout"] = _holdout_dice(layout, data_root, blend, pool, splits)
+    write_json(layout.blend_json, blend)
+    report.write_blend_report(layout.blend_report_dir, blend, result.curves)
+    log.info(
+        "blend: wrote %s (nested dice %.4f)", layout.blend_json, blend["scores"]["nested"]["pooled"]
+    )
+    return blend
+
+
+def blend_dict(result: SearchResult, folds: np.ndarray, digests: dict) -> dict:
+    """The ``blend.json`` content of a search result."""
+    choice, names = result.choice, result.names
+    scores = {
+        "per_config": result.per_config,
+        "blend_oof": choice.dice,
+        "blend_oof_per_fold": result.per_fold,
+        "blend_oof_no_postprocess": float(choice.table[0, 0]),
+        "nested": {
+            "per_fold": result.nested.per_fold(result.mode),
+            "pooled": result.nested.pooled(result.mode),
+            "value": result.nested.pooled("value"),
+            "top_fraction": result.nested.pooled("top_fraction"),
+        },
+        "holdout": None,
+        "best_single": max(result.per_config, key=lambda n: result.per_config[n]["nested"]),
+        "selection_path": [
+            {"step": i + 1, "config": names[c], "dice": d}
+            for i, (c, d) in enumerate(result.nested.path)
+        ],
+        "min_pixels_curve": {
+            str(n): float(d) for n, d in zip(choice.grids[0], choice.table.max(axis=1))
+        },
+        "refined": result.nested.refined,
+        "oof_top_fraction": choice.top_fraction,
+        "search_floor": result.floor / 255.0,
+        "n_records": int(len(folds)),
+    }
+    return {
+        "configs": {name: int(w) for name, w in zip(names, choice.weights) if w > 0},
+        "threshold_mode": result.mode,
+        "threshold_sum": int(choice.threshold_sum),
+        "threshold": result.threshold,
+        "top_fraction": choice.top_fraction if result.mode == "top_fraction" else None,
+        "min_pixels": choice.min_pixels,
+        "min_component": choice.min_component,
+        "scores": scores,
+        "digests": digests,
+    }
+
+
+def _digests(layout, pool) -> dict:
+    return {
+        "splits": pool[0].summary.get("splits_digest"),
+        "oof": {o.name: _digest(layout.oof_npy(o.name)) for o in pool},
+        "holdout": {
+            o.name: _digest(layout.holdout_npy(o.name)) for o in pool if o.holdout is not None
+        },
+    }
+
+
+def _read_pool(layout, configs: list[str] | None) -> list:
+    if configs is None:
+        workdir = layout.workdir
+        names = (
+            sorted(p.name for p in workdir.iterdir() if (p / "summary.json").is_file())
+            if workdir.is_dir()
+            else []
+        )
+    else:
+        names = list(configs)
+    if not names:
+        raise EkError(
+            f"{layout.workdir}: no finished configs (no <config>/summary.json); run `ek cv` first"
+        )
+    pool = [read_oof(layout, name) for name in names]
+    first = pool[0]
+    for other in pool[1:]:
+        _check_same(layout, first, other)
+    return pool
+
+
+def _check_same(layout, first, other) -> None:
+    if other.summary.get("splits_digest") != first.summary.get("splits_digest"):
+        raise EkError(
+            f"{layout.summary(other.name)}: different splits from '{first.name}' "
+            "(splits_digest differs); rerun ek cv on the same splits"
+        )
+    if other.ids != first.ids or not np.array_equal(other.folds, first.folds):
+        raise EkError(
+            f"{layout.oof_ids(other.name)}: record ids or folds differ from '{first.name}'"
+        )
+    if other.probs.shape != first.probs.shape:
+        raise EkError(
+            f"{layout.oof_npy(other.name)}: shape {other.probs.shape} differs from "
+            f"'{first.name}' {first.probs.shape}"
+        )
+    if (other.holdout is None) != (first.holdout is None) or other.holdout_ids != first.holdout_ids:
+        raise EkError(
+            f"{layout.holdout_ids(other.name)}: holdout records differ from '{first.name}'"
+        )
+
+
+def _read_splits(layout) -> dict[str, str]:
+    splits = read_ids(layout.splits_csv)
+    if not {"record_id", "split"} <= set(splits.columns):
+        raise EkError(f"{layout.splits_csv}: expected columns record_id,split,fold")
+    return dict(zip(splits["record_id"], splits["split"]))
+
+
+def _splits_data_root(layout) -> Path:
+    path = layout.splits_meta
+    try:
+        return Path(json.loads(path.read_text())["data_root"])
+    except FileNotFoundError:
+        raise EkError(f"{path}: missing; pass --data or rerun `ek cv`") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise EkError(f"{path}: no data_root; pass --data") from None
+
+
+def _load_labels(layout, data_root: Path, ids: list[str], splits: dict[str, str]) -> np.ndarray:
+    missing = [rid for rid in ids if rid not in splits]
+    if missing:
+        raise EkError(
+            f"{layout.splits_csv}: records {missing[:3]} of the OOF are not in the splits"
+        )
+    records = pd.DataFrame({"record_id": ids, "split": [splits[rid] for rid in ids]})
+    return load_labels(layout, data_root, records)
+
+
+def _holdout_dice(layout, data_root, blend, pool, splits, batch: int = 256) -> float | None:
+    """Global dice of the final choice on the holdout records, which no choice looked at."""
+    chosen = [o for o in pool if o.name in blend["configs"]]
+    if any(o.holdout is None for o in chosen) or not chosen[0].holdout_ids:
+        return None
+    labels = _load_labels(layout, data_root, chosen[0].holdout_ids, splits)
+    batches = [slice(lo, lo + batch) for lo in range(0, len(labels), batch)]
+    threshold = None
+    if blend["threshold_mode"] == "top_fraction":
+        counts = sum(
+            blend_histogram(blend, {o.name: o.holdout[b] for o in chosen}) for b in batches
+        )
+        threshold = top_fraction_threshold(counts, blend["top_fraction"])
+    tp = n_pred = 0
+    for b in batches:
+        predicted = apply_blend(blend, {o.name: o.holdout[b] for o in chosen}, threshold)
+        tp += int(np.count_nonzero(predicted & (labels[b] > 0)))
+        n_pred += int(np.count_nonzero(predicted))
+    n_true = int(np.count_nonzero(labels))
+    return dice_from_counts(tp, n_pred - tp, n_true - tp)

@@ -1,0 +1,22 @@
+"""Loading trained fold models: the architecture rebuilt, then the fold's ``best.pt``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import EkError
+from ..layout import fold_files
+from ..models import build_model
+
+
+def load_fold_model(config: Config, fold_dir: Path, device: torch.device) -> torch.nn.Module:
+    """The best checkpoint of a fold, in eval mode."""
+    path = fold_files(fold_dir)["best"]
+    if not path.is_file():
+        raise EkError(f"{path}: missing; run `ek cv` to train this fold")
+    model = build_model(config)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    return model.to(device).eval()

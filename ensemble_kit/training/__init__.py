@@ -1,0 +1,1 @@
+"""Training: models' losses, augmentations, the one-fold trainer, cv, backends, status."""

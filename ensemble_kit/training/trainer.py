@@ -1,0 +1,401 @@
+"""Training of one fold: resumable, seeded, with AMP, EMA, accumulation and early stopping.
+
+Everything random in an epoch (batch order, augmentation, dropout) is seeded from
+``(config seed, fold, epoch)``, so a run resumed from the last epoch checkpoint continues
+exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from ..config import Config, OptimSpec, ScheduleSpec, dump_config
+from ..data.loader import ArraySet, batches, labels_to_float, to_float
+from ..errors import EkError
+from ..files import atomic_path, write_json, write_text
+from ..geometry import shift_label
+from ..layout import fold_files
+from ..metrics import best_threshold
+from ..models import build_model
+from ..registry import OPTIMIZERS, SCHEDULES
+from ..runtime import Runtime, resolve_runtime
+from .augment import Augmenter
+from .losses import build_loss, smooth_labels
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(EkError):
+    """The loss became NaN or infinite."""
+
+
+def epoch_seed(seed: int, fold: int, epoch: int) -> int:
+    return (seed * 1_000_003 + fold * 10_007 + epoch) % (2**31)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+OPTIMIZERS.register("adam")(
+    lambda spec, params: torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+)
+OPTIMIZERS.register("adamw")(
+    lambda spec, params: torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+)
+OPTIMIZERS.register("sgd")(
+    lambda spec, params: torch.optim.SGD(
+        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
+)
+
+
+def make_optimizer(spec: OptimSpec, params) -> torch.optim.Optimizer:
+    return OPTIMIZERS.get(spec.name)(spec, params)
+
+
+def lr_factor(spec: ScheduleSpec, step: int, total: int, base_lr: float) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (linear warm-up, then the schedule)."""
+    if spec.warmup_iters and step < spec.warmup_iters:
+        return (step + 1) / spec.warmup_iters
+    if spec.name == "none":
+        return 1.0
+    span = max(1, total - spec.warmup_iters)
+    progress = min(1.0, (step - spec.warmup_iters) / span)
+    floor = spec.min_lr / base_lr if base_lr else 0.0
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _onecycle(spec: ScheduleSpec, optimizer: torch.optim.Optimizer, total_steps: int):
+    base_lr = optimizer.param_groups[0]["lr"]
+    pct = spec.warmup_iters / total_steps if spec.warmup_iters else 0.3
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=base_lr,
+        total_steps=max(total_steps, 2),
+        pct_start=min(max(pct, 0.01), 0.99),
+    )
+
+
+def _warmup_then_cosine(spec: ScheduleSpec, optimizer: torch.optim.Optimizer, total_steps: int):
+    base_lr = optimizer.param_groups[0]["lr"]
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(spec, step, total_steps, base_lr)
+    )
+
+
+SCHEDULES.register("onecycle")(_onecycle)
+SCHEDULES.register("cosine")(_warmup_then_cosine)
+SCHEDULES.register("none")(_warmup_then_cosine)  # lr_factor: warm-up, then constant
+
+
+def make_scheduler(spec: ScheduleSpec, optimizer: torch.optim.Optimizer, total_steps: int):
+    return SCHEDULES.get(spec.name)(spec, optimizer, total_steps)
+
+
+class Ema:
+    """Exponential moving average of a model's weights (buffers copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+@dataclass
+class FoldState:
+    """What an epoch checkpoint restores besides the weights."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimiser steps taken
+    best_dice: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """One fold's model, optimiser and schedule, built from a config."""
+
+    config: Config
+    runtime: Runtime
+    total_steps: int
+    model: torch.nn.Module = field(init=False)
+
+    def __post_init__(self):
+        self.model = build_model(self.config).to(self.runtime.device)
+        if self.runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = make_optimizer(self.config.optim, self.model.parameters())
+        self.scheduler = make_scheduler(self.config.schedule, self.optimizer, self.total_steps)
+        self.scaler = torch.amp.GradScaler(
+            self.runtime.device.type, enabled=self.runtime.use_scaler
+        )
+        self.ema = Ema(self.model, self.config.train.ema) if self.config.train.ema else None
+        self.loss_fn = build_loss(self.config.loss)
+        self.augmenter = Augmenter(self.config.augment)
+        self.forward = (
+            torch.compile(self.model, mode="reduce-overhead")
+            if self.runtime.compile
+            else self.model
+        )
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.model if self.ema else self.model
+
+    def state_dict(self, state: FoldState) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": state.__dict__,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, checkpoint: dict) -> FoldState:
+        self.model.load_state_dict(checkpoint["model"])
+        if self.ema and checkpoint["ema"] is not None:
+            self.ema.model.load_state_dict(checkpoint["ema"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        random.setstate(checkpoint["rng"]["python"])
+        return FoldState(**checkpoint["state"])
+
+    def autocast(self):
+        enabled = self.runtime.amp_dtype is not None
+        return torch.autocast(
+            self.runtime.device.type, dtype=self.runtime.amp_dtype or torch.float32, enabled=enabled
+        )
+
+    def prepare(
+        self, inputs: torch.Tensor, labels: torch.Tensor | None, soft: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cached batch -> float tensors on the device (labels corrected and smoothed)."""
+        device = self.runtime.device
+        x = to_float(inputs.to(device, non_blocking=True))
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if labels is None:
+            return x, None
+        y = labels_to_float(labels.to(device, non_blocking=True), soft)
+        if self.config.label.shift_correct:
+            y = shift_label(y, -0.5, -0.5)
+        return x, y
+
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, step_in_epoch: int, generator: torch.Generator
+    ) -> float:
+        """Forward/backward of one batch; steps the optimiser every ``accumulate`` batches."""
+        spec = self.config.train
+        x, y = self.augmenter(x, y, generator)
+        y = smooth_labels(y, self.config.label.smoothing)
+        with self.autocast():
+            logits = self.forward(x)
+        loss = self.loss_fn(logits.float(), y)
+        if not torch.isfinite(loss):
+            return float("nan")
+        self.scaler.scale(loss / spec.accumulate).backward()
+        if (step_in_epoch + 1) % spec.accumulate == 0:
+            self.optimizer_step()
+        return float(loss.detach())
+
+    def optimizer_step(self) -> None:
+        if self.config.train.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.train.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """``torch.save`` atomically: a failed write (full disk) leaves the previous file intact."""
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def steps_per_epoch(config: Config, n_train: int) -> int:
+    full = max(1, n_train // config.train.batch_size)
+    limit = config.train.max_steps_per_epoch
+    return min(full, limit) if limit else full
+
+
+def run_epoch(trainer: Trainer, train: ArraySet, fold: int, state: FoldState, epochs: int) -> float:
+    """One epoch over the training folds; returns the mean loss (raises on NaN)."""
+    spec = trainer.config.train
+    seed = epoch_seed(spec.seed, fold, state.epoch)
+    generator = seed_everything(seed)
+    n_batches = steps_per_epoch(trainer.config, len(train))
+    loader = batches(
+        train,
+        spec.batch_size,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+        num_workers=spec.num_workers,
+    )
+    trainer.model.train()
+    losses = []
+    bar = tqdm(
+        loader,
+        total=n_batches,
+        desc=f"fold {fold} epoch {state.epoch + 1}/{epochs}",
+        leave=False,
+        unit="batch",
+    )
+    for step, (inputs, labels) in enumerate(bar):
+        if step >= n_batches:
+            break
+        x, y = trainer.prepare(inputs, labels, train.soft)
+        loss = trainer.train_step(x, y, step, generator)
+        if math.isnan(loss):
+            raise DivergedError(
+                f"fold {fold}: loss became NaN at epoch {state.epoch + 1}, step {step + 1}; "
+                "lower optim.lr or set train.clip_grad (no NaN weights were saved)"
+            )
+        losses.append(loss)
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+    if n_batches % spec.accumulate:
+        trainer.optimizer_step()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
+    """Validation loss, best-threshold global dice and that threshold (identity TTA)."""
+    model = trainer.eval_model.eval()
+    total, count, codes, targets = 0.0, 0, [], []
+    for inputs, labels in batches(val, trainer.config.train.batch_size):
+        x, y = trainer.prepare(inputs, labels)
+        with trainer.autocast():
+            logits = model(x)
+        total += float(trainer.loss_fn(logits.float(), y)) * len(x)
+        count += len(x)
+        probs = torch.sigmoid(logits.float())
+        if trainer.config.label.shift_correct:
+            probs = shift_label(probs, 0.5, 0.5)
+        codes.append(torch.round(probs[:, 0] * 255).to(torch.uint8).cpu().numpy())
+        targets.append(labels.numpy().astype(np.uint8))
+    threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))
+    return total / max(count, 1), dice, threshold
+
+
+def train_fold(
+    config: Config, fold_dir: Path, fold: int, train: ArraySet, val: ArraySet, device: torch.device
+) -> dict:
+    """Train (or resume) one fold; writes checkpoints and metrics, returns the fold summary.
+
+    The ``DONE`` marker is not written here: the caller writes it once the fold's OOF part
+    exists.
+    """
+    files = fold_files(fold_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    write_text(files["config"], dump_config(config))
+    epochs = config.train.epochs
+    total_steps = max(1, epochs * steps_per_epoch(config, len(train)) // config.train.accumulate)
+    seed_everything(epoch_seed(config.train.seed, fold, 1_000_000))  # model initialisation
+    trainer = Trainer(config, resolve_runtime(config, device), total_steps)
+    state = FoldState()
+    if files["last"].is_file():
+        state = trainer.load_state_dict(
+            torch.load(files["last"], map_location=device, weights_only=False)
+        )
+        log.info("fold %d: resuming after epoch %d", fold, state.epoch)
+    while state.epoch < epochs and not _early_stopped(config, state):
+        started = time.perf_counter()
+        train_loss = run_epoch(trainer, train, fold, state, epochs)
+        val_loss, dice, threshold = evaluate(trainer, val)
+        state.epoch += 1
+        _record(
+            state, train_loss, val_loss, dice, threshold, trainer, time.perf_counter() - started
+        )
+        if dice > state.best_dice:
+            state.best_dice, state.best_epoch, state.bad_epochs = dice, state.epoch, 0
+            save_checkpoint(
+                files["best"],
+                {"model": trainer.eval_model.state_dict(), "epoch": state.epoch, "dice": dice},
+            )
+        else:
+            state.bad_epochs += 1
+        save_checkpoint(files["last"], trainer.state_dict(state))
+        _write_metrics(files["metrics"], state.history)
+    return {
+        "fold": fold,
+        "best_epoch": state.best_epoch,
+        "best_dice": state.best_dice,
+        "epochs": state.epoch,
+        "seconds": sum(row["seconds"] for row in state.history),
+    }
+
+
+def _early_stopped(config: Config, state: FoldState) -> bool:
+    patience = config.train.early_stop
+    return bool(patience) and state.bad_epochs >= patience
+
+
+def _record(
+    state: FoldState, train_loss, val_loss, dice, threshold, trainer: Trainer, seconds: float
+) -> None:
+    state.history.append(
+        {
+            "epoch": state.epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_dice": dice,
+            "threshold": threshold,
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+        }
+    )
+    log.info(
+        "epoch %d: train loss %.4f, val loss %.4f, val dice %.4f",
+        state.epoch,
+        train_loss,
+        val_loss,
+        dice,
+    )
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history).to_csv(tmp, index=False)
+
+
+def write_done(fold_dir: Path, summary: dict) -> None:
+    write_json(fold_files(fold_dir)["done"], summary)
