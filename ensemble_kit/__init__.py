@@ -1,1 +1,3 @@
-__version__ = "0.1.0"
+"""ensemble-kit: K-fold training, OOF blending and Kaggle submissions for segmentation."""
+
+__version__ = "0.2.0"
