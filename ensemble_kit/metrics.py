@@ -184,8 +184,8 @@ def threshold_sweep_reference(probs_uint8: np.ndarray, labels: np.ndarray):
     counts = []
     for t in range(N_CODES):
         pred = probs_uint8 >= t
-        tp = np.count_nonzero(pred & truth)
-        counts.append((tp, np.count_nonzero(pred) - tp, np.count_nonzero(truth) - tp))
+        hits = np.count_nonzero(pred & truth)
+        counts.append((hits, np.count_nonzero(pred) - hits, np.count_nonzero(truth) - hits))
     tp, fp, fn = (np.array(col, dtype=np.int64) for col in zip(*counts))
     return tp, fp, fn
 

@@ -138,7 +138,8 @@ class WeightedLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         values = self.parts(logits, target).values()
-        return sum(term.weight * value for term, value in zip(self.terms, values))
+        weighted = [term.weight * value for term, value in zip(self.terms, values)]
+        return torch.stack(weighted).sum()
 
     def extra_repr(self) -> str:
         return " + ".join(f"{term.weight:g}*{term.name}" for term in self.terms)
