@@ -339,7 +339,12 @@ def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
             probs = shift_label(probs, 0.5, 0.5)
         codes.append(torch.round(probs[:, 0] * 255).to(torch.uint8).cpu().numpy())
         targets.append(labels.numpy().astype(np.uint8))
+    threads = torch.get_num_threads()
     threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))
+    # numba's OpenMP layer, started by the first parallel kernel of a process, sets the
+    # OpenMP thread count that torch shares to numba's own: keep torch's, so a fold trains
+    # the same whether or not another fold ran before it in this process
+    torch.set_num_threads(threads)
     return total / max(count, 1), dice, threshold
 
 
