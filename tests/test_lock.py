@@ -154,3 +154,17 @@ def test_two_ek_cv_at_once_train_each_fold_once_and_match_one(tmp_path, synth_ro
         a = np.load(getattr(Layout(shared), name)("tiny"))
         b = np.load(getattr(Layout(alone), name)("tiny"))
         assert np.array_equal(a, b), name
+
+
+def test_status_shows_where_a_fold_runs(tmp_path):
+    from ensemble_kit.training.status import _fold_cell, fold_state
+
+    fold_dir = tmp_path / "fold_0"
+    fold_dir.mkdir()
+    _write_lock(fold_dir / "RUNNING")
+    state = fold_state(fold_dir)
+    assert state["state"] == "running" and _fold_cell(state) == "running@elsewhere"
+    _write_lock(fold_dir / "RUNNING", heartbeat=time.time() - 3600)
+    assert fold_state(fold_dir)["state"] == "missing"
+    with acquire(fold_dir / "RUNNING") as held:
+        assert isinstance(held, FoldLock) and _fold_cell(fold_state(fold_dir)) == "running"
