@@ -91,7 +91,8 @@ DESCRIPTIONS: dict[str, str] = {
     "train": "the training loop",
     "train.epochs": "epochs per fold (`ek cv --epochs` overrides it)",
     "train.batch_size": "samples per optimiser step (before accumulation)",
-    "train.accumulate": "gradient accumulation steps",
+    "train.accumulate": "batches per optimiser step (an epoch's last group may be shorter; "
+    "schedules count every step that runs)",
     "train.amp": "auto (bf16 on CUDA, off on CPU) \\| none \\| bf16 \\| fp16 (with GradScaler)",
     "train.channels_last": "auto (CUDA only) \\| true \\| false",
     "train.compile": 'torch.compile(mode="reduce-overhead"), opt-in',

@@ -7,7 +7,7 @@ import pytest
 import torch
 from dihedral_reference import NUMPY_DIHEDRAL
 
-from ensemble_kit.config import AugmentSpec
+from ensemble_kit.config import AugmentSpec, config_from_dict, tta_list
 from ensemble_kit.errors import EkError
 from ensemble_kit.geometry import DIHEDRAL, dihedral, dihedral_inverse, shift_label
 from ensemble_kit.training.augment import Augmenter
@@ -22,17 +22,11 @@ def _asymmetric(batch=2, channels=3, height=4, width=5):
 # --- dihedral group -----------------------------------------------------------------------
 
 
-def test_dihedral_names():
-    assert DIHEDRAL == (
-        "identity",
-        "hflip",
-        "vflip",
-        "hvflip",
-        "transpose",
-        "rot90",
-        "rot270",
-        "antitranspose",
-    )
+def test_d4_tta_is_the_whole_dihedral_group():
+    """`tta: [d4]` names each of the eight transforms of the numpy reference, identity first."""
+    expanded = tta_list(config_from_dict({"tta": ["d4"]}))
+    assert set(expanded) == set(NUMPY_DIHEDRAL) and len(expanded) == 8
+    assert expanded[0] == "identity"
 
 
 @pytest.mark.parametrize("name", DIHEDRAL)

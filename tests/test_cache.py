@@ -4,7 +4,14 @@ import pytest
 
 from ensemble_kit import data
 from ensemble_kit.config import InputSpec
-from ensemble_kit.data.cache import decode_inputs, ensure_inputs, ensure_labels, load_labels
+from ensemble_kit.data.cache import (
+    band_stats,
+    decode_inputs,
+    ensure_inputs,
+    ensure_labels,
+    load_labels,
+)
+from ensemble_kit.data.sources import changed_sources
 from ensemble_kit.errors import EkError
 from ensemble_kit.layout import Layout
 
@@ -60,3 +67,92 @@ def test_bad_record_fails_the_build_and_leaves_nothing(sample_copy, tmp_path):
     with pytest.raises(EkError, match=r"band_15\.npy"):
         ensure_inputs(layout, sample_copy, "test", InputSpec(), workers=1)
     assert not any(p.name.endswith("inputs.npy") for p in layout.cache_dir.rglob("*"))
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    from ensemble_kit.data.synth import write_synthetic
+
+    root = tmp_path / "data"
+    write_synthetic(root, n_train=6, n_validation=3, n_test=2, size=32, seed=1)
+    return root
+
+
+def _rewrite(path, change):
+    """Rewrite a .npy in place (same size, new content): only its mtime tells."""
+    array = np.load(path)
+    np.save(path, change(array))
+
+
+def test_label_cache_is_rebuilt_when_a_mask_changes(small_data, tmp_path, caplog):
+    layout = Layout(tmp_path / "folds")
+    first = ensure_labels(layout, small_data, "train")
+    rid = first.ids[2]
+    mask_file = small_data / "train" / rid / "human_pixel_masks.npy"
+    _rewrite(mask_file, lambda m: 1 - m)
+    old_row = np.array(first.arrays["labels"][2])
+    again = ensure_labels(layout, small_data, "train")
+    assert again.path == first.path
+    np.testing.assert_array_equal(again.arrays["labels"][2], np.load(mask_file)[:, :, 0] > 0)
+    assert not np.array_equal(again.arrays["labels"][2], old_row)
+    assert f"train/{rid}/human_pixel_masks.npy" in caplog.text
+    # the individual masks are a source too (soft labels)
+    individual = small_data / "train" / rid / "human_individual_masks.npy"
+    _rewrite(individual, np.zeros_like)
+    assert ensure_labels(layout, small_data, "train").arrays["soft"][2].max() == 0
+
+
+def test_input_cache_is_rebuilt_when_a_band_changes(small_data, tmp_path):
+    layout = Layout(tmp_path / "folds")
+    spec = InputSpec(channels="ash", frames=(4,))
+    first = ensure_inputs(layout, small_data, "validation", spec)
+    folder = small_data / "validation" / first.ids[1]
+    _rewrite(folder / "band_14.npy", lambda b: b + 3.0)
+    unused = small_data / "validation" / first.ids[0] / "band_08.npy"
+    again = ensure_inputs(layout, small_data, "validation", spec)
+    assert again.path == first.path
+    direct = data.build_input(folder, spec)
+    np.testing.assert_allclose(decode_inputs(again.arrays["inputs"][1]), direct, atol=0.5 / 255)
+    assert not np.array_equal(again.arrays["inputs"][1], first.arrays["inputs"][1])
+    # a band the spec does not read changes nothing
+    stamp = (again.path / "inputs.npy").stat().st_mtime_ns
+    _rewrite(unused, lambda b: b + 1.0)
+    assert (
+        ensure_inputs(layout, small_data, "validation", spec).path / "inputs.npy"
+    ).stat().st_mtime_ns == stamp
+
+
+def test_band_statistics_follow_the_sampled_train_files(small_data, tmp_path):
+    layout = Layout(tmp_path / "folds")
+    spec = InputSpec(channels="bands", bands=(8, 14), frames=(4,), normalize="meanstd")
+    before = ensure_inputs(layout, small_data, "validation", spec)
+    codes_before = np.array(before.arrays["inputs"])
+    for band_path in (small_data / "train").glob("*/band_08.npy"):
+        _rewrite(band_path, lambda b: b + 10.0)
+    after = ensure_inputs(layout, small_data, "validation", spec)
+    values = np.concatenate(
+        [np.load(p).ravel() for p in sorted((small_data / "train").glob("*/band_08.npy"))]
+    ).astype(np.float64)
+    stats = band_stats(layout, small_data, spec)
+    assert stats["mean"][0] == pytest.approx(values.mean(), rel=1e-9)
+    # the validation inputs were normalised with the new statistics: 10 K lower
+    shift = 10.0 / stats["std"][0]
+    np.testing.assert_allclose(
+        after.arrays["inputs"][:, 0].astype(np.float32),
+        codes_before[:, 0].astype(np.float32) - shift,
+        atol=0.02,
+    )
+
+
+def test_changed_sources_names_what_changed(small_data, tmp_path):
+    layout = Layout(tmp_path / "folds")
+    recorded = {
+        "train/labels": ensure_labels(layout, small_data, "train").sources,
+        "train/inputs": ensure_inputs(layout, small_data, "train", InputSpec()).sources,
+    }
+    assert changed_sources(small_data, recorded) == []
+    mask = next((small_data / "train").glob("*/human_pixel_masks.npy"))
+    _rewrite(mask, lambda m: m)
+    assert changed_sources(small_data, recorded) == [
+        "train/labels (human_pixel_masks.npy, human_individual_masks.npy)"
+    ]

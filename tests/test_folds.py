@@ -23,8 +23,16 @@ def test_stratified_by_empty_and_size():
         members = sizes[folds == fold]
         assert abs((members == 0).mean() - 0.5) < 0.02
         assert abs((members >= 1000).mean() - 0.25) < 0.02
-    # a plain random split is far less even on the large-mask share
     assert np.ptp([np.median(sizes[folds == f]) for f in range(5)]) <= 1
+
+    # a plain random split is far less even on the large-mask share
+    def large_share_spread(assignment):
+        return np.ptp([(sizes[assignment == f] >= 1000).mean() for f in range(5)])
+
+    random_spreads = [
+        large_share_spread(np.random.default_rng(s).permutation(len(sizes)) % 5) for s in range(20)
+    ]
+    assert large_share_spread(folds) < min(random_spreads)
 
 
 def test_stable_for_a_seed_and_different_across_seeds():

@@ -179,3 +179,92 @@ def test_early_stopping_stops_after_patience(tmp_path, monkeypatch):
     assert (
         train_module.train_fold(no_patience, tmp_path / "b", 0, arrays, arrays, CPU)["epochs"] == 2
     )
+
+
+def _tiny_set(n: int, side: int = 32):
+    from ensemble_kit.data.loader import ArraySet
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 256, (n, 3, side, side), generator=g, dtype=torch.uint8).numpy()
+    labels = (torch.rand(n, side, side, generator=g) > 0.9).to(torch.uint8).numpy()
+    return ArraySet(((inputs, labels),), np.c_[np.zeros(n, np.int64), np.arange(n)])
+
+
+def _expected_lrs(name: str, total: int, base: float, warmup: int, min_lr: float) -> list[float]:
+    """The lr of each optimiser step, by hand (cosine, none) or from torch's OneCycleLR."""
+    if name == "onecycle":
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=base)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=base, total_steps=total, pct_start=warmup / total
+        )
+        lrs = []
+        for _ in range(total):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return lrs
+    lrs = []
+    for k in range(total):
+        if k < warmup:
+            lrs.append(base * (k + 1) / warmup)
+        elif name == "none":
+            lrs.append(base)
+        else:
+            cosine = 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+            lrs.append(min_lr + (base - min_lr) * cosine)
+    return lrs
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 3])
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "none"])
+def test_every_schedule_sees_exactly_the_optimiser_steps_that_run(
+    tmp_path, monkeypatch, schedule, accumulate
+):
+    """5 batches an epoch (10 records, batch 2) over 2 epochs: the last group is partial."""
+    from ensemble_kit.registry import SCHEDULES
+    from ensemble_kit.training import trainer as train_module
+
+    assert set(SCHEDULES.names) == {"cosine", "onecycle", "none"}  # each one is tested here
+    monkeypatch.setattr(train_module, "evaluate", lambda trainer, val: (1.0, 0.5, 128))
+    used = []
+    original = Trainer.optimizer_step
+
+    def recording(self):
+        used.append(self.optimizer.param_groups[0]["lr"])
+        original(self)
+
+    monkeypatch.setattr(Trainer, "optimizer_step", recording)
+    base, warmup, min_lr = 0.01, 2, 1e-4
+    config = config_from_dict(
+        {
+            "model": {"encoder": "tu-test_resnet", "decoder": {"decoder_channels": [8] * 5}},
+            "optim": {"name": "sgd", "lr": base},
+            "schedule": {"name": schedule, "warmup_iters": warmup, "min_lr": min_lr},
+            "train": {"epochs": 2, "batch_size": 2, "accumulate": accumulate},
+        }
+    )
+    train_module.train_fold(config, tmp_path, 0, _tiny_set(10), _tiny_set(4), CPU)
+    total = 2 * math.ceil(5 / accumulate)
+    assert len(used) == total
+    np.testing.assert_allclose(used, _expected_lrs(schedule, total, base, warmup, min_lr))
+    if schedule == "cosine":
+        assert used[-1] > min_lr + 1e-6  # the last step is not already at the floor
+
+
+def test_a_short_last_group_steps_with_its_own_mean_gradient():
+    """accumulate 3 over 4 batches: the 4th batch alone is one step, as with accumulate 1."""
+    raw = {"optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0}, "schedule": {"name": "none"}}
+    grouped = trainer(train={"batch_size": 4, "accumulate": 3}, **raw)
+    single = trainer(train={"batch_size": 4, "accumulate": 1}, **raw)
+    single.model.load_state_dict(grouped.model.state_dict())
+    for index in range(3):
+        step(grouped, seed=index, index=index)
+    single.model.load_state_dict(grouped.model.state_dict())
+    before = weights(grouped)
+    x, y = grouped.prepare(*batch(seed=9))
+    grouped.train_step(x, y, 3, torch.Generator().manual_seed(9), n_batches=4)
+    x, y = single.prepare(*batch(seed=9))
+    single.train_step(x, y, 0, torch.Generator().manual_seed(9), n_batches=1)
+    assert not torch.equal(before, weights(grouped))
+    torch.testing.assert_close(weights(grouped), weights(single), rtol=1e-5, atol=1e-7)

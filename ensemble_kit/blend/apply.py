@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import postprocess
 from ..errors import EkError
-from ..files import digest_file
+from ..files import digest_file, digest_json
 
 
 def blend_sums(blend: dict, probs: dict[str, np.ndarray]) -> np.ndarray:
@@ -110,6 +110,11 @@ def verify_blend(layout) -> dict:
         summary = layout.summary(name)
         if not summary.is_file() or _splits_digest(summary) != digests.get("splits"):
             _stale(summary)
+        if (
+            name in digests.get("sources", {})
+            and _sources_digest(summary) != digests["sources"][name]
+        ):
+            _stale(summary)  # re-assembled from changed data files (e.g. holdout labels)
     for file, digest in files:
         if not file.is_file() or _digest(file) != digest:
             _stale(file)
@@ -123,6 +128,13 @@ def _stale(file: Path) -> None:
 def _splits_digest(summary: Path) -> str | None:
     try:
         return json.loads(summary.read_text()).get("splits_digest")
+    except json.JSONDecodeError:
+        return None
+
+
+def _sources_digest(summary: Path) -> str | None:
+    try:
+        return digest_json(json.loads(summary.read_text()).get("sources"))
     except json.JSONDecodeError:
         return None
 

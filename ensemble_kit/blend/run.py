@@ -11,8 +11,9 @@ import pandas as pd
 
 from .. import report
 from ..data.cache import load_labels
+from ..data.sources import changed_sources
 from ..errors import EkError
-from ..files import write_json
+from ..files import digest_json, write_json
 from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
 from .apply import _digest, apply_blend, blend_histogram, top_fraction_threshold
@@ -43,6 +44,7 @@ def run_blend(
     pool = _read_pool(layout, configs)
     splits = _read_splits(layout)
     data_root = Path(data_root) if data_root is not None else _splits_data_root(layout)
+    _check_sources(layout, pool, data_root)
     first = pool[0]
     labels = _load_labels(layout, data_root, first.ids, splits)
     log.info("blend: %d configs, %d OOF records", len(pool), len(first.ids))
@@ -100,9 +102,22 @@ def blend_dict(result: SearchResult, folds: np.ndarray, digests: dict) -> dict:
     }
 
 
+def _check_sources(layout, pool, data_root: Path) -> None:
+    """Refuse OOF whose data files (a summary's ``sources``) changed since ``ek cv``."""
+    memo: dict = {}
+    for oof in pool:
+        changed = changed_sources(data_root, oof.summary.get("sources") or {}, memo)
+        if changed:
+            raise EkError(
+                f"stale OOF: {layout.summary(oof.name)} was made before {changed[0]} changed; "
+                "rerun ek cv (it says what has to be retrained)"
+            )
+
+
 def _digests(layout, pool) -> dict:
     return {
         "splits": pool[0].summary.get("splits_digest"),
+        "sources": {o.name: digest_json(o.summary.get("sources")) for o in pool},
         "oof": {o.name: _digest(layout.oof_npy(o.name)) for o in pool},
         "holdout": {
             o.name: _digest(layout.holdout_npy(o.name)) for o in pool if o.holdout is not None

@@ -1,16 +1,23 @@
-"""Compact memory-mappable caches of model inputs and labels, built once.
+"""Compact memory-mappable caches of model inputs and labels, built once, rebuilt on change.
 
 Inputs: ``folds/cache/<split>-<digest>/inputs.npy``, ``(N, C, H, W)`` of exactly the channels an
 input spec needs — uint8 (``round(x * 255)``) where values lie in [0, 1] (ash false colour,
-min/max bands), float16 otherwise — with ``ids.csv``. The digest covers the input spec, the
-data root and the split's record ids, so configs sharing inputs share the cache.
+min/max bands), float16 otherwise — with ``ids.csv``. The folder's digest covers the input
+spec, the data root and the split's record ids, so configs sharing inputs share the cache.
 
 Labels: ``folds/cache/<split>-labels/``: ``labels.npy`` uint8 ``(N, H, W)`` aggregated masks,
 ``soft.npy`` uint8 ``(N, H, W)`` mean of the individual masks x 255 (the aggregated mask
 where a record has none), ``ids.csv``.
 
+Every entry is keyed by a *fingerprint* of its source files: the size and ``mtime_ns`` of
+every file it reads, of every record (stat calls only, no reads). ``meta.json`` keeps the
+key, ``sources.npy`` the per-file ``(size, mtime_ns)`` table; an entry whose files changed
+is rebuilt (and says which file changed). Inputs made from ``bands`` are also keyed by the
+band statistics, themselves keyed by the fingerprint of the ``train`` records they sample.
+
 Entries are built in parallel worker processes into a temporary folder that is renamed into
-place when complete, so an interrupted build leaves nothing a later run trusts.
+place when complete, so an interrupted build leaves nothing a later run trusts; two
+processes building one entry at once both finish and one of the two copies stays.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +43,20 @@ from ..layout import Layout, record_dir
 from .records import (
     MASK_FILE,
     N_FRAMES,
+    band_file,
     band_statistics,
     build_input,
-    has_labels,
     list_records,
     load_mask,
     load_soft_label,
+)
+from .sources import (
+    LABEL_FILES,
+    Sources,
+    describe_change,
+    input_files,
+    read_sources,
+    records_fingerprint,
 )
 
 log = logging.getLogger(__name__)
@@ -55,6 +71,7 @@ class CacheEntry:
     path: Path
     ids: list[str]
     arrays: dict[str, np.ndarray]
+    sources: dict | None = None  # {"files": [...], "fingerprint": ...} of the files it read
 
     def index_of(self, record_ids: list[str]) -> np.ndarray:
         position = {rid: i for i, rid in enumerate(self.ids)}
@@ -87,38 +104,47 @@ def spec_digest(spec: InputSpec, data_root: Path, split: str, ids: list[str]) ->
 def ensure_inputs(
     layout: Layout, data_root: Path, split: str, spec: InputSpec, workers: int | None = None
 ) -> CacheEntry:
-    """Open the input cache of a (split, spec), building it first when missing."""
-    ids = list_records(data_root, split)
+    """Open the input cache of a (split, spec), building it first when missing or stale."""
+    sources = read_sources(data_root, split, input_files(spec))
+    ids = sources.ids
     if not ids:
         raise EkError(f"{Path(data_root) / split}: no records")
     stats = band_stats(layout, data_root, spec) if spec.channels == "bands" else None
     path = layout.cache_entry(split, spec_digest(spec, data_root, split, ids))
-    if not (path / "meta.json").is_file():
-        folders = [record_dir(data_root, split, rid) for rid in ids]
-        first = build_input(folders[0], spec, stats)
+    key = digest_json([sources.fingerprint, stats])
+    if not _is_current(path, key, sources):
+        first = build_input(record_dir(data_root, split, ids[0]), spec, stats)
         arrays = {"inputs": ((len(ids), *first.shape), input_dtype(spec))}
-        _build(path, ids, arrays, _InputFiller(spec, stats), folders, workers, f"cache {split}")
+        filler = _InputFiller(spec, stats)
+        _build(path, sources, key, arrays, filler, workers, f"cache {split}")
     return open_entry(path)
 
 
 def ensure_labels(
     layout: Layout, data_root: Path, split: str, workers: int | None = None
 ) -> CacheEntry:
-    """Open the label cache of a split (records with masks), building it first when missing."""
-    ids = [rid for rid in list_records(data_root, split) if has_labels(data_root, split, rid)]
-    if not ids:
+    """Open the label cache of a split (records with masks), building it when missing or stale."""
+    sources = read_sources(data_root, split, LABEL_FILES, labelled_only=True)
+    if not sources.ids:
         raise EkError(f"{Path(data_root) / split}: no records with {MASK_FILE}")
     path = layout.cache_dir / f"{split}-labels"
-    meta = path / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("ids") != digest_json(ids):
-        shutil.rmtree(path)  # the data folder changed under the cache
-    if not meta.is_file():
-        folders = [record_dir(data_root, split, rid) for rid in ids]
-        side = load_mask(folders[0]).shape[0]
-        shape = ((len(ids), side, side), np.dtype(np.uint8))
+    key = sources.fingerprint
+    if not _is_current(path, key, sources):
+        side = load_mask(record_dir(data_root, split, sources.ids[0])).shape[0]
+        shape = ((len(sources.ids), side, side), np.dtype(np.uint8))
         arrays = {"labels": shape, "soft": shape}
-        _build(path, ids, arrays, _fill_labels, folders, workers, f"labels {split}")
+        _build(path, sources, key, arrays, _fill_labels, workers, f"labels {split}")
     return open_entry(path)
+
+
+def _is_current(path: Path, key: str, sources: Sources) -> bool:
+    """Whether the entry at ``path`` was built from these sources; logs what changed if not."""
+    old_key = _meta(path).get("key")
+    if old_key is None or old_key == key:
+        return old_key == key
+    change = describe_change(path, sources)
+    log.warning("%s: %s since it was built; rebuilding", path, change)
+    return False
 
 
 class LabelReader:
@@ -167,17 +193,29 @@ def open_entry(path: Path) -> CacheEntry:
     meta = json.loads((path / "meta.json").read_text())
     ids = pd.read_csv(path / "ids.csv", dtype={"record_id": str})["record_id"].tolist()
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
-    return CacheEntry(path=path, ids=ids, arrays=arrays)
+    return CacheEntry(path=path, ids=ids, arrays=arrays, sources=meta.get("sources"))
+
+
+def _meta(path: Path) -> dict:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def band_stats(layout: Layout, data_root: Path, spec: InputSpec) -> dict:
-    """Per-band statistics of the training pool (a spread-out sample of ``train``), saved once."""
+    """Per-band statistics of the training pool (a spread-out sample of ``train``), saved once.
+
+    Keyed by the data root, the bands and the fingerprint of the sampled records' band files.
+    """
     ids = list_records(data_root, "train")
-    key = digest_json([str(Path(data_root).resolve()), list(spec.bands), digest_json(ids)])
+    sample = ids[:: max(1, len(ids) // STATS_RECORDS)]
+    files = tuple(band_file(b) for b in spec.bands)
+    fingerprint = records_fingerprint(data_root, "train", sample, files)
+    key = digest_json([str(Path(data_root).resolve()), list(spec.bands), sample, fingerprint])
     path = layout.cache_dir / f"stats-{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    sample = ids[:: max(1, len(ids) // STATS_RECORDS)]
     folders = [record_dir(data_root, "train", rid) for rid in sample]
     stats = band_statistics(folders, spec.bands, tuple(range(N_FRAMES)))
     write_json(path, stats)
@@ -220,16 +258,18 @@ def _run_chunk(task: tuple) -> int:
 
 def _build(
     path: Path,
-    ids: list[str],
+    sources: Sources,
+    key: str,
     specs: dict[str, tuple[tuple[int, ...], np.dtype]],
     filler: Callable,
-    folders: list[Path],
     workers: int | None,
     label: str,
 ) -> None:
+    started = time.perf_counter()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    folders = [record_dir(sources.root, sources.split, rid) for rid in sources.ids]
     try:
         for name, (shape, dtype) in specs.items():
             np.lib.format.open_memmap(
@@ -240,18 +280,48 @@ def _build(
             for start in range(0, len(folders), CHUNK)
         ]
         _run_tasks(tasks, workers, label, total=len(folders))
-        pd.DataFrame({"record_id": ids}).to_csv(tmp / "ids.csv", index=False)
-        (tmp / "meta.json").write_text(json.dumps({"arrays": list(specs), "ids": digest_json(ids)}))
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        pd.DataFrame({"record_id": sources.ids}).to_csv(tmp / "ids.csv", index=False)
+        np.save(tmp / "sources.npy", sources.table)
+        meta = {
+            "arrays": list(specs),
+            "ids": digest_json(sources.ids),
+            "key": key,
+            "sources": sources.record(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _install(tmp, path, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "%s: %d records in %.1f s -> %s", label, len(folders), time.perf_counter() - started, path
+    )
+
+
+def _install(tmp: Path, path: Path, key: str) -> None:
+    """Rename a finished build onto ``path``; keep a copy of the same key built meanwhile."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, path)  # fails while ``path`` exists (a directory not empty)
+            return
+        except OSError:
+            if _meta(path).get("key") == key:
+                return  # another process built the same entry: use theirs
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        try:
+            os.rename(path, aside)  # open memmaps of the old entry stay valid
+        except FileNotFoundError:
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+    raise EkError(f"{path}: could not replace the cache entry (is another process rebuilding it?)")
 
 
 def _run_tasks(tasks: list[tuple], workers: int | None, label: str, total: int) -> None:
     # Spawned workers cost seconds to start: small builds run in-process.
     workers = min(workers or os.cpu_count() or 1, 8, len(tasks)) if total >= 256 or workers else 1
-    bar = tqdm(total=total, desc=label, unit="rec", leave=False, disable=total < 64)
+    # no terminal (a log file, CI): no bar; _build logs one line per build
+    bar = tqdm(
+        total=total, desc=label, unit="rec", leave=False, disable=True if total < 64 else None
+    )
     if workers <= 1:
         for task in tasks:
             bar.update(_run_chunk(task))

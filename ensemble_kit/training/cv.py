@@ -1,16 +1,21 @@
 """``ek cv``: K fold models per config, out-of-fold and holdout probabilities, summaries.
 
-Per fold: train (resumable), then predict the fold's validation records and the holdout
+Per fold: take the fold's ``RUNNING`` lock (:mod:`.lock`; a fold another process trains is
+skipped), train (resumable), then predict the fold's validation records and the holdout
 with the config's TTA into ``fold_<i>/oof_part.npy`` / ``holdout_part.npy``, then write
-``DONE``. When every fold is DONE the parts are streamed into ``oof.npy`` and
-``holdout.npy`` (see :mod:`ensemble_kit.oof`) and ``summary.json`` is written.
+``DONE`` with the fingerprints of the data it read. When every fold is DONE the parts are
+streamed into ``oof.npy`` and ``holdout.npy`` (see :mod:`ensemble_kit.oof`) and
+``summary.json`` is written, by whichever process finishes the last fold (every file is
+written atomically, so two processes assembling at once both leave whole files).
+
+A DONE fold whose data files changed since it was trained is refused (as a changed config
+is): retrain it on the new data or restore the files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +38,9 @@ from ..oof import ArrayWriter, missing_folds, to_uint8, write_ids
 from ..report import plot_training_curves
 from ..runtime import resolve_device
 from .backends import run_jobs
+from .lock import FoldLock, acquire
+from .provenance import fold_sources, refuse_changed_data, summary_sources
+from .status import where_running
 from .trainer import train_fold, write_done
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,7 @@ def run_cv(request: CvRequest) -> dict[str, dict | None]:
     ]
     for config in configs:
         _claim_config_dir(request.layout, config)
+    refuse_changed_data(request.layout, data_root, configs, meta["n_folds"])
     pending = [
         j
         for j in jobs
@@ -117,12 +126,30 @@ def _claim_config_dir(layout: Layout, config: Config) -> None:
     write_text(path, dump_config(config))
 
 
-def fold_sets(layout: Layout, data_root: Path, config: Config, splits: pd.DataFrame, fold: int):
-    """Training, validation and holdout ArraySets of one fold."""
+def open_caches(layout: Layout, data_root: Path, config: Config, splits: pd.DataFrame) -> dict:
+    """``{split: (input entry, label entry)}`` of every split in ``splits``."""
+    return {
+        split: (
+            ensure_inputs(layout, data_root, split, config.input),
+            ensure_labels(layout, data_root, split),
+        )
+        for split in pd.unique(splits["split"])
+    }
+
+
+def fold_sets(
+    layout: Layout,
+    data_root: Path,
+    config: Config,
+    splits: pd.DataFrame,
+    fold: int,
+    caches: dict | None = None,
+):
+    """Training, validation and holdout ArraySets of one fold (``caches``: from
+    :func:`open_caches`, opened here when not given)."""
+    caches = caches or open_caches(layout, data_root, config, splits)
     sources, lookup = [], {}
-    for split in pd.unique(splits["split"]):
-        inputs = ensure_inputs(layout, data_root, split, config.input)
-        labels = ensure_labels(layout, data_root, split)
+    for split, (inputs, labels) in caches.items():
         lookup[split] = (len(sources), inputs.index_of, labels.index_of)
         sources.append((inputs.arrays["inputs"], labels.arrays["labels"], labels.arrays["soft"]))
 
@@ -162,34 +189,53 @@ def predict_set(
         start += len(x)
 
 
-def run_fold(job: FoldJob) -> dict:
-    """Train one fold, write its OOF and holdout parts, then its DONE marker."""
+def run_fold(job: FoldJob) -> dict | None:
+    """Train one fold, write its OOF and holdout parts, then its DONE marker.
+
+    Returns the fold summary, or None when another live process holds the fold's lock
+    (logged with where it runs) or finished the fold meanwhile.
+    """
+    fold_dir = job.layout.fold_dir(job.config.name, job.fold)
+    lock = acquire(fold_files(fold_dir)["running"])
+    if not isinstance(lock, FoldLock):
+        log.info("%s fold %d: skipped, running on %s", job.config.name, job.fold, lock.describe())
+        return None
+    with lock:
+        if fold_files(fold_dir)["done"].is_file():
+            log.info("%s fold %d: finished by another process", job.config.name, job.fold)
+            return None
+        summary = _train_and_predict(job, fold_dir, lock)
+    if summary is not None:
+        log.info(
+            "%s fold %d: best epoch %d, dice %.4f, %.0f s",
+            job.config.name,
+            job.fold,
+            summary["best_epoch"],
+            summary["best_dice"],
+            summary["seconds_total"],
+        )
+    return summary
+
+
+def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | None:
     layout, config, fold = job.layout, job.config, job.fold
     splits, _ = ensure_splits(layout, None, None)
     device = resolve_device(job.device)
-    train, val, holdout = fold_sets(layout, job.data_root, config, splits, fold)
+    caches = open_caches(layout, job.data_root, config, splits)
+    train, val, holdout = fold_sets(layout, job.data_root, config, splits, fold, caches)
     if len(val) == 0 or len(train) == 0:
         raise EkError(f"{layout.splits_csv}: fold {fold} has no training or no validation records")
-    fold_dir = layout.fold_dir(config.name, fold)
-    lock = fold_files(fold_dir)["running"]
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    write_text(lock, str(os.getpid()))
     started = time.perf_counter()
-    try:
-        summary = train_fold(config, fold_dir, fold, train, val, device)
-        _write_parts(config, fold_dir, val, holdout, device)
-        summary["seconds_total"] = time.perf_counter() - started
-        write_done(fold_dir, summary)
-    finally:
-        lock.unlink(missing_ok=True)
-    log.info(
-        "%s fold %d: best epoch %d, dice %.4f, %.0f s",
-        config.name,
-        fold,
-        summary["best_epoch"],
-        summary["best_dice"],
-        summary["seconds_total"],
-    )
+    summary = train_fold(config, fold_dir, fold, train, val, device)
+    if lock.lost:
+        log.warning(
+            "%s fold %d: another process took the fold over; not writing it", config.name, fold
+        )
+        return None
+    _write_parts(config, fold_dir, val, holdout, device)
+    summary["seconds_total"] = time.perf_counter() - started
+    summary["sources"] = fold_sources(caches, splits)
+    write_done(fold_dir, summary)
     return summary
 
 
@@ -221,7 +267,12 @@ def assemble(
     name = config.name
     pending = missing_folds(layout, name, meta["n_folds"])
     if pending:
-        log.warning("%s: OOF not assembled; folds %s are not DONE yet", name, pending)
+        log.warning(
+            "%s: OOF not assembled; folds %s are not DONE yet%s",
+            name,
+            pending,
+            where_running(layout, name, pending),
+        )
         return None
     pool = splits[splits["fold"] != HOLDOUT_FOLD].reset_index(drop=True)
     holdout = splits[splits["fold"] == HOLDOUT_FOLD].reset_index(drop=True)
@@ -292,7 +343,11 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
                 "fold": fold,
                 "dice": dice,
                 "threshold": threshold / 255,
-                **{k: v for k, v in json.loads(done.read_text()).items() if k != "fold"},
+                **{
+                    k: v
+                    for k, v in json.loads(done.read_text()).items()
+                    if k not in ("fold", "sources")
+                },
             }
         )
     oof_dice, oof_threshold = _dice_of(pool_labels, oof)
@@ -308,6 +363,7 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
         "splits_digest": digest_file(layout.splits_csv),
         "config_digest": config_digest(config),
         "data_digest": meta["data_digest"],
+        "sources": summary_sources(layout, data_root, config.name, meta["n_folds"], holdout),
         "seconds": sum(f.get("seconds_total", 0.0) for f in per_fold),
     }
     if len(holdout):

@@ -3,31 +3,39 @@
 from __future__ import annotations
 
 import json
-import os
+import socket
 from pathlib import Path
 
 from ..layout import Layout, fold_files
+from .lock import is_live, read_lock
 
 
 def fold_state(fold_dir: Path) -> dict:
-    """``done`` / ``running`` / ``stopped`` (interrupted, resumable) / ``missing`` with details."""
+    """``done`` / ``running`` / ``stopped`` (interrupted, resumable) / ``missing`` with details.
+
+    ``running`` (a live lock, :mod:`.lock`) also gives ``host`` and ``pid``.
+    """
     files = fold_files(fold_dir)
     if files["done"].is_file():
         return {"state": "done", **json.loads(files["done"].read_text())}
-    lock = fold_files(fold_dir)["running"]
-    if lock.is_file() and _alive(lock.read_text().strip()):
-        return {"state": "running"}
+    held = read_lock(files["running"])
+    if held is not None and is_live(held):
+        return {"state": "running", "host": held.host, "pid": held.pid}
     if files["last"].is_file():
         return {"state": "stopped"}
     return {"state": "missing"}
 
 
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError, PermissionError):
-        return False
-    return True
+def where_running(layout: Layout, name: str, folds: list[int]) -> str:
+    """Where the given folds of a config run, as a note for a log line ('' if nowhere)."""
+    running = []
+    for fold in folds:
+        held = read_lock(fold_files(layout.fold_dir(name, fold))["running"])
+        if held is not None and is_live(held):
+            running.append(f"fold {fold} on {held.describe()}")
+    if not running:
+        return ""
+    return f" ({'; '.join(running)}: the process that finishes the last fold assembles)"
 
 
 def status_rows(layout: Layout) -> list[dict]:
@@ -78,6 +86,8 @@ def format_status(rows: list[dict]) -> str:
 def _fold_cell(fold: dict) -> str:
     if fold["state"] == "done":
         return f"done e{fold['best_epoch']} {fold['best_dice']:.3f}"
+    if fold["state"] == "running" and fold["host"] != socket.gethostname():
+        return f"running@{fold['host']}"
     return fold["state"]
 
 

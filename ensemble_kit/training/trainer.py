@@ -216,10 +216,20 @@ class Trainer:
         return x, y
 
     def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, step_in_epoch: int, generator: torch.Generator
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        step_in_epoch: int,
+        generator: torch.Generator,
+        n_batches: int | None = None,
     ) -> float:
-        """Forward/backward of one batch; steps the optimiser every ``accumulate`` batches."""
-        spec = self.config.train
+        """Forward/backward of one batch; steps the optimiser at the end of each group.
+
+        Batches form groups of ``train.accumulate``; with ``n_batches`` (the epoch's batch
+        count) the last group may be shorter, and its gradient is the mean over its own
+        batches, stepped after its last batch.
+        """
+        group, last = accumulation_group(step_in_epoch, self.config.train.accumulate, n_batches)
         x, y = self.augmenter(x, y, generator)
         y = smooth_labels(y, self.config.label.smoothing)
         with self.autocast():
@@ -227,8 +237,8 @@ class Trainer:
         loss = self.loss_fn(logits.float(), y)
         if not torch.isfinite(loss):
             return float("nan")
-        self.scaler.scale(loss / spec.accumulate).backward()
-        if (step_in_epoch + 1) % spec.accumulate == 0:
+        self.scaler.scale(loss / group).backward()
+        if last:
             self.optimizer_step()
         return float(loss.detach())
 
@@ -251,9 +261,27 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 def steps_per_epoch(config: Config, n_train: int) -> int:
+    """Batches per epoch (full batches only, at most ``train.max_steps_per_epoch``)."""
     full = max(1, n_train // config.train.batch_size)
     limit = config.train.max_steps_per_epoch
     return min(full, limit) if limit else full
+
+
+def accumulation_group(step: int, accumulate: int, n_batches: int | None) -> tuple[int, bool]:
+    """Size of the accumulation group of batch ``step``, and whether ``step`` ends it.
+
+    Without ``n_batches`` every group is ``accumulate`` long.
+    """
+    start = step - step % accumulate
+    size = accumulate if n_batches is None else min(accumulate, n_batches - start)
+    return size, step + 1 == start + size
+
+
+def optimizer_steps(config: Config, n_train: int) -> int:
+    """Optimiser steps of a whole run: every group of ``accumulate`` batches, the last
+    (shorter) group of each epoch included; the schedules' step budget."""
+    per_epoch = math.ceil(steps_per_epoch(config, n_train) / config.train.accumulate)
+    return config.train.epochs * per_epoch
 
 
 def run_epoch(trainer: Trainer, train: ArraySet, fold: int, state: FoldState, epochs: int) -> float:
@@ -272,18 +300,19 @@ def run_epoch(trainer: Trainer, train: ArraySet, fold: int, state: FoldState, ep
     )
     trainer.model.train()
     losses = []
-    bar = tqdm(
+    bar = tqdm(  # no terminal (a log file, CI): no bar; train_fold logs a line per epoch
         loader,
         total=n_batches,
         desc=f"fold {fold} epoch {state.epoch + 1}/{epochs}",
         leave=False,
         unit="batch",
+        disable=None,
     )
     for step, (inputs, labels) in enumerate(bar):
         if step >= n_batches:
             break
         x, y = trainer.prepare(inputs, labels, train.soft)
-        loss = trainer.train_step(x, y, step, generator)
+        loss = trainer.train_step(x, y, step, generator, n_batches)
         if math.isnan(loss):
             raise DivergedError(
                 f"fold {fold}: loss became NaN at epoch {state.epoch + 1}, step {step + 1}; "
@@ -291,8 +320,6 @@ def run_epoch(trainer: Trainer, train: ArraySet, fold: int, state: FoldState, ep
             )
         losses.append(loss)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
-    if n_batches % spec.accumulate:
-        trainer.optimizer_step()
     return float(np.mean(losses))
 
 
@@ -312,7 +339,12 @@ def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
             probs = shift_label(probs, 0.5, 0.5)
         codes.append(torch.round(probs[:, 0] * 255).to(torch.uint8).cpu().numpy())
         targets.append(labels.numpy().astype(np.uint8))
+    threads = torch.get_num_threads()
     threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))
+    # numba's OpenMP layer, started by the first parallel kernel of a process, sets the
+    # OpenMP thread count that torch shares to numba's own: keep torch's, so a fold trains
+    # the same whether or not another fold ran before it in this process
+    torch.set_num_threads(threads)
     return total / max(count, 1), dice, threshold
 
 
@@ -328,7 +360,7 @@ def train_fold(
     fold_dir.mkdir(parents=True, exist_ok=True)
     write_text(files["config"], dump_config(config))
     epochs = config.train.epochs
-    total_steps = max(1, epochs * steps_per_epoch(config, len(train)) // config.train.accumulate)
+    total_steps = optimizer_steps(config, len(train))
     seed_everything(epoch_seed(config.train.seed, fold, 1_000_000))  # model initialisation
     trainer = Trainer(config, resolve_runtime(config, device), total_steps)
     state = FoldState()
@@ -342,9 +374,8 @@ def train_fold(
         train_loss = run_epoch(trainer, train, fold, state, epochs)
         val_loss, dice, threshold = evaluate(trainer, val)
         state.epoch += 1
-        _record(
-            state, train_loss, val_loss, dice, threshold, trainer, time.perf_counter() - started
-        )
+        seconds = time.perf_counter() - started
+        _record(state, (train_loss, val_loss, dice, threshold), trainer, fold, seconds)
         if dice > state.best_dice:
             state.best_dice, state.best_epoch, state.bad_epochs = dice, state.epoch, 0
             save_checkpoint(
@@ -369,9 +400,9 @@ def _early_stopped(config: Config, state: FoldState) -> bool:
     return bool(patience) and state.bad_epochs >= patience
 
 
-def _record(
-    state: FoldState, train_loss, val_loss, dice, threshold, trainer: Trainer, seconds: float
-) -> None:
+def _record(state: FoldState, scores: tuple, trainer: Trainer, fold: int, seconds: float) -> None:
+    """Append an epoch to the history and log it: the one progress line per epoch in a log."""
+    train_loss, val_loss, dice, threshold = scores
     state.history.append(
         {
             "epoch": state.epoch,
@@ -384,11 +415,15 @@ def _record(
         }
     )
     log.info(
-        "epoch %d: train loss %.4f, val loss %.4f, val dice %.4f",
+        "%s fold %d epoch %d/%d: train loss %.4f, val loss %.4f, val dice %.4f, %.1f s",
+        trainer.config.name,
+        fold,
         state.epoch,
+        trainer.config.train.epochs,
         train_loss,
         val_loss,
         dice,
+        seconds,
     )
 
 

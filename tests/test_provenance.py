@@ -1,0 +1,74 @@
+"""A changed data file makes everything made from it stale: folds, OOF summaries, blend.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ensemble_kit import blend
+from ensemble_kit.cli import main
+from ensemble_kit.errors import EkError
+from ensemble_kit.layout import Layout
+
+CONFIG = """
+name: quick
+input: {channels: ash, frames: [4]}
+model: {arch: Unet, encoder: tu-test_resnet}
+train: {epochs: 1, batch_size: 4, max_steps_per_epoch: 2, seed: 0}
+tta: [identity]
+"""
+
+
+def _rewrite(path, change) -> None:
+    np.save(path, change(np.load(path)))
+
+
+def test_a_changed_file_is_reported_stale_downstream(tmp_path):
+    from ensemble_kit.data.synth import write_synthetic
+
+    data, workdir, config = tmp_path / "data", tmp_path / "folds", tmp_path / "quick.yaml"
+    write_synthetic(data, n_train=12, n_validation=4, n_test=2, size=64, seed=3)
+    config.write_text(CONFIG)
+    layout = Layout(workdir)
+
+    def ek(*args):
+        return CliRunner().invoke(main, [args[0], "--workdir", str(workdir), *args[1:]])
+
+    cv = ("cv", "--data", str(data), "--folds", "2", str(config))
+    assert ek(*cv).exit_code == 0
+    summary = json.loads(layout.summary("quick").read_text())
+    assert set(summary["sources"]) == {
+        "train/inputs",
+        "train/labels",
+        "validation/inputs",
+        "validation/labels",
+    }
+    done = json.loads((layout.fold_dir("quick", 0) / "DONE").read_text())
+    assert "validation/labels" not in done["sources"]  # the holdout's labels only score
+    assert ek("blend", "--oof", "--steps", "2").exit_code == 0
+    blend.verify_blend(layout)
+
+    # a holdout label changes: the OOF summary is stale until ek cv re-scores it (no training)
+    holdout_mask = sorted((data / "validation").glob("*/human_pixel_masks.npy"))[0]
+    _rewrite(holdout_mask, lambda m: 1 - m)
+    result = ek("blend", "--oof", "--steps", "2")
+    assert result.exit_code == 2 and "stale OOF" in result.output
+    assert "validation/labels" in result.output
+    stamp = (layout.fold_dir("quick", 0) / "best.pt").stat().st_mtime_ns
+    assert ek(*cv).exit_code == 0
+    assert (layout.fold_dir("quick", 0) / "best.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(EkError, match="stale blend.json: .*summary.json"):
+        blend.verify_blend(layout)  # what `ek submit` checks
+    assert ek("blend", "--oof", "--steps", "2").exit_code == 0
+
+    # a training band changes: the folds were trained on other data
+    band = sorted((data / "train").glob("*/band_14.npy"))[0]
+    _rewrite(band, lambda b: b + 1.0)
+    result = ek(*cv)
+    assert result.exit_code == 2 and "trained on data that changed since" in result.output
+    assert "train/inputs" in result.output
+    result = ek("blend", "--oof", "--steps", "2")
+    assert result.exit_code == 2 and "train/inputs" in result.output
