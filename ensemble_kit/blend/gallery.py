@@ -33,7 +33,7 @@ from ..data.cache import load_labels
 from ..data.records import N_FRAMES, ash_false_color, band_file, load_bands
 from ..data.splits import HOLDOUT_FOLD, read_splits
 from ..files import atomic_path, digest_file, write_json
-from ..layout import record_dir
+from ..layout import Layout, record_dir
 from ..oof import write_ids
 from .apply import apply_blend, blend_histogram, blend_sums, top_fraction_threshold
 
@@ -78,7 +78,9 @@ class Panel:
 
     @property
     def counts(self) -> tuple[int, int, int]:
-        """TP, FP, FN pixels."""
+        """TP, FP, FN pixels (a test record has none)."""
+        if self.predicted is None or self.label is None:
+            raise ValueError(f"record {self.record_id}: no prediction or label to count")
         tp, fp, fn = outcome_counts(self.predicted[None], self.label[None])[0]
         return int(tp), int(fp), int(fn)
 
@@ -179,7 +181,7 @@ def set_counts(
             apply_blend(blend, {k: np.asarray(c[b]) for k, c in codes.items()}, threshold_sum),
             labels[b],
         )
-        for b in tqdm(batches, desc="gallery counts", unit="batch", leave=False)
+        for b in tqdm(batches, "gallery counts", unit="batch", leave=False, disable=n < 4096)
     ]
     return np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
 
@@ -190,11 +192,11 @@ def set_threshold(blend: dict, codes: dict[str, np.ndarray]) -> int | None:
     if blend["threshold_mode"] != "top_fraction":
         return None
     n = len(next(iter(codes.values())))
-    histogram = sum(
+    histograms = [
         blend_histogram(blend, {k: np.asarray(c[lo : lo + BATCH]) for k, c in codes.items()})
         for lo in range(0, n, BATCH)
-    )
-    return top_fraction_threshold(histogram, blend["top_fraction"])
+    ]
+    return top_fraction_threshold(np.sum(histograms, axis=0), blend["top_fraction"])
 
 
 def blend_record(
@@ -251,8 +253,10 @@ def _pyplot():
 
 def panel_columns(panel: Panel) -> list[tuple[str, str, np.ndarray | None, dict]]:
     """``(key, column title, array, imshow options)`` of each image in a panel's first row."""
-    columns = [("image", f"ash false colour, frame t{LABELLED_FRAME}", panel.image, {})]
-    if panel.set_name == "test":
+    columns: list[tuple[str, str, np.ndarray | None, dict]] = [
+        ("image", f"ash false colour, frame t{LABELLED_FRAME}", panel.image, {})
+    ]
+    if panel.predicted is None or panel.label is None:  # a test record
         return columns
     unit = {"vmin": 0, "vmax": 1}
     return columns + [
@@ -342,7 +346,7 @@ def _stack(rows: list[np.ndarray]) -> np.ndarray:
 
 
 def write_gallery(
-    layout, data_root: Path, blend: dict, pool: list, labels: np.ndarray
+    layout: Layout, data_root: Path, blend: dict, pool: list, labels: np.ndarray
 ) -> list[tuple[Panel, dict]]:
     """``ek blend --oof``'s gallery: counts of every record, then the selected rows drawn.
 
@@ -378,7 +382,7 @@ def write_gallery(
     return list(zip(panels, drawn))
 
 
-def _holdout_table(layout, data_root: Path, blend: dict, chosen: list) -> dict:
+def _holdout_table(layout: Layout, data_root: Path, blend: dict, chosen: list) -> dict:
     """``{"holdout": (ids, folds, counts)}``, or nothing when a config has no holdout."""
     if any(o.holdout is None for o in chosen) or not chosen[0].holdout_ids:
         return {}
@@ -410,6 +414,6 @@ def _write_tables(folder: Path, blend_json: Path, tables: dict) -> None:
     write_json(folder / META_JSON, {"blend_json_digest": digest_file(blend_json), "sets": totals})
 
 
-def _record_splits(layout) -> dict[str, str]:
+def _record_splits(layout: Layout) -> dict[str, str]:
     splits = read_splits(layout)
     return dict(zip(splits["record_id"], splits["split"]))

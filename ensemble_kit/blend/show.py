@@ -18,7 +18,7 @@ from ..data.records import load_mask
 from ..data.splits import HOLDOUT_FOLD, read_meta, read_splits
 from ..errors import EkError
 from ..files import digest_file
-from ..layout import record_dir
+from ..layout import Layout, record_dir
 from ..oof import read_oof
 from .apply import verify_blend
 from .gallery import (
@@ -45,7 +45,11 @@ class Shown:
 
 
 def show_record(
-    layout, record_id: str, data_root: Path | None = None, out: Path | None = None, frames=False
+    layout: Layout,
+    record_id: str,
+    data_root: Path | None = None,
+    out: Path | None = None,
+    frames: bool = False,
 ) -> Shown:
     """``ek show``: draw one record of the OOF pool, the holdout or the test split.
 
@@ -76,7 +80,7 @@ def show_record(
     return Shown(Path(path), panel, drawn)
 
 
-def _locate(layout, record_id: str, data_root: Path | None) -> tuple[str, str, Path]:
+def _locate(layout: Layout, record_id: str, data_root: Path | None) -> tuple[str, str, Path]:
     """``(set name, split folder, data root)`` of a record id."""
     if not record_id.isdigit():
         raise EkError(f"record '{record_id}': not a record id (record ids are digits)")
@@ -95,7 +99,7 @@ def _locate(layout, record_id: str, data_root: Path | None) -> tuple[str, str, P
     )
 
 
-def _set_panel(layout, blend: dict, record_id: str, set_name: str) -> Panel:
+def _set_panel(layout: Layout, blend: dict, record_id: str, set_name: str) -> Panel:
     """The panel of a pool or holdout record, without images or label."""
     chosen = [read_oof(layout, name) for name in blend["configs"]]
     first = chosen[0]
@@ -104,9 +108,10 @@ def _set_panel(layout, blend: dict, record_id: str, set_name: str) -> Panel:
         codes = {o.name: o.probs for o in chosen}
     else:
         ids, source = first.holdout_ids, layout.holdout_ids(first.name)
-        if any(o.holdout is None for o in chosen):
-            raise EkError(f"{layout.holdout_npy(first.name)}: missing; cannot show {record_id}")
-        codes = {o.name: o.holdout for o in chosen}
+        codes = {o.name: o.holdout for o in chosen if o.holdout is not None}
+        missing = [o.name for o in chosen if o.holdout is None]
+        if missing:
+            raise EkError(f"{layout.holdout_npy(missing[0])}: missing; cannot show {record_id}")
     if record_id not in ids:
         raise EkError(f"record {record_id}: in {layout.splits_csv} but not in {source}")
     i = ids.index(record_id)
@@ -118,7 +123,7 @@ def _set_panel(layout, blend: dict, record_id: str, set_name: str) -> Panel:
     return panel
 
 
-def _stored_denominator(layout, set_name: str) -> int | None:
+def _stored_denominator(layout: Layout, set_name: str) -> int | None:
     """The set's ``2 TP + FP + FN`` from the gallery's ``meta.json``, if it matches blend.json."""
     path = layout.blend_report_dir / GALLERY_DIR / META_JSON
     try:
