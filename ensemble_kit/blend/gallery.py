@@ -316,12 +316,12 @@ def write_png(path: Path, pixels: np.ndarray) -> Path:
 def draw_gallery(panels: list[Panel], gallery_png: Path, panel_dir: Path) -> list[dict]:
     """Write one PNG per panel into ``panel_dir`` and all rows stacked as ``gallery_png``.
 
-    PNGs of an earlier gallery in ``panel_dir`` are removed first. Returns the arrays each
-    row drew (see :func:`draw_panel`).
+    The PNGs of an earlier gallery are removed first (no rows: no ``gallery_png``). Returns
+    the arrays each row drew (see :func:`draw_panel`).
     """
     panel_dir.mkdir(parents=True, exist_ok=True)
-    for old in panel_dir.glob("*.png"):
-        old.unlink()
+    for old in [gallery_png, *panel_dir.glob("*.png")]:
+        old.unlink(missing_ok=True)
     rows, drawn = [], []
     for number, panel in enumerate(panels, 1):
         pixels, arrays = draw_panel(panel)
