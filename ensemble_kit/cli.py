@@ -186,6 +186,28 @@ def blend(
 
 
 @main.command()
+@click.argument("record_id")
+@WORKDIR
+@data_option()
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="PNG to write (default: <workdir>/blend/show/RECORD_ID.png).",
+)
+@click.option("--frames", is_flag=True, help="Also draw the false colour of all 8 frames.")
+def show(record_id: str, workdir: Path, data_root: Path | None, out: Path | None, frames: bool):
+    """Draw one record: false colour, label, blended probability, TP/FP/FN mask (no model run).
+
+    A test record shows its false colour only (no test probabilities are stored).
+    """
+    from .blend.show import show_record
+
+    shown = show_record(Layout(workdir), record_id, data_root, out, frames)
+    click.echo(f"wrote {shown.path}: {shown.panel.title}")
+
+
+@main.command()
 @data_option()
 @WORKDIR
 @click.option(

@@ -18,6 +18,7 @@ from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
 from .apply import _digest, apply_blend, blend_histogram, top_fraction_threshold
 from .ensemble_search import SearchResult, search
+from .gallery import write_gallery
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def run_blend(
     blend["scores"]["holdout"] = _holdout_dice(layout, data_root, blend, pool, splits)
     write_json(layout.blend_json, blend)
     report.write_blend_report(layout.blend_report_dir, blend, result.curves)
+    write_gallery(layout, data_root, blend, pool, labels)
     log.info(
         "blend: wrote %s (nested dice %.4f)", layout.blend_json, blend["scores"]["nested"]["pooled"]
     )
