@@ -198,7 +198,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+def _build(cls: Any, raw: Any, source: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise EkError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping")
     hints = typing.get_type_hints(cls)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
@@ -74,7 +75,7 @@ def build_model(config: Config) -> nn.Module:
             f"{', '.join(TEMPORAL_MIX_ARCHITECTURES)}"
         )
     channels = config.input.channels_per_frame if frames > 1 else config.input.in_channels
-    net = _create_smp(arch, spec, channels)
+    net: Any = _create_smp(arch, spec, channels)  # smp models expose parts as attributes
     if frames > 1:
         net = TemporalMix(net, frames)
     stride = net.encoder.output_stride if _needs_divisible(net) else 1
@@ -218,7 +219,7 @@ class FrameMix(nn.Module):
             eye = torch.eye(channels).repeat(1, frames) / frames
             with torch.no_grad():
                 self.conv.weight.copy_(eye[:, :, None, None])
-                self.conv.bias.zero_()
+                self.conv.bias.zero_()  # type: ignore[union-attr]  # bias=True above
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         per_frame = features.unflatten(0, (-1, self.frames))  # (B, F, C, h, w)
@@ -233,9 +234,9 @@ class TemporalMix(nn.Module):
     Input channels are frame-major: ``(B, F * C, H, W)`` holds frame 0's C channels first.
     """
 
-    def __init__(self, net: nn.Module, frames: int):
+    def __init__(self, net: Any, frames: int):
         super().__init__()
-        self.net = net
+        self.net: Any = net
         self.frames = frames
         # Level 0 is the input itself, which smp decoders do not use: a fixed mean suffices.
         self.mixers = nn.ModuleList(
@@ -244,7 +245,7 @@ class TemporalMix(nn.Module):
         )
 
     @property
-    def encoder(self) -> nn.Module:
+    def encoder(self) -> Any:
         return self.net.encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ class ArrayWriter:
         self.array[rows] = values
         self._filled[rows] = True
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None and not self._filled.all():
             exc_type = EkError
             exc = EkError(f"{self.path}: {int((~self._filled).sum())} rows were never written")
@@ -63,9 +63,8 @@ class ArrayWriter:
             self._atomic.__exit__(exc_type, exc, tb)
             if isinstance(exc, EkError):
                 raise exc
-            return False
+            return
         self._atomic.__exit__(None, None, None)
-        return False
 
 
 @dataclass(frozen=True)

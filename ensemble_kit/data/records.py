@@ -145,7 +145,7 @@ def load_soft_label(folder: Path) -> np.ndarray | None:
 
 
 def has_labels(data_root: Path | str, split: str, record_id: str) -> bool:
-    return (record_dir(data_root, split, record_id) / MASK_FILE).is_file()
+    return (record_dir(Path(data_root), split, record_id) / MASK_FILE).is_file()
 
 
 def band_statistics(folders: list[Path], bands: tuple[int, ...], frames: tuple[int, ...]) -> dict:

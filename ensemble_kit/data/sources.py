@@ -119,7 +119,9 @@ def records_fingerprint(data_root: Path, split: str, ids: list[str], files: tupl
 
 
 def _stat_table(base: Path | str, ids: list[str], files: tuple[str, ...]) -> np.ndarray:
-    values = []  # a flat list, converted once: ~2x faster than filling the array per file
+    values: list[
+        int
+    ] = []  # a flat list, converted once: ~2x faster than filling the array per file
     base = os.fspath(base)
     for rid in ids:
         folder = f"{base}/{rid}/"

@@ -244,7 +244,7 @@ def _track_grid(contrail: Contrail, u_range, shift: np.ndarray, margin: float, s
 
     Returns the window's slices and its pixels' ``(x, y)`` in the track's frame.
     """
-    u = np.linspace(*u_range, 9)
+    u = np.linspace(u_range[0], u_range[1], 9)
     v = contrail.bend * u**2
     cos, sin = np.cos(contrail.angle), np.sin(contrail.angle)
     xs = contrail.x0 + u * cos - v * sin + shift[0]
