@@ -330,3 +330,25 @@ def _outputs(notebook: Path) -> str:
     return "".join(
         "".join(output.get("text", "")) for cell in cells for output in cell.get("outputs", [])
     )
+
+
+def test_rerunning_kaggle_keeps_the_user_name_already_set(tmp_path):
+    from ensemble_kit.inference.kaggle import PLACEHOLDER_USER, _user_of, dataset_metadata
+
+    path = tmp_path / "dataset-metadata.json"
+    assert _user_of(path) == PLACEHOLDER_USER
+    path.write_text(json.dumps(dataset_metadata("old-slug", "A title", "alice-b")))
+    assert _user_of(path) == "alice-b"
+    path.write_text("{not json")
+    assert _user_of(path) == PLACEHOLDER_USER
+
+
+def test_traced_models_refuse_records_of_another_size():
+    from ensemble_kit.config import Config
+    from ensemble_kit.errors import EkError
+    from ensemble_kit.inference.ensemble import Ensemble
+
+    ensemble = Ensemble({"net": Config(name="net")}, {"net": []}, {"net": None}, {"net": 64})
+    ensemble.check_side("net", torch.zeros(1, 3, 64, 64))
+    with pytest.raises(EkError, match="take 64x64 inputs, but the records are 256x256"):
+        ensemble.check_side("net", torch.zeros(1, 3, 256, 256))

@@ -66,7 +66,7 @@ def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, dic
             "needs TorchScript (ek export --format torchscript)"
         )
     blend = read_json(files["blend"], "run `ek blend --oof`, then `ek export`")
-    configs, stats = {}, {}
+    configs, stats, sides = {}, {}, {}
     models: dict[str, list[torch.nn.Module]] = {}
     for name in blend.get("configs", {}):
         entry = manifest.get("configs", {}).get(name)
@@ -77,12 +77,13 @@ def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, dic
             )
         configs[name] = config_from_dict(entry["config"], source=f"{manifest_path} ({name})")
         stats[name] = entry.get("band_stats")
+        sides[name] = int(entry["side"])
         if configs[name].input.channels == "bands" and stats[name] is None:
             raise EkError(f"{manifest_path}: no band_stats for '{name}'; rerun ek export")
         models[name] = [
             _load_traced(bundle_model(folder, name, k), device) for k in range(manifest["n_folds"])
         ]
-    return Ensemble(configs, models, stats), blend
+    return Ensemble(configs, models, stats, sides), blend
 
 
 def _load_traced(path: Path, device: torch.device) -> torch.jit.ScriptModule:

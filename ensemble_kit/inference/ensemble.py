@@ -45,12 +45,22 @@ TOP_FRACTION_CHUNK = 64
 
 @dataclass
 class Ensemble:
-    """The configs with non-zero blend weight, their fold models (in fold order) and, for
-    ``bands`` inputs, the training pool's band statistics."""
+    """The configs with non-zero blend weight, their fold models (in fold order), for
+    ``bands`` inputs the training pool's band statistics and, for traced models, the side
+    they were traced at (their input size is fixed)."""
 
     configs: dict[str, Config]
     models: dict[str, list[torch.nn.Module]]
     stats: dict[str, dict | None]
+    sides: dict[str, int] = field(default_factory=dict)
+
+    def check_side(self, name: str, x: torch.Tensor) -> None:
+        side = self.sides.get(name)
+        if side is not None and tuple(x.shape[-2:]) != (side, side):
+            raise EkError(
+                f"the exported models of '{name}' take {side}x{side} inputs, but the records "
+                f"are {x.shape[-2]}x{x.shape[-1]}; export at that size"
+            )
 
     @property
     def specs(self) -> list[InputSpec]:
@@ -132,6 +142,7 @@ def predict_codes(
         codes = {}
         for name, config in ensemble.configs.items():
             x = to_float(inputs[ensemble.spec_index(name)].to(device))
+            ensemble.check_side(name, x)
             codes[name] = fold_mean_codes(ensemble.models[name], config, x)
         clock = timer.add("model", clock)
         count = len(inputs[0])

@@ -18,6 +18,7 @@ records/s and the projected time for 2,000 records (about the hidden test set).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -107,7 +108,8 @@ def build_kaggle_bundle(request: KaggleRequest) -> dict:
     manifest.update(ensemble_kit_version=__version__, wheel=wheel.name, slug=request.slug)
     files = bundle_files(out)
     write_json(files["manifest"], manifest)
-    write_json(files["metadata"], dataset_metadata(request.slug, request.title))
+    user = _user_of(files["metadata"])
+    write_json(files["metadata"], dataset_metadata(request.slug, request.title, user))
     write_text(
         files["notebook"], notebook_json(request.slug, request.title, wheel.name, __version__)
     )
@@ -116,9 +118,19 @@ def build_kaggle_bundle(request: KaggleRequest) -> dict:
     return {"out": out, "manifest": manifest, "wheel": wheel, "measured": measured}
 
 
-def dataset_metadata(slug: str, title: str) -> dict:
-    """``dataset-metadata.json`` in the Kaggle API's format, with a placeholder user."""
-    return {"title": title, "id": f"{PLACEHOLDER_USER}/{slug}", "licenses": [{"name": LICENSE}]}
+def dataset_metadata(slug: str, title: str, user: str = PLACEHOLDER_USER) -> dict:
+    """``dataset-metadata.json`` in the Kaggle API's format (a placeholder user by default)."""
+    return {"title": title, "id": f"{user}/{slug}", "licenses": [{"name": LICENSE}]}
+
+
+def _user_of(path: Path) -> str:
+    """The user name already set in an earlier ``dataset-metadata.json``, else the placeholder,
+    so that rerunning ``ek kaggle`` keeps it."""
+    try:
+        user = str(json.loads(path.read_text())["id"]).split("/")[0]
+    except (OSError, ValueError, KeyError, TypeError):
+        return PLACEHOLDER_USER
+    return user if re.fullmatch(r"[A-Za-z0-9_-]+", user) else PLACEHOLDER_USER
 
 
 def bundle_readme(slug: str, title: str, wheel: str, manifest: dict) -> str:
