@@ -258,13 +258,27 @@ def export(workdir: Path, fmt: str, names) -> None:
 @main.command()
 @WORKDIR
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=DEFAULT_KAGGLE_DIR, show_default=True
+    "--out",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_KAGGLE_DIR,
+    show_default=True,
+    help="The dataset folder to write (new, or an earlier `ek kaggle` folder).",
 )
-@click.option("--slug", default="contrails-ensemble-kit", show_default=True, help="Dataset slug.")
+@click.option(
+    "--slug",
+    default="contrails-ensemble-kit",
+    show_default=True,
+    help="Dataset slug: /kaggle/input/<slug> in the notebook.",
+)
 @click.option(
     "--title", default="Contrails ensemble (ensemble-kit)", show_default=True, help="Dataset title."
 )
-@DEVICE
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to time the bundle: cpu, cuda, ... (auto: cuda if present).",
+)
 def kaggle(workdir: Path, out: Path, slug: str, title: str, device: str) -> None:
     """Write the blended models, a wheel and an offline notebook as one Kaggle dataset."""
     from .inference.bundle import throughput_line

@@ -65,6 +65,7 @@ def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, dic
             f"{manifest_path}: format {manifest.get('format')!r}; predicting from a bundle "
             "needs TorchScript (ek export --format torchscript)"
         )
+    _warn_if_older_torch(manifest.get("torch"))
     blend = read_json(files["blend"], "run `ek blend --oof`, then `ek export`")
     configs, stats, sides = {}, {}, {}
     models: dict[str, list[torch.nn.Module]] = {}
@@ -84,6 +85,21 @@ def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, dic
             _load_traced(bundle_model(folder, name, k), device) for k in range(manifest["n_folds"])
         ]
     return Ensemble(configs, models, stats, sides), blend
+
+
+def _warn_if_older_torch(exported_with: str | None) -> None:
+    """TorchScript written by a newer torch may fail to load, or load and run differently."""
+    if exported_with and _major_minor(torch.__version__) < _major_minor(exported_with):
+        log.warning(
+            "the bundle was exported with torch %s, this is torch %s: if loading fails, "
+            "export with a torch no newer than this one",
+            exported_with,
+            torch.__version__,
+        )
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2] if part.isdigit())
 
 
 def _load_traced(path: Path, device: torch.device) -> torch.jit.ScriptModule:

@@ -76,7 +76,12 @@ def export_models(
     out_dir = Path(out_dir or layout.export_dir)
     names = names or _blended_names(layout)
     meta = read_meta(layout)
-    manifest: dict = {"format": fmt, "n_folds": meta["n_folds"], "configs": {}}
+    manifest: dict = {
+        "format": fmt,
+        "n_folds": meta["n_folds"],
+        "torch": torch.__version__,
+        "configs": {},
+    }
     for name in names:
         config = load_config(layout.config_dir(name) / "config.yaml")
         size = side or _label_side(layout, name)
