@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import EkError
-from .layout import DEFAULT_SUBMISSION, DEFAULT_WORKDIR, Layout
+from .layout import DEFAULT_KAGGLE_DIR, DEFAULT_SUBMISSION, DEFAULT_WORKDIR, Layout
 
 WORKDIR = click.option(
     "--workdir",
@@ -275,6 +275,50 @@ def export(workdir: Path, fmt: str, names) -> None:
             f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}"
         )
     click.echo(f"wrote {layout.export_dir}")
+
+
+@main.command()
+@WORKDIR
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_KAGGLE_DIR,
+    show_default=True,
+    help="The dataset folder to write (new, or an earlier `ek kaggle` folder).",
+)
+@click.option(
+    "--slug",
+    default="contrails-ensemble-kit",
+    show_default=True,
+    help="Dataset slug: /kaggle/input/<slug> in the notebook.",
+)
+@click.option(
+    "--title", default="Contrails ensemble (ensemble-kit)", show_default=True, help="Dataset title."
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="Where to time the bundle: cpu, cuda, ... (auto: cuda if present).",
+)
+def kaggle(workdir: Path, out: Path, slug: str, title: str, device: str) -> None:
+    """Write the blended models, a wheel and an offline notebook as one Kaggle dataset."""
+    from .inference.bundle import throughput_line
+    from .inference.kaggle import KaggleRequest, build_kaggle_bundle
+
+    result = build_kaggle_bundle(KaggleRequest(Layout(workdir), out, slug, title, device))
+    manifest = result["manifest"]
+    for name, entry in manifest["configs"].items():
+        click.echo(
+            f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}"
+        )
+    measured = result["measured"]
+    if "skipped" in measured:
+        click.echo(f"not timed: {measured['skipped']}")
+    else:
+        click.echo(f"measured on {measured['split']} records: {throughput_line(measured)}")
+    click.echo(f"wrote {out} (set your user name in {out / 'dataset-metadata.json'}, then")
+    click.echo(f"  kaggle datasets create -p {out}; see {out / 'README.md'})")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ A run writes under a *workdir* (``folds/`` by default, relative to the current d
         curves.png
       blend.json            weights, threshold, postprocessing, scores, digests
       blend/                report (plots, table)
+      export/               `ek export`: <config>.fold_<i>.pt, manifest.json, blend.json
     submissions/
       submission.csv, submission.json
+      kaggle/               `ek kaggle`: the bundle as a Kaggle dataset, with the notebook
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 
 DEFAULT_WORKDIR = Path("folds")
 DEFAULT_SUBMISSION = Path("submissions") / "submission.csv"
+DEFAULT_KAGGLE_DIR = Path("submissions") / "kaggle"
 SPLITS = ("train", "validation", "test")
 
 
@@ -113,3 +116,24 @@ def fold_files(fold_dir: Path) -> dict[str, Path]:
         "oof_part": fold_dir / "oof_part.npy",
         "holdout_part": fold_dir / "holdout_part.npy",
     }
+
+
+def bundle_files(folder: Path | str) -> dict[str, Path]:
+    """The files of a prediction bundle (``ek export``'s folder, or ``ek kaggle``'s dataset,
+    which adds the Kaggle files); models are at :func:`bundle_model`."""
+    folder = Path(folder)
+    return {
+        "manifest": folder / "manifest.json",
+        "blend": folder / "blend.json",
+        "metadata": folder / "dataset-metadata.json",
+        "notebook": folder / "inference.ipynb",
+        "readme": folder / "README.md",
+    }
+
+
+def bundle_model(folder: Path | str, name: str, fold: int, fmt: str = "torchscript") -> Path:
+    """A bundle's exported model of one config's fold: ``<config>.fold_<k>.pt`` (or ``.onnx``).
+
+    Flat, because ``kaggle datasets create -p DIR`` skips sub-folders unless told otherwise.
+    """
+    return Path(folder) / f"{name}.fold_{fold}.{'pt' if fmt == 'torchscript' else 'onnx'}"

@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -53,19 +55,26 @@ TEMPORAL_MIX_ARCHITECTURES = tuple(name for name in ARCHITECTURES if name != "DP
 MIN_SIZE = {"PAN": 128}
 
 
-def build_model(config: Config) -> nn.Module:
+def build_model(config: Config, pretrained: bool = True) -> nn.Module:
     """The model a config describes, returning logits at the input's resolution.
 
     Args:
         config: uses ``config.model`` and ``config.input`` (channels and frames).
+        pretrained: load ``model.encoder_weights`` (from the local cache, or downloaded);
+            False builds the bare architecture, as every load of a trained checkpoint does
+            (``best.pt`` replaces the weights anyway, and loading must work offline).
 
     Returns:
         A module mapping ``(B, config.input.in_channels, H, W)`` to logits ``(B, 1, H, W)``.
 
     Raises:
         EkError: unknown architecture, encoder or decoder keyword; temporal mix on an
-            architecture without it.
+            architecture without it; pretrained weights neither cached nor downloadable.
     """
+    return _build(config, pretrained, source=config.name)
+
+
+def _build(config: Config, pretrained: bool, source: str) -> nn.Module:
     spec = config.model
     arch = architecture_name(spec.arch)
     frames = len(config.input.frames) if spec.temporal == "mix" else 1
@@ -75,7 +84,9 @@ def build_model(config: Config) -> nn.Module:
             f"{', '.join(TEMPORAL_MIX_ARCHITECTURES)}"
         )
     channels = config.input.channels_per_frame if frames > 1 else config.input.in_channels
-    net: Any = _create_smp(arch, spec, channels)  # smp models expose parts as attributes
+    net: Any  # smp models expose their parts as attributes
+    with _weights_offline_error(source, spec, pretrained):
+        net = _create_smp(arch, spec, channels, pretrained)
     if frames > 1:
         net = TemporalMix(net, frames)
     stride = net.encoder.output_stride if _needs_divisible(net) else 1
@@ -119,9 +130,45 @@ def check_encoder(name: str) -> None:
     )
 
 
-def _create_smp(arch: str, spec: ModelSpec, in_channels: int) -> nn.Module:
+def check_pretrained_weights(config: Config, source: str) -> None:
+    """Build the model once with its pretrained encoder weights, so that a machine without
+    them (offline, not cached) fails before any training starts, naming ``source``."""
+    if config.model.encoder_weights is not None:
+        _build(config, pretrained=True, source=source)
+
+
+@contextlib.contextmanager
+def _weights_offline_error(source: str, spec: ModelSpec, pretrained: bool) -> Iterator[None]:
+    """Turn a failed weight download (hub unreachable, nothing cached) into one EkError line."""
+    try:
+        yield
+    except OSError as error:  # huggingface_hub's and urllib's network errors are OSErrors
+        if not pretrained or spec.encoder_weights is None:
+            raise
+        raise EkError(_offline_message(source, spec)) from error
+
+
+def _offline_message(source: str, spec: ModelSpec) -> str:
+    name = spec.encoder
+    kind = "ImageNet" if str(spec.encoder_weights).lower() == "imagenet" else "pretrained"
+    if name.startswith("tu-"):
+        fetch = f"import timm; timm.create_model('{name[3:]}', pretrained=True)"
+    else:
+        fetch = (
+            "import segmentation_models_pytorch as smp; "
+            f"smp.encoders.get_encoder('{name}', weights='{spec.encoder_weights}')"
+        )
+    return (
+        f"{source}: {kind} weights for {name} are not in the local cache and the hub is "
+        f'unreachable; pre-fetch them where there is internet (python -c "{fetch}"), then '
+        "copy ~/.cache/huggingface and ~/.cache/torch to this machine (or set HF_HOME / "
+        "TORCH_HOME to a copy), or set model.encoder_weights: null"
+    )
+
+
+def _create_smp(arch: str, spec: ModelSpec, in_channels: int, pretrained: bool) -> nn.Module:
     check_encoder(spec.encoder)
-    weights = spec.encoder_weights
+    weights: str | bool | None = spec.encoder_weights if pretrained else None
     if spec.encoder.startswith("tu-") and isinstance(weights, str):
         weights = True  # timm picks the pretrained tag from the name ('tu-model.tag')
     cls = ARCHITECTURES[arch]

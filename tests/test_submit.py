@@ -8,11 +8,15 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ensemble_kit.cli import main
+from ensemble_kit.inference.ensemble import Timer, predict_codes
 from ensemble_kit.inference.rle import decode
+from ensemble_kit.inference.submit import load_ensemble
 from ensemble_kit.layout import Layout
+from ensemble_kit.oof import read_ids
 
 CONFIG = """
 name: {name}
@@ -74,7 +78,28 @@ def test_validation_split_agrees_with_blend_holdout(blended, tmp_path):
     dice = json.loads(out.with_suffix(".json").read_text())["dice"]
     holdout = json.loads(Layout(workdir).blend_json.read_text())["scores"]["holdout"]
     assert f"global dice on validation: {dice:.4f}" in result.output
-    assert dice == pytest.approx(holdout, abs=2e-3)
+    assert dice == pytest.approx(holdout, abs=1e-9)
+
+
+def test_submit_reproduces_holdout_codes_exactly(blended):
+    """Submit quantises inputs as the cache does and averages folds as holdout.npy was; a
+    batch size other than training's must not matter."""
+    workdir, root = blended
+    layout = Layout(workdir)
+    blend = json.loads(layout.blend_json.read_text())
+    ensemble = load_ensemble(layout, blend, torch.device("cpu"))
+    ids, codes = [], {name: [] for name in blend["configs"]}
+    for batch_ids, batch in predict_codes(
+        ensemble, root, "validation", 5, torch.device("cpu"), Timer()
+    ):
+        ids += batch_ids
+        for name in codes:
+            codes[name].append(batch[name])
+    for name in codes:
+        holdout_ids = read_ids(layout.holdout_ids(name))["record_id"].tolist()
+        order = [holdout_ids.index(record_id) for record_id in ids]
+        expected = np.load(layout.holdout_npy(name))[order]
+        np.testing.assert_array_equal(np.concatenate(codes[name]), expected)
 
 
 def test_stale_blend_is_refused(blended, tmp_path):
@@ -123,11 +148,24 @@ def test_export_parity_and_exported_submission(blended, tmp_path):
     result = ek("export", "--workdir", workdir)
     assert "max |prob diff|" in result.output
     manifest = json.loads((Layout(workdir).export_dir / "manifest.json").read_text())
-    assert all(entry["max_abs_diff"] <= 1e-4 for entry in manifest["configs"].values())
+    # frozen without numerics-changing passes: the traced logits are the eager ones exactly
+    assert all(entry["max_abs_diff"] == 0.0 for entry in manifest["configs"].values())
+    assert not any(p.is_dir() for p in Layout(workdir).export_dir.iterdir())
     eager, exported = tmp_path / "eager.csv", tmp_path / "exported.csv"
     ek("submit", "--workdir", workdir, "--data", root, "--out", eager)
     ek("submit", "--workdir", workdir, "--data", root, "--out", exported, "--exported")
-    assert eager.read_text() == exported.read_text()
+    assert eager.read_bytes() == exported.read_bytes()
+    copied = Layout(workdir).export_dir / "blend.json"
+    kept = copied.read_bytes()
+    copied.write_bytes(kept.replace(b'"threshold_sum"', b'"threshold_sum" ', 1))
+    try:
+        result = ek(
+            "submit", "--workdir", workdir, "--data", root, "--out", exported, "--exported",
+            check=False,
+        )  # fmt: skip
+    finally:
+        copied.write_bytes(kept)
+    assert result.exit_code == 2 and "rerun ek export" in result.output
 
 
 def test_export_fails_loudly_when_outputs_differ(blended, monkeypatch):

@@ -13,10 +13,14 @@ from ..models import build_model
 
 
 def load_fold_model(config: Config, fold_dir: Path, device: torch.device) -> torch.nn.Module:
-    """The best checkpoint of a fold, in eval mode."""
+    """The best checkpoint of a fold, in eval mode.
+
+    The architecture is built without pretrained weights (``best.pt`` replaces them), so
+    loading never touches the network.
+    """
     path = fold_files(fold_dir)["best"]
     if not path.is_file():
         raise EkError(f"{path}: missing; run `ek cv` to train this fold")
-    model = build_model(config)
+    model = build_model(config, pretrained=False)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
     return model.to(device).eval()

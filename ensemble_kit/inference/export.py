@@ -1,11 +1,14 @@
 """``ek export``: fold models as a portable TorchScript (or ONNX) bundle, parity-checked.
 
-The bundle (``folds/export/``) holds one traced model per fold of every blended config, a
-``manifest.json`` (configs, TTA, input specs, blend weights) and a copy of ``blend.json``, so
-a Kaggle notebook can predict with ``torch.jit.load`` and no training environment. Tracing
-has changed outputs before (the experiment log saw dice drop after tracing), so every model
-is compared with its eager original on sample inputs, and export fails loudly beyond
-tolerance.
+The bundle (``folds/export/``, layout in :mod:`.bundle`) holds one traced model per fold of
+every blended config, a ``manifest.json`` (resolved configs, the training pool's band
+statistics for ``bands`` inputs) and a copy of ``blend.json``, so a Kaggle notebook can
+predict with ``torch.jit.load`` and no training environment (:func:`.bundle.predict_bundle`).
+
+Tracing has changed outputs before (the experiment log saw dice drop after tracing): models
+are frozen without the passes that change numerics (conv-BN folding), so on the same device
+a traced model returns the eager model's logits bit for bit, and every model is still
+compared with its eager original on sample inputs, failing loudly beyond tolerance.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import load_config, resolved_dict
+from ..config import Config, load_config, resolved_dict
+from ..data.cache import band_stats
 from ..data.splits import read_meta
 from ..errors import EkError
 from ..files import atomic_path, write_json
-from ..layout import Layout
+from ..layout import Layout, bundle_files, bundle_model
 from .checkpoints import load_fold_model
 
 log = logging.getLogger(__name__)
@@ -32,7 +36,8 @@ TOLERANCE = 1e-4
 
 
 def exported_path(layout: Layout, name: str, fold: int, fmt: str = "torchscript") -> Path:
-    return layout.export_dir / name / f"fold_{fold}.{'pt' if fmt == 'torchscript' else 'onnx'}"
+    """Where ``ek export`` writes a fold's model (``folds/export/<name>/fold_<k>.pt``)."""
+    return bundle_model(layout.export_dir, name, fold, fmt)
 
 
 def sample_inputs(in_channels: int, side: int, count: int = 2, seed: int = 0) -> torch.Tensor:
@@ -54,43 +59,82 @@ def export_models(
     fmt: str = "torchscript",
     names: list[str] | None = None,
     side: int | None = None,
+    out_dir: Path | None = None,
 ) -> dict:
-    """Trace every fold model of the named (default: blended) configs; returns the manifest."""
+    """Trace every fold model of the named (default: blended) configs; returns the manifest.
+
+    Args:
+        layout: The workdir with the trained folds (and ``blend.json``).
+        fmt: ``torchscript`` or ``onnx``.
+        names: Configs to export; default those with a weight in ``blend.json``, else every
+            finished config.
+        side: Side of the sample inputs (default: the OOF's side, the size predicted).
+        out_dir: Bundle folder to write (default ``folds/export/``).
+    """
     if fmt not in FORMATS:
         raise EkError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    out_dir = Path(out_dir or layout.export_dir)
     names = names or _blended_names(layout)
-    n_folds = read_meta(layout)["n_folds"]
-    manifest = {"format": fmt, "n_folds": n_folds, "configs": {}}
+    meta = read_meta(layout)
+    manifest: dict = {
+        "format": fmt,
+        "n_folds": meta["n_folds"],
+        "torch": torch.__version__,
+        "configs": {},
+    }
     for name in names:
         config = load_config(layout.config_dir(name) / "config.yaml")
         size = side or _label_side(layout, name)
-        worst = max(_export_fold(layout, config, k, fmt, size) for k in range(n_folds))
+        worst = max(
+            _export_fold(layout, config, k, fmt, size, out_dir) for k in range(meta["n_folds"])
+        )
         manifest["configs"][name] = {
             "config": resolved_dict(config),
             "side": size,
             "max_abs_diff": worst,
+            "band_stats": _band_stats(layout, config, meta),
         }
+    _remove_stale_models(out_dir, manifest)
+    files = bundle_files(out_dir)
     if layout.blend_json.is_file():
-        shutil.copyfile(layout.blend_json, layout.export_dir / "blend.json")
-    write_json(layout.export_dir / "manifest.json", manifest)
+        shutil.copyfile(layout.blend_json, files["blend"])
+    else:
+        files["blend"].unlink(missing_ok=True)  # never leave an older run's blend behind
+    write_json(files["manifest"], manifest)
     return manifest
 
 
-def _export_fold(layout: Layout, config, fold: int, fmt: str, side: int) -> float:
+def _remove_stale_models(out_dir: Path, manifest: dict) -> None:
+    """Delete exported models an earlier export left that this manifest does not list."""
+    fmt, folds = manifest["format"], range(manifest["n_folds"])
+    kept = {bundle_model(out_dir, n, k, fmt) for n in manifest["configs"] for k in folds}
+    for path in list(out_dir.glob("*.fold_*.pt")) + list(out_dir.glob("*.fold_*.onnx")):
+        if path not in kept:
+            path.unlink()
+
+
+def _band_stats(layout: Layout, config: Config, meta: dict) -> dict | None:
+    """The training pool's band statistics a ``bands`` input is normalised with."""
+    if config.input.channels != "bands":
+        return None
+    return band_stats(layout, Path(meta["data_root"]), config.input)
+
+
+def _export_fold(
+    layout: Layout, config: Config, fold: int, fmt: str, side: int, out_dir: Path
+) -> float:
     model = load_fold_model(config, layout.fold_dir(config.name, fold), torch.device("cpu"))
     inputs = sample_inputs(config.input.in_channels, side)
-    path = exported_path(layout, config.name, fold, fmt)
+    path = bundle_model(out_dir, config.name, fold, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
         return _export_onnx(model, inputs, path)
     with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", torch.jit.TracerWarning
-        )  # the input size is baked in on purpose
-        warnings.simplefilter(
-            "ignore", FutureWarning
-        )  # torch.jit is deprecated but still the portable format
-        traced = torch.jit.freeze(torch.jit.trace(model, inputs[:1], check_trace=False))
+        # The input size is baked in on purpose; torch.jit is deprecated but still portable.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, inputs[:1], check_trace=False)
+        traced = torch.jit.freeze(traced, optimize_numerics=False)
     diff = parity(model, traced, inputs)
     if diff > TOLERANCE:
         raise EkError(
@@ -130,17 +174,6 @@ def _export_onnx(model, inputs: torch.Tensor, path: Path) -> float:
     if diff > TOLERANCE:
         raise EkError(f"{path}: ONNX model differs from eager by {diff:.2e} (> {TOLERANCE})")
     return diff
-
-
-def load_exported(layout: Layout, name: str, n_folds: int, device: torch.device) -> list:
-    """The traced fold models of a config, for ``ek submit --exported``."""
-    models = []
-    for fold in range(n_folds):
-        path = exported_path(layout, name, fold)
-        if not path.is_file():
-            raise EkError(f"{path}: missing; run `ek export` first")
-        models.append(torch.jit.load(str(path), map_location=device).eval())
-    return models
 
 
 def _blended_names(layout: Layout) -> list[str]:

@@ -34,6 +34,7 @@ from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files
 from ..metrics import best_from_counts, dice_from_counts, threshold_sweep
+from ..models import check_pretrained_weights
 from ..oof import ArrayWriter, missing_folds, to_uint8, write_ids
 from ..report import plot_training_curves
 from ..runtime import resolve_device
@@ -92,6 +93,9 @@ def run_cv(request: CvRequest) -> dict[str, dict | None]:
         for j in jobs
         if not fold_files(request.layout.fold_dir(j.config.name, j.fold))["done"].is_file()
     ]
+    for config, path in zip(configs, request.config_paths):
+        if any(j.config is config for j in pending):  # offline without weights: fail first
+            check_pretrained_weights(config, str(path))
     run_jobs(pending, run_fold, request.backend)
     return {c.name: assemble(request.layout, c, data_root, splits, meta) for c in configs}
 

@@ -1,0 +1,354 @@
+"""Loading offline, and `ek kaggle`: the bundle, its wheel, and its notebook run as Kaggle
+runs it (no network, none of the packages Kaggle's image lacks, ensemble_kit from the wheel)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import segmentation_models_pytorch as smp
+import timm
+import torch
+from click.testing import CliRunner
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from ensemble_kit import __version__
+from ensemble_kit.cli import main
+from ensemble_kit.config import load_config
+from ensemble_kit.inference.bundle import predict_bundle
+from ensemble_kit.inference.checkpoints import load_fold_model
+from ensemble_kit.inference.wheel import build_wheel, wheel_name
+from ensemble_kit.layout import Layout
+
+KAGGLE_LACKS = ("timm", "segmentation_models_pytorch", "huggingface_hub", "sklearn", "matplotlib")
+CONFIG = """
+name: {name}
+input: {input}
+model: {{arch: {arch}, encoder: tu-test_resnet, encoder_weights: {weights}}}
+optim: {{name: adam, lr: 0.003}}
+train: {{epochs: 1, batch_size: 8, max_steps_per_epoch: 2, seed: {seed}}}
+tta: {tta}
+"""
+CONFIGS = {
+    "net": dict(input="{channels: ash, frames: [4]}", arch="Unet", weights="imagenet",
+                seed=0, tta="[identity, hflip]"),
+    "bands": dict(input="{channels: bands, bands: [11, 14, 15], frames: [3, 4, 5]}",
+                  arch="FPN", weights="null", seed=1, tta="[identity, vflip]"),
+}  # fmt: skip
+# The notebook as Kaggle runs it: nbclient + ipykernel, the notebook's folder as cwd.
+RUNNER = """
+import sys
+import nbformat
+from nbclient import NotebookClient
+
+notebook = nbformat.read(sys.argv[1], as_version=4)
+nbformat.validate(notebook)
+client = NotebookClient(
+    notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}
+)
+client.execute()
+nbformat.write(notebook, sys.argv[3])
+"""
+
+
+def ek(*args, check: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if check:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def write_config(folder: Path, name: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(CONFIG.format(name=name, **CONFIGS[name]))
+    return path
+
+
+def failing_download(*args, **kwargs):
+    raise LocalEntryNotFoundError("no network and not in the cache (patched by the test)")
+
+
+def block_downloads(monkeypatch) -> None:
+    """Every way timm and smp fetch weights now fails as it does offline without a cache."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", failing_download)
+    monkeypatch.setattr(smp.encoders, "hf_hub_download", failing_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", failing_download)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_root):
+    """`net` (encoder_weights: imagenet, its download faked) and `bands` x 2 folds, blended
+    with both weighted (set by hand, so that both input kinds are in every bundle)."""
+    folder = tmp_path_factory.mktemp("kaggle")
+    weights = folder / "model.safetensors"
+    safetensors.torch.save_file(timm.create_model("test_resnet").state_dict(), weights)
+    fetched = []
+
+    def download(repo_id, filename, **kwargs):
+        fetched.append(repo_id)
+        return str(weights)
+
+    workdir = folder / "folds"
+    configs = [write_config(folder, name) for name in CONFIGS]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(timm.models._hub, "hf_hub_download", download)
+        ek("cv", "--data", synth_root, "--workdir", workdir, "--folds", "2", *configs)
+    assert fetched and set(fetched) == {"timm/test_resnet.r160_in1k"}
+    ek("blend", "--oof", "--workdir", workdir, "--steps", "4")
+    blend_json = Layout(workdir).blend_json
+    blend = json.loads(blend_json.read_text())
+    blend["configs"] = {"net": 1, "bands": 1}
+    blend_json.write_text(json.dumps(blend))
+    return workdir, synth_root
+
+
+@pytest.fixture(scope="module")
+def submitted(trained, tmp_path_factory):
+    """`ek submit`'s CSV of the test split, run offline with every download failing."""
+    workdir, root = trained
+    out = tmp_path_factory.mktemp("submit") / "submission.csv"
+    with pytest.MonkeyPatch.context() as patch:
+        block_downloads(patch)
+        ek("submit", "--workdir", workdir, "--data", root, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(trained, tmp_path_factory):
+    """`ek kaggle` (which exports every fold) run offline: (folder, CLI output)."""
+    workdir, _ = trained
+    out = tmp_path_factory.mktemp("bundle") / "kaggle"
+    with pytest.MonkeyPatch.context() as patch:
+        block_downloads(patch)
+        result = ek("kaggle", "--workdir", workdir, "--out", out, "--slug", "tiny-contrails",
+                    "--title", "Tiny contrails test", "--device", "cpu")  # fmt: skip
+    return out, result.output
+
+
+def test_trained_imagenet_fold_loads_exports_and_submits_offline(
+    trained, submitted, bundle, monkeypatch
+):
+    """The `submitted` and `bundle` fixtures ran `ek submit` and `ek kaggle` (export included)
+    with downloads failing; here every fold of the ImageNet-initialised config loads too."""
+    workdir, root = trained
+    block_downloads(monkeypatch)
+    layout = Layout(workdir)
+    config = load_config(layout.config_dir("net") / "config.yaml")
+    assert config.model.encoder_weights == "imagenet"
+    for fold in (0, 1):
+        load_fold_model(config, layout.fold_dir("net", fold), torch.device("cpu"))
+    assert ek("submit", "--check", submitted, "--data", root).exit_code == 0
+    assert (bundle[0] / "net.fold_1.pt").is_file()
+
+
+def test_cv_offline_without_cached_weights_fails_fast_in_one_line(
+    tmp_path, synth_root, monkeypatch
+):
+    block_downloads(monkeypatch)
+    config = write_config(tmp_path, "net")
+    workdir = tmp_path / "folds"
+    result = ek("cv", "--data", synth_root, "--workdir", workdir, "--folds", "2", config,
+                check=False)  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("ek: error:")]
+    assert errors == [result.output.strip().splitlines()[-1]]
+    assert errors[0].startswith(
+        f"ek: error: {config}: ImageNet weights for tu-test_resnet are not in the local cache "
+        "and the hub is unreachable; "
+    )
+    assert "timm.create_model('test_resnet', pretrained=True)" in errors[0]
+    assert not list(workdir.glob("net/fold_*/last.pt")), "it trained before failing"
+
+
+def test_bundle_code_path_imports_nothing_kaggle_lacks():
+    script = (
+        "import sys\n"
+        "import ensemble_kit.inference.bundle, ensemble_kit.inference.submission\n"
+        f"found = [m for m in {KAGGLE_LACKS!r} if m in sys.modules]\n"
+        "assert not found, found\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_wheel_is_reproducible_and_installs_offline(tmp_path):
+    first = build_wheel(tmp_path / "a")
+    second = build_wheel(tmp_path / "b")
+    assert first.name == wheel_name() == f"ensemble_kit-{__version__}-py3-none-any.whl"
+    assert first.read_bytes() == second.read_bytes()
+    names = zipfile.ZipFile(first).namelist()
+    assert "ensemble_kit/inference/bundle.py" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet"]
+        + ["--target", str(target), str(first)],
+        check=True,
+    )
+    where = subprocess.run(
+        [sys.executable, "-c", "import ensemble_kit; print(ensemble_kit.__file__)"],
+        env={**os.environ, "PYTHONPATH": str(target)},
+        cwd=tmp_path,  # not the repository, whose package `python -c` would find first
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(target)
+
+
+def test_kaggle_writes_the_dataset_folder(trained, bundle):
+    workdir, _ = trained
+    out, output = bundle
+    assert json.loads((out / "dataset-metadata.json").read_text()) == {
+        "title": "Tiny contrails test",
+        "id": "KAGGLE_USERNAME/tiny-contrails",
+        "licenses": [{"name": "CC0-1.0"}],
+    }
+    assert (out / "blend.json").read_bytes() == Layout(workdir).blend_json.read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["configs"]) == {"net", "bands"}
+    assert manifest["configs"]["bands"]["band_stats"]["bands"] == [11, 14, 15]
+    assert all(entry["max_abs_diff"] <= 1e-4 for entry in manifest["configs"].values())
+    assert sorted(p.name for p in out.glob("*.pt")) == [
+        f"{name}.fold_{k}.pt" for name in ("bands", "net") for k in (0, 1)
+    ]
+    assert (out / wheel_name()).is_file() and manifest["wheel"] == wheel_name()
+    assert [p for p in out.iterdir() if p.is_dir()] == []  # `kaggle datasets create` skips folders
+    readme = (out / "README.md").read_text()
+    assert "kaggle datasets create -p" in readme and "KAGGLE_USERNAME" in readme
+    assert "records/s" in output and "2,000 records" in output
+
+
+def test_notebook_parameters_default_to_kaggle_paths(bundle):
+    import nbformat
+
+    out, _ = bundle
+    notebook = nbformat.read(out / "inference.ipynb", as_version=4)
+    nbformat.validate(notebook)
+    assert notebook.nbformat == 4
+    first = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    assert "parameters" in first.metadata.tags
+    for variable, default in (
+        ("EK_DATA", "/kaggle/input/google-research-identify-contrails-reduce-global-warming"),
+        ("EK_BUNDLE", "/kaggle/input/tiny-contrails"),
+        ("EK_OUT", "/kaggle/working/submission.csv"),
+    ):
+        assert f'os.environ.get("{variable}", "{default}")' in first.source
+    code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+    assert "--no-index" in code and "--no-deps" in code and "--target" in code
+
+
+def test_bundle_prediction_equals_submit_byte_for_byte(trained, submitted, bundle, tmp_path):
+    _, root = trained
+    out, _ = bundle
+    predicted = tmp_path / "bundle.csv"
+    result = predict_bundle(out, root, predicted, device="cpu")
+    assert predicted.read_bytes() == submitted.read_bytes()
+    assert result["records"] == len(list((root / "test").iterdir()))
+
+
+def test_kaggle_refuses_a_bad_slug_and_a_foreign_folder(trained, tmp_path):
+    workdir, _ = trained
+    result = ek("kaggle", "--workdir", workdir, "--slug", "Bad_Slug", check=False)
+    assert result.exit_code == 2 and "--slug 'Bad_Slug'" in result.output
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    result = ek("kaggle", "--workdir", workdir, "--out", foreign, check=False)
+    assert result.exit_code == 2 and "not an `ek kaggle` folder" in result.output
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def shadow_packages(folder: Path) -> Path:
+    """A path entry whose modules shadow what Kaggle's image does not promise."""
+    for name in KAGGLE_LACKS:
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is not on Kaggle\\'s image (shadowed by the test)')\n"
+        )
+    return folder
+
+
+def offline_command(command: list[str]) -> list[str]:
+    """``command`` in a user and network namespace with only loopback (the kernel's channel);
+    ``command`` as is, with a loud warning, where namespaces are not allowed."""
+    probe = ["unshare", "-rn", "sh", "-c", "ip link set lo up"]
+    if shutil.which("unshare") and subprocess.run(probe, capture_output=True).returncode == 0:
+        return ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+    message = "unshare -rn is not available here: the notebook runs WITH network access"
+    print(f"\nWARNING: {message}", file=sys.stderr)
+    warnings.warn(message, stacklevel=2)
+    return command
+
+
+def test_notebook_runs_offline_as_on_kaggle(trained, submitted, bundle, tmp_path):
+    _, root = trained
+    out, _ = bundle
+    data = tmp_path / "competition"  # the Kaggle layout, read-only
+    shutil.copytree(root, data)
+    working = tmp_path / "working"
+    working.mkdir()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "EK_DATA", "EK_BUNDLE", "EK_OUT")
+    }
+    env.update(
+        PYTHONPATH=str(shadow_packages(tmp_path / "shadow")),  # never the repository
+        EK_DATA=str(data),
+        EK_BUNDLE=str(out),
+        EK_OUT=str(working / "submission.csv"),
+        HF_HUB_OFFLINE="1",
+    )
+    executed = tmp_path / "executed.ipynb"
+    command = [sys.executable, "-c", RUNNER, str(out / "inference.ipynb"), str(working)]
+    run = subprocess.run(
+        offline_command(command + [str(executed)]),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = _outputs(executed)
+    assert f"from {working / 'ek-site' / 'ensemble_kit' / '__init__.py'}" in printed
+    assert "records/s on cpu" in printed and "2,000 records" in printed
+    assert "'rows': 8" in printed
+    assert (working / "submission.csv").read_bytes() == submitted.read_bytes()
+
+
+def _outputs(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text())["cells"]
+    return "".join(
+        "".join(output.get("text", "")) for cell in cells for output in cell.get("outputs", [])
+    )
+
+
+def test_rerunning_kaggle_keeps_the_user_name_already_set(tmp_path):
+    from ensemble_kit.inference.kaggle import PLACEHOLDER_USER, _user_of, dataset_metadata
+
+    path = tmp_path / "dataset-metadata.json"
+    assert _user_of(path) == PLACEHOLDER_USER
+    path.write_text(json.dumps(dataset_metadata("old-slug", "A title", "alice-b")))
+    assert _user_of(path) == "alice-b"
+    path.write_text("{not json")
+    assert _user_of(path) == PLACEHOLDER_USER
+
+
+def test_traced_models_refuse_records_of_another_size():
+    from ensemble_kit.config import Config
+    from ensemble_kit.errors import EkError
+    from ensemble_kit.inference.ensemble import Ensemble
+
+    ensemble = Ensemble({"net": Config(name="net")}, {"net": []}, {"net": None}, {"net": 64})
+    ensemble.check_side("net", torch.zeros(1, 3, 64, 64))
+    with pytest.raises(EkError, match="take 64x64 inputs, but the records are 256x256"):
+        ensemble.check_side("net", torch.zeros(1, 3, 256, 256))
