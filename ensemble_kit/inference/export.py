@@ -159,7 +159,7 @@ def _export_onnx(model, inputs: torch.Tensor, path: Path) -> float:
     with atomic_path(path) as tmp:
         torch.onnx.export(
             model,
-            inputs[:1],
+            (inputs[:1],),
             str(tmp),
             input_names=["x"],
             output_names=["logits"],

@@ -76,9 +76,10 @@ def predict_probs(
         raise EkError(f"tta_chunk must be 0 (automatic) or positive, got {chunk}")
     if not models:
         raise EkError("predict_probs needs at least one model")
-    total = sum(
-        _model_probs(model, images, names, merge, chunk, amp).to(images.device) for model in models
-    )
+    probs = (_model_probs(m, images, names, merge, chunk, amp).to(images.device) for m in models)
+    total = next(probs)
+    for more in probs:
+        total = total + more
     return total / len(models)
 
 
@@ -132,6 +133,7 @@ def _model_probs(
         for logits in _run_copies(model, x, names, size, square):
             part = to_mean(logits)
             total = part if total is None else total + part
+    assert total is not None  # _expand refuses an empty TTA list
     return to_probs(total / len(names))
 
 
