@@ -140,18 +140,22 @@ def prepare(
 @click.option("--epochs", type=int, default=None, help="Override train.epochs of every config.")
 @DEVICE
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option(
+    "--jobs", default=1, show_default=True, help="Local: folds side by side, one process each."
+)
+@click.option("--cpus-per-job", type=int, default=None, help="CPU threads (Ray: CPUs) per fold.")
+@click.option("--gpus-per-job", type=float, default=None, help="Ray: GPUs per fold (0.5 shares).")
+@click.option("--address", default=None, help="Ray: cluster address (default: start a local Ray).")
 @click.option("--seed", default=0, show_default=True, help="Seed of a new splits.csv.")
 @click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
-def cv(data_root, workdir, n_folds, fold_ids, epochs, device, backend, seed, configs) -> None:
+def cv(workdir: Path, fold_ids: tuple[int, ...], configs, **options) -> None:
     """Train K fold models per config and save out-of-fold probabilities."""
     from .training.cv import CvRequest, run_cv
     from .training.status import format_status, status_rows
 
     layout = Layout(workdir)
-    request = CvRequest(
-        tuple(configs), layout, data_root, n_folds, tuple(fold_ids), epochs, device, backend, seed
-    )
-    run_cv(request)
+    request = CvRequest(tuple(configs), layout, folds=tuple(fold_ids), **options)
+    run_cv(request, on_fold_done=click.echo)
     click.echo(format_status(status_rows(layout)))
 
 

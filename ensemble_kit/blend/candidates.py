@@ -31,7 +31,7 @@ class Candidates:
     labels: np.ndarray  # uint8 (P,)
     positions: np.ndarray  # int32 (P,) raster position r * W + c, ascending per image
     image_start: np.ndarray  # int64 (N + 1,)
-    pixel_fold: np.ndarray  # int64 (P,)
+    pixel_fold: np.ndarray  # int8 (P,) (int64 beyond 127 folds): read once per scored move
     folds: np.ndarray  # int64 (N,)
     fold_positives: np.ndarray  # int64 (K,) every labelled positive, dropped ones included
     fold_pixels: np.ndarray  # int64 (K,) every pixel of the fold
@@ -61,7 +61,8 @@ def build_candidates(
     Args:
         oofs: uint8 ``(N, H, W)`` per config (memmaps are read with ``pread``, so their pages
             do not stay in this process's memory).
-        labels: uint8 0/1 ``(N, H, W)``.
+        labels: uint8 0/1 ``(N, H, W)``; a file-backed memmap is read like ``oofs``, so
+            the labels need not sit in memory either.
         folds: int ``(N,)`` fold of each row, ``0..K-1``.
         floor: uint8 code; pixels where every config is below it are dropped.
     """
@@ -81,12 +82,12 @@ def build_candidates(
         hi = min(lo + CHUNK_IMAGES, n_images)
         # a short last chunk gets fresh buffers so every kernel call stays C-contiguous
         # (one compile)
-        chunk, chunk_hist, flags = (
+        chunk, chunk_hist, flags, label_chunk = (
             full if hi - lo == len(full[2]) else _chunk_buffers(len(oofs), hi - lo, height * width)
         )
         for c, oof in enumerate(oofs):
             _read_rows(oof, lo, hi, chunk[c])
-        label_chunk = np.ascontiguousarray(labels[lo:hi]).reshape(hi - lo, -1)
+        _read_rows(labels, lo, hi, label_chunk)
         _scan_chunk(chunk, label_chunk, floor, chunk_hist, flags)
         flags[:, height * width :] = 0
         for k in np.unique(folds[lo:hi]):
@@ -99,12 +100,13 @@ def build_candidates(
 
 def _chunk_buffers(
     n_configs: int, n_images: int, n_pixels: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reusable (stack, histograms, flags) buffers for one chunk of images."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reusable (stack, histograms, flags, labels) buffers for one chunk of images."""
     return (
         np.empty((n_configs, n_images, n_pixels), dtype=np.uint8),
         np.empty((n_configs, n_images, N_CODES, 2), dtype=np.int64),
         np.empty((n_images, n_pixels + (-n_pixels) % 8), dtype=np.uint8),  # padded to whole words
+        np.empty((n_images, n_pixels), dtype=np.uint8),
     )
 
 
@@ -117,7 +119,7 @@ def _assemble(parts, folds, hist, floor, shape) -> Candidates:
         labels=np.concatenate([part[1] for part in parts]),
         positions=np.concatenate([part[2] for part in parts]),
         image_start=image_start,
-        pixel_fold=np.repeat(folds, counts),
+        pixel_fold=np.repeat(folds.astype(np.int8 if n_folds <= 127 else np.int64), counts),
         folds=folds,
         fold_positives=hist[0, :, :, 1].sum(axis=1),
         fold_pixels=np.bincount(folds, minlength=n_folds) * shape[0] * shape[1],

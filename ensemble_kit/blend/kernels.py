@@ -1,4 +1,4 @@
-"""Numba kernels of the blend search, with the plain numpy reference of :func:`_best_per_set`.
+"""Numba kernels of the blend search, each with a plain numpy reference (``*_reference``).
 
 Arrays in, arrays out: nothing here knows about configs, files or the search around them.
 """
@@ -141,6 +141,9 @@ def _pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds,
     return hist
 
 
+SUB_HISTOGRAMS = 8  # interleaved counters: repeated codes do not wait on one another
+
+
 @njit(cache=True, parallel=True)
 def _scan_chunk(
     stack: np.ndarray, labels: np.ndarray, floor: int, hist: np.ndarray, flags: np.ndarray
@@ -148,26 +151,48 @@ def _scan_chunk(
     """Dense pass over a chunk ``(C, B, HW)``: per-image histograms and candidate flags.
 
     Writes ``hist`` int64 ``(C, B, 256, 2)`` and ``flags`` uint8 ``(B, >= HW)`` (reused buffers).
-    Codes are first counted without labels in a small table that stays in L1 cache; the
-    rare labelled positives are then moved to the label-1 column.
+    Each config's row is read once, in order; its codes are counted without labels in
+    ``SUB_HISTOGRAMS`` small tables that stay in L1 cache (consecutive pixels mostly share a
+    code, and one counter would make every increment wait for the previous one, 4.6x
+    slower measured on 64 images x 10 configs). The rare labelled positives are then moved
+    to the label-1 column.
     """
     n_configs, n_images, n_pixels = stack.shape
+    whole = n_pixels - n_pixels % SUB_HISTOGRAMS
     for i in prange(n_images):
-        counts = np.zeros((n_configs, N_CODES), dtype=np.int32)
+        counts = np.zeros((SUB_HISTOGRAMS, N_CODES), dtype=np.int32)
+        top = np.zeros(n_pixels, dtype=np.uint8)
+        for c in range(n_configs):
+            row = stack[c, i]
+            counts[:] = 0
+            for p in range(0, whole, SUB_HISTOGRAMS):
+                for k in range(SUB_HISTOGRAMS):
+                    counts[k, row[p + k]] += 1
+            for p in range(whole, n_pixels):
+                counts[0, row[p]] += 1
+            for v in range(N_CODES):
+                hist[c, i, v, 0] = counts[:, v].sum()
+                hist[c, i, v, 1] = 0
+            for p in range(n_pixels):
+                top[p] = max(top[p], row[p])
         for p in range(n_pixels):
-            top = 0
-            for c in range(n_configs):
-                v = stack[c, i, p]
-                counts[c, v] += 1
-                top = max(top, v)
-            flags[i, p] = top >= floor
-        hist[:, i, :, 0] = counts
-        hist[:, i, :, 1] = 0
+            flags[i, p] = top[p] >= floor
         for p in range(n_pixels):
             if labels[i, p]:
                 for c in range(n_configs):
                     hist[c, i, stack[c, i, p], 1] += 1
                     hist[c, i, stack[c, i, p], 0] -= 1
+
+
+def scan_chunk_reference(stack: np.ndarray, labels: np.ndarray, floor: int):
+    """Numpy reference of :func:`_scan_chunk`: ``(hist (C, B, 256, 2), flags (B, HW))``."""
+    n_configs, n_images, _ = stack.shape
+    hist = np.zeros((n_configs, n_images, N_CODES, 2), dtype=np.int64)
+    positive = labels.astype(bool)
+    for c, i in np.ndindex(n_configs, n_images):
+        for label, where in ((0, ~positive[i]), (1, positive[i])):
+            hist[c, i, :, label] = np.bincount(stack[c, i][where], minlength=N_CODES)
+    return hist, (stack.max(axis=0) >= floor).astype(np.uint8)
 
 
 @njit(cache=True, parallel=True)
@@ -196,3 +221,13 @@ def _gather_chunk(stack, labels, flags, starts):
                     positions[k] = p
                     k += 1
     return values, sparse_labels, positions
+
+
+def gather_chunk_reference(stack, labels, flags):
+    """Numpy reference of :func:`_gather_chunk` (``flags`` without padding)."""
+    image, position = np.nonzero(flags)
+    return (
+        stack[:, image, position],
+        (labels[image, position] != 0).astype(np.uint8),
+        position.astype(np.int32),
+    )

@@ -21,10 +21,11 @@ from ..errors import EkError
 from ..files import digest_file, digest_json, write_json
 from ..layout import Layout
 from ..oof import read_ids, write_ids
-from .cache import load_labels
+from .cache import LabelReader
 from .records import has_labels, list_records
 
 HOLDOUT_FOLD = -1
+SIZE_CHUNK = 256  # records per label read: 16 MB at 256 x 256
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,16 @@ def assign_folds(mask_sizes: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     return folds
 
 
+def mask_sizes(layout: Layout, data_root: Path, records: pd.DataFrame) -> np.ndarray:
+    """Positive pixels of each record's mask, read in chunks (memory bounded, whatever N)."""
+    reader = LabelReader(layout, data_root, records)
+    sizes = np.empty(len(records), dtype=np.int64)
+    for lo in range(0, len(records), SIZE_CHUNK):
+        chunk = reader.read(slice(lo, lo + SIZE_CHUNK))
+        sizes[lo : lo + len(chunk)] = np.count_nonzero(chunk.reshape(len(chunk), -1), axis=1)
+    return sizes
+
+
 def data_digest(data_root: Path, splits: tuple[str, ...]) -> str:
     """Digest of the record ids of the given splits (what identifies a data set)."""
     root = Path(data_root)
@@ -71,7 +82,7 @@ def make_splits(
     )
     if records.empty:
         raise EkError(f"{data_root / 'train'}: no training records")
-    sizes = load_labels(layout, data_root, records).reshape(len(records), -1).sum(axis=1)
+    sizes = mask_sizes(layout, data_root, records)
     records["fold"] = assign_folds(sizes, n_folds, seed)
     holdout = _holdout(data_root, pool)
     splits = pd.concat([records, holdout], ignore_index=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from ..models import check_pretrained_weights
 from ..oof import ArrayWriter, missing_folds, to_uint8, write_ids
 from ..report import plot_training_curves
 from ..runtime import resolve_device
-from .backends import run_jobs
+from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
 from .provenance import fold_sources, refuse_changed_data, summary_sources
 from .status import where_running
@@ -61,6 +62,10 @@ class CvRequest:
     device: str | None = None
     backend: str = "local"
     seed: int = 0
+    jobs: int = 1
+    cpus_per_job: int | None = None
+    gpus_per_job: float | None = None
+    address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,25 @@ class FoldJob:
     fold: int
     device: str | None
 
+    def __str__(self) -> str:
+        return f"{self.config.name} fold {self.fold}"
 
-def run_cv(request: CvRequest) -> dict[str, dict | None]:
-    """Train the requested folds of every config; assemble OOF of configs whose folds are DONE."""
+
+def run_cv(
+    request: CvRequest, on_fold_done: Callable[[str], None] | None = None
+) -> dict[str, dict | None]:
+    """Train the requested folds of every config; assemble OOF of configs whose folds are DONE.
+
+    Args:
+        request: What to run and where (:class:`CvRequest`).
+        on_fold_done: Called with one line (config, fold, dice, minutes, node) as each fold
+            finishes; default: logged.
+
+    Raises:
+        FoldsFailed: After the other folds finished and complete configs were assembled,
+            when some folds of a parallel run failed.
+    """
+    options = _backend_options(request)
     configs = [_with_epochs(load_config(p), request.epochs) for p in request.config_paths]
     _check_unique_names(configs, request.config_paths)
     splits, meta = ensure_splits(request.layout, request.data_root, request.n_folds, request.seed)
@@ -96,8 +117,63 @@ def run_cv(request: CvRequest) -> dict[str, dict | None]:
     for config, path in zip(configs, request.config_paths):
         if any(j.config is config for j in pending):  # offline without weights: fail first
             check_pretrained_weights(config, str(path))
-    run_jobs(pending, run_fold, request.backend)
-    return {c.name: assemble(request.layout, c, data_root, splits, meta) for c in configs}
+    if options.jobs > 1 or request.backend != "local":
+        _build_caches(
+            request.layout, data_root, splits, dict.fromkeys(j.config.input for j in pending)
+        )
+    failed = None
+    try:
+        run_jobs(pending, run_fold, request.backend, options, _reporter(on_fold_done))
+    except FoldsFailed as err:
+        failed = err
+    summaries = {c.name: assemble(request.layout, c, data_root, splits, meta) for c in configs}
+    if failed is not None:
+        raise failed
+    return summaries
+
+
+def _backend_options(request: CvRequest) -> BackendOptions:
+    device = request.device or "auto"
+    if request.jobs < 1:
+        raise EkError(f"--jobs must be at least 1, got {request.jobs}")
+    if request.backend == "ray" and request.jobs > 1:
+        raise EkError("--jobs is for the local backend; Ray runs as many folds as fit")
+    if request.backend == "local" and (request.address or request.gpus_per_job is not None):
+        raise EkError("--address and --gpus-per-job need --backend ray")
+    if request.jobs > 1 and device.startswith("cuda:"):
+        raise EkError(
+            f"--device {device} with --jobs {request.jobs}: each job gets its own GPU; "
+            "use --device cuda or auto"
+        )
+    return BackendOptions(
+        jobs=request.jobs,
+        cpus_per_job=request.cpus_per_job,
+        gpus_per_job=request.gpus_per_job,
+        use_gpus=device != "cpu",
+        address=request.address,
+    )
+
+
+def _build_caches(layout: Layout, data_root: Path, splits: pd.DataFrame, specs) -> None:
+    """Caches first, here: folds running side by side must not all build the same cache."""
+    for split in pd.unique(splits["split"]):
+        ensure_labels(layout, data_root, split)
+        for spec in specs:
+            ensure_inputs(layout, data_root, split, spec)
+
+
+def _reporter(on_fold_done: Callable[[str], None] | None) -> Callable[[FoldResult], None]:
+    def report(result: FoldResult) -> None:
+        if result.summary is None:  # another process holds the fold's lock
+            line = f"{result.job}: skipped, running elsewhere"
+        else:
+            line = (
+                f"{result.job}: dice {result.summary['best_dice']:.4f}, "
+                f"{result.seconds / 60:.1f} min, node {result.node}"
+            )
+        (on_fold_done or log.info)(line)
+
+    return report
 
 
 def _with_epochs(config: Config, epochs: int | None) -> Config:
