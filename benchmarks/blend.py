@@ -145,7 +145,7 @@ def run_search_child(folder: Path, n_images: int, component_grid: tuple[int, ...
         "cpu_seconds": time.process_time() - cpu_start,
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "dice": result.choice.dice,
-        "nested": result.nested.pooled(result.mode),
+        "nested": result.nested.pooled(),
         "weights": result.choice.weights.tolist(),
         "min_pixels": result.choice.min_pixels,
     }

@@ -43,11 +43,13 @@ def _dense_best(oofs, labels, weights, lowest):
 
 def test_best_per_set_matches_reference():
     rng = np.random.default_rng(3)
-    hist = rng.integers(0, 5, (3, 40, 2))
-    positives = hist[:, :, 1].sum(axis=1) + rng.integers(0, 4, 3)
+    hist = rng.integers(0, 5, (4, 40, 2))
+    positives = hist[:, :, 1].sum(axis=1) + rng.integers(0, 4, 4)
+    excluded = blend.FoldSets.nested(4).excluded  # all, each fold out, each pair out
+    assert len(excluded) == 1 + 4 + 6
     for lowest in (0, 7, 39):
-        dice, thresholds = _best_per_set(hist, positives, lowest)
-        ref_dice, ref_thresholds = blend.best_per_set_reference(hist, positives, lowest)
+        dice, thresholds = _best_per_set(hist, positives, lowest, excluded)
+        ref_dice, ref_thresholds = blend.best_per_set_reference(hist, positives, lowest, excluded)
         np.testing.assert_array_equal(thresholds, ref_thresholds)
         np.testing.assert_allclose(dice, ref_dice, rtol=0, atol=1e-15)
 
@@ -132,7 +134,7 @@ def test_nested_is_not_above_optimistic_on_average():
         result = blend.search(
             oofs, labels, folds, steps=4, min_pixels_grid=(0, 5), min_component_grid=(0, 2)
         )
-        gaps.append(result.choice.dice - result.nested.pooled(result.mode))
+        gaps.append(result.choice.dice - result.nested.pooled())
     assert np.mean(gaps) >= 0
 
 
@@ -293,19 +295,3 @@ def test_run_blend_bad_inputs_are_one_line_errors(tmp_path, bad):
     with pytest.raises(EkError) as error:
         blend.run_blend(layout, configs=configs, steps=2)
     assert "\n" not in str(error.value)
-
-
-def test_refinement_is_kept_only_when_nested_gains():
-    oofs, labels, folds = _problem(seed=4)
-    plain = blend.search(
-        oofs, labels, folds, steps=4, min_pixels_grid=(0,), min_component_grid=(0,)
-    )
-    refined = blend.search(
-        oofs, labels, folds, steps=4, refine=True, min_pixels_grid=(0,), min_component_grid=(0,)
-    )
-    assert refined.choice.weights.dtype.kind == "i" and (refined.choice.weights >= 0).all()
-    best = max(refined.nested.pooled(m) for m in refined.nested.counts)
-    assert best >= max(plain.nested.pooled(m) for m in plain.nested.counts)
-    assert refined.nested.refined == (
-        best > max(plain.nested.pooled(m) for m in plain.nested.counts)
-    )
