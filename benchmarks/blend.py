@@ -160,7 +160,7 @@ def run_search_child(
         "seconds": seconds,
         "cpu_seconds": time.process_time() - cpu_start,
         "dice": result.choice.dice,
-        "nested": result.nested.pooled(result.mode),
+        "nested": result.nested.pooled(),
         "weights": result.choice.weights.tolist(),
         "min_pixels": result.choice.min_pixels,
     }

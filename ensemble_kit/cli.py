@@ -173,16 +173,43 @@ def status(workdir: Path) -> None:
 @WORKDIR
 @data_option()
 @click.option("--configs", "names", multiple=True, help="Blend only these configs (repeatable).")
-@click.option("--steps", default=25, show_default=True, help="Greedy selection rounds.")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=25,
+    show_default=True,
+    help="Greedy selection rounds (at least 1).",
+)
 @click.option("--refine", is_flag=True, help="Coordinate-search refinement of the weights.")
+@click.option(
+    "--max-seconds-per-record",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds (> 0): only ensembles whose measured prediction cost fits.",
+)
+@click.option(
+    "--threshold-from",
+    type=click.Choice(["oof", "holdout"]),
+    default="oof",
+    show_default=True,
+    help="Choose the threshold on OOF or on the holdout's fold-mean predictions.",
+)
 def blend(
-    oof: bool, workdir: Path, data_root: Path | None, names, steps: int, refine: bool
+    oof, workdir, data_root, names, steps, refine, max_seconds_per_record, threshold_from
 ) -> None:
     """Search ensemble weights, threshold and postprocessing on OOF dice."""
     from .blend import run_blend
 
     layout = Layout(workdir)
-    result = run_blend(layout, data_root, list(names) or None, steps=steps, refine=refine)
+    result = run_blend(
+        layout,
+        data_root,
+        list(names) or None,
+        steps=steps,
+        refine=refine,
+        max_seconds_per_record=max_seconds_per_record,
+        threshold_from=threshold_from,
+    )
     report = layout.blend_report_dir / "report.txt"
     if report.is_file():
         click.echo(report.read_text().rstrip())

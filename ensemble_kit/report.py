@@ -122,26 +122,72 @@ def format_blend_table(blend: dict) -> str:
         "" if blend["top_fraction"] is None else f" (top {blend['top_fraction']:.5%} of pixels)"
     )
     holdout = "-" if s["holdout"] is None else f"{s['holdout']:.4f}"
+    source = blend.get("threshold_from", "oof")
     lines = [
         f"weights: {weights}",
-        f"threshold: {blend['threshold']:.4f} [{blend['threshold_mode']}]{fraction}, "
-        f"sum >= {blend['threshold_sum']}",
+        f"threshold: {blend['threshold']:.4f} [{blend['threshold_mode']}, from {source}]"
+        f"{fraction}, sum >= {blend['threshold_sum']}",
         f"min_pixels: {blend['min_pixels']}  min_component: {blend['min_component']}",
+        _cost_line(blend.get("cost")),
         "",
         f"{'':24s} {'OOF':>8s} {'nested':>8s} {'thr':>6s}",
     ]
     for name, c in s["per_config"].items():
         lines.append(f"{name:24s} {c['dice']:8.4f} {c['nested']:8.4f} {c['threshold']:6.3f}")
-    nested = s["nested"]["pooled"]
-    lines.append(f"{'blend':24s} {s['blend_oof']:8.4f} {nested:8.4f} {blend['threshold']:6.3f}")
+    nested = s["nested"]
+    oof_threshold = s.get("oof_threshold", blend["threshold"])
+    lines.append(
+        f"{'blend':24s} {s['blend_oof']:8.4f} {nested['pooled']:8.4f} {oof_threshold:6.3f}"
+    )
+    options = nested.get("options", {})
     lines += [
         f"blend without postprocessing (OOF): {s['blend_oof_no_postprocess']:.4f}",
-        f"nested by mode: value {s['nested']['value']:.4f}, "
-        f"top_fraction {s['nested']['top_fraction']:.4f}",
-        f"nested per fold: {' '.join(f'{d:.4f}' for d in s['nested']['per_fold'])}",
-        f"holdout: {holdout}",
+        "each option fixed (the best one is the final choice; only `nested` is honest): "
+        + ", ".join(f"{label} {dice:.4f}" for label, dice in options.items()),
+        f"nested per fold: {' '.join(f'{d:.4f}' for d in nested['per_fold'])}",
+        f"nested option per fold: {' '.join(nested.get('picked', []))}",
+        f"holdout: {holdout}"
+        + (" (threshold chosen on it: optimistic)" if source == "holdout" else ""),
+        *_holdout_lines(s, source),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _cost_line(cost: dict | None) -> str:
+    if not cost or cost.get("seconds_per_record") is None:
+        return "cost: unknown (a blended config's summary.json has no prediction_cost)"
+    devices = sorted({d for d in cost["devices"].values() if d})
+    limit = cost.get("max_seconds_per_record")
+    return (
+        f"cost: {cost['seconds_per_record']:.4g} s per record (every fold x TTA of the blended "
+        f"configs), {cost['seconds_for_2000_records']:.0f} s for 2,000 records"
+        + ("" if limit is None else f"; limit {limit:g} s per record")
+        + f"; measured on {', '.join(devices) or 'an unknown device'}"
+    )
+
+
+def _holdout_lines(scores: dict, source: str) -> list[str]:
+    check, crossfit = scores.get("holdout_threshold"), scores.get("holdout_crossfit")
+    lines = []
+    if check:
+        lines.append(
+            f"holdout best threshold: {check['best_threshold']:.4f} (dice {check['best_dice']:.4f})"
+            f" vs {check['dice_at_oof_threshold']:.4f} at the OOF threshold"
+        )
+        if check["warning"]:
+            lines.append(
+                f"WARNING: the holdout's best threshold gains {check['gap']:.4f} dice over the "
+                f"OOF threshold (> {check['warning_above']:g}): the fold-mean predictions want "
+                "another threshold"
+                + ("; consider --threshold-from holdout" if source == "oof" else "")
+            )
+    if crossfit:
+        lines.append(
+            f"holdout threshold, cross-fitted on {len(crossfit['per_split'])} random halvings: "
+            f"{crossfit['mean']:.4f} +- {crossfit['std']:.4f} "
+            f"(min {min(crossfit['per_split']):.4f}, max {max(crossfit['per_split']):.4f})"
+        )
+    return lines
 
 
 def plot_training_curves(metrics: dict, path: Path) -> Path:

@@ -43,11 +43,13 @@ def _dense_best(oofs, labels, weights, lowest):
 
 def test_best_per_set_matches_reference():
     rng = np.random.default_rng(3)
-    hist = rng.integers(0, 5, (3, 40, 2))
-    positives = hist[:, :, 1].sum(axis=1) + rng.integers(0, 4, 3)
+    hist = rng.integers(0, 5, (4, 40, 2))
+    positives = hist[:, :, 1].sum(axis=1) + rng.integers(0, 4, 4)
+    excluded = blend.FoldSets.nested(4).excluded  # all, each fold out, each pair out
+    assert len(excluded) == 1 + 4 + 6
     for lowest in (0, 7, 39):
-        dice, thresholds = _best_per_set(hist, positives, lowest)
-        ref_dice, ref_thresholds = blend.best_per_set_reference(hist, positives, lowest)
+        dice, thresholds = _best_per_set(hist, positives, lowest, excluded)
+        ref_dice, ref_thresholds = blend.best_per_set_reference(hist, positives, lowest, excluded)
         np.testing.assert_array_equal(thresholds, ref_thresholds)
         np.testing.assert_allclose(dice, ref_dice, rtol=0, atol=1e-15)
 
@@ -145,7 +147,7 @@ def test_nested_is_not_above_optimistic_on_average():
         result = blend.search(
             oofs, labels, folds, steps=4, min_pixels_grid=(0, 5), min_component_grid=(0, 2)
         )
-        nested = result.nested.pooled(result.mode)
+        nested = result.nested.pooled()
         gaps.append(result.choice.dice - nested)
         # three noisy views of the same masks blend better than the sharpest one alone
         assert nested > _single_config_nested(oofs[0], labels, folds)

@@ -4,11 +4,17 @@ The search algorithm (arrays in, weights out) is kept apart from the file-level 
 
 - :mod:`.kernels`: numba kernels (histograms, blend sums, best threshold per set).
 - :mod:`.candidates`: one chunked pass over the OOF -> the sparse candidate pixels.
+- :mod:`.sets`: the sets of folds a nested search chooses on.
 - :mod:`.scorer`: memoised best-threshold dice of integer weight vectors on every set.
-- :mod:`.selection`: Caruana greedy forward selection and integer weight refinement.
+- :mod:`.selection`: Caruana greedy forward selection (optionally within a cost budget) and
+  integer weight refinement.
 - :mod:`.threshold`: exact threshold jointly with min-pixel / min-component postprocessing.
-- :mod:`.ensemble_search`: the nested search on arrays, :func:`search` (the algorithm is
+- :mod:`.nested`: the procedure on a set of folds, every option chosen by cross-validation
+  inside it, and its fully nested estimate.
+- :mod:`.ensemble_search`: the search on arrays, :func:`search` (the algorithm is
   described there).
+- :mod:`.holdout`: the holdout's own best threshold, and the threshold chosen on the holdout
+  with its cross-fitted estimate.
 - :mod:`.apply`: :func:`apply_blend`, :func:`top_fraction_threshold` and :func:`verify_blend`,
   the one code path that submission also uses; it imports none of the search modules.
 - :mod:`.run`: :func:`run_blend`, the workdir I/O (writes ``blend.json`` and a report).
@@ -22,30 +28,47 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .apply import apply_blend, blend_histogram, blend_sums, top_fraction_threshold, verify_blend
+from .apply import (
+    apply_blend,
+    blend_histogram,
+    blend_sums,
+    floor_sum,
+    fraction_threshold,
+    top_fraction_threshold,
+    verify_blend,
+)
 
 _LAZY_EXPORTS = {
     "candidates": ("CHUNK_IMAGES", "DEFAULT_FLOOR", "Candidates", "build_candidates"),
     "kernels": ("best_per_set_reference", "fold_histograms", "weighted_sum"),
     "scorer": ("Scorer",),
+    "sets": ("FoldSets",),
     "selection": (
+        "Budget",
         "REFINE_ROUNDS",
         "REFINE_SCALE",
         "best_prefix_weights",
         "greedy_paths",
         "refine_weights",
     ),
-    "threshold": ("Choice", "Tables", "choose_threshold", "heldout_counts", "threshold_tables"),
+    "threshold": (
+        "MODES",
+        "Choice",
+        "Tables",
+        "choose_threshold",
+        "heldout_counts",
+        "threshold_tables",
+    ),
+    "nested": ("OPTIONS", "Nested", "Option", "nested_search"),
     "ensemble_search": (
         "MIN_COMPONENT_GRID",
         "MIN_PIXELS_GRID",
-        "Nested",
         "SearchResult",
         "dice_curves",
-        "nested_search",
         "per_config_scores",
         "search",
     ),
+    "holdout": ("CROSSFIT_REPEATS", "HoldoutCheck", "check_holdout", "random_halves"),
     "run": ("blend_dict", "run_blend"),
 }
 _MODULE_OF = {name: module for module, names in _LAZY_EXPORTS.items() for name in names}
@@ -54,6 +77,8 @@ __all__ = [
     "apply_blend",
     "blend_histogram",
     "blend_sums",
+    "floor_sum",
+    "fraction_threshold",
     "top_fraction_threshold",
     "verify_blend",
     *_MODULE_OF,

@@ -1,7 +1,10 @@
 """Apply a chosen blend (``blend.json``) to probabilities, and check that it is not stale.
 
 The one code path that ``ek submit`` also uses, :func:`top_fraction_threshold` included (the
-nested search applies it to each held-out fold the same way). It imports nothing of the
+nested search applies it to each held-out fold the same way). One rule holds everywhere: no
+threshold below the search floor (``threshold_floor_sum``) is ever applied; a top fraction that
+reaches below it is raised to it, in the nested estimate, on the holdout and at submission
+(:func:`fraction_threshold`, and :func:`apply_blend` itself). It imports nothing of the
 search, so submission loads only this module of the package.
 """
 
@@ -60,9 +63,11 @@ def apply_blend(
             (:func:`top_fraction_threshold` of the summed :func:`blend_histogram`).
 
     Returns:
-        bool ``(B, H, W)``.
+        bool ``(B, H, W)``. A threshold below the search floor (:func:`floor_sum`) is raised
+        to it.
     """
     threshold = blend["threshold_sum"] if threshold_sum is None else int(threshold_sum)
+    threshold = max(threshold, floor_sum(blend))
     predicted = blend_sums(blend, probs) >= threshold
     predicted = postprocess.apply_min_pixels(predicted, int(blend["min_pixels"]))
     return postprocess.remove_small_components_batch(predicted, int(blend["min_component"]))
@@ -87,6 +92,30 @@ def top_fraction_threshold(counts: np.ndarray, fraction: float) -> int:
     at_or_above = np.append(np.cumsum(counts[::-1])[::-1], 0)
     limit = np.floor(fraction * at_or_above[0] + 1e-6)
     return int(np.argmax(at_or_above <= limit))
+
+
+def fraction_threshold(counts: np.ndarray, fraction: float, lowest: int) -> int:
+    """The threshold ``top_fraction`` mode applies to a set: never below ``lowest``.
+
+    Args:
+        counts: Histogram of the set's blend sums (see :func:`top_fraction_threshold`).
+        fraction: The blend's ``top_fraction``.
+        lowest: The search floor on the sum (:func:`floor_sum`); the search scored no
+            threshold below it, so none is applied.
+    """
+    return max(top_fraction_threshold(counts, fraction), int(lowest))
+
+
+def floor_sum(blend: dict) -> int:
+    """The smallest ``threshold_sum`` the blend applies: the search floor code x ``sum(w)``.
+
+    Read from ``threshold_floor_sum``; a blend.json written before that field derives it
+    from ``scores.search_floor`` (0 when neither is there).
+    """
+    if "threshold_floor_sum" in blend:
+        return int(blend["threshold_floor_sum"])
+    floor = blend.get("scores", {}).get("search_floor")
+    return 0 if floor is None else int(round(floor * 255)) * int(sum(blend["configs"].values()))
 
 
 def verify_blend(layout) -> dict:

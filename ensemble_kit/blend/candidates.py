@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -35,9 +35,10 @@ class Candidates:
     folds: np.ndarray  # int64 (N,)
     fold_positives: np.ndarray  # int64 (K,) every labelled positive, dropped ones included
     fold_pixels: np.ndarray  # int64 (K,) every pixel of the fold
-    config_histograms: np.ndarray  # int64 (C, K, 256, 2) dense (code, label) counts per fold
+    config_histograms: np.ndarray | None  # int64 (C, K, 256, 2) dense counts; None if regrouped
     floor: int
     shape: tuple[int, int]
+    image_positives: np.ndarray  # int64 (N,) every labelled positive of each image
     _neighbours: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -94,7 +95,8 @@ def build_candidates(
             hist[:, k] += chunk_hist[:, folds[lo:hi] == k].sum(axis=1)
         starts = np.concatenate([[0], np.cumsum(flags.sum(axis=1))]).astype(np.int64)
         values, sparse_labels, positions = _gather_chunk(chunk, label_chunk, flags, starts)
-        parts.append((values, sparse_labels, positions, starts[1:] - starts[:-1]))
+        positives = chunk_hist[0, :, :, 1].sum(axis=1)
+        parts.append((values, sparse_labels, positions, starts[1:] - starts[:-1], positives))
     return _assemble(parts, folds, hist, floor, (height, width))
 
 
@@ -126,6 +128,24 @@ def _assemble(parts, folds, hist, floor, shape) -> Candidates:
         config_histograms=hist,
         floor=int(floor),
         shape=shape,
+        image_positives=np.concatenate([part[4] for part in parts]).astype(np.int64),
+    )
+
+
+def regroup(cands: Candidates, folds: np.ndarray) -> Candidates:
+    """The same candidate pixels with images assigned to other folds (``folds`` per image).
+
+    The per-config histograms are per fold of the original grouping, so they are dropped.
+    """
+    folds = np.asarray(folds, dtype=np.int64)
+    n_folds = int(folds.max()) + 1
+    return replace(
+        cands,
+        folds=folds,
+        pixel_fold=np.repeat(folds, np.diff(cands.image_start)),
+        fold_positives=np.bincount(folds, cands.image_positives, n_folds).astype(np.int64),
+        fold_pixels=np.bincount(folds, minlength=n_folds) * cands.shape[0] * cands.shape[1],
+        config_histograms=None,
     )
 
 

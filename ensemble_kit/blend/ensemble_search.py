@@ -7,14 +7,16 @@ The search, on arrays (:func:`search`):
    config whose addition gives the best best-threshold global dice; the best prefix is kept
    and the weights are the integer selection counts, so the blend sum ``S = sum w_i * u_i``
    (``u_i`` the uint8 codes) is an exact integer. Optionally an integer coordinate search
-   refines the weights (kept only when it gains on the nested estimate).
+   refines the weights. With a cost per config and a limit, only ensembles whose summed
+   cost fits are considered (a config's cost counts once, whatever its weight).
 3. Threshold of the blend, exact over every integer value of ``S``, jointly with the
    postprocessing (min-pixel: drop whole masks with fewer pixels; min-component: drop
    8-connected components with fewer pixels). Two threshold modes: ``value`` (predict
    ``S >= threshold_sum``) and ``top_fraction`` (mark the top fraction of all pixels of a
-   set; the threshold is recomputed on each set it is applied to).
-4. Honest estimates: everything above is repeated on K-1 folds and scored on the held-out
-   fold (nested, per fold and pooled), and the final choice is applied to the holdout.
+   set; the threshold is recomputed on each set it is applied to). The mode, and plain or
+   refined weights, are chosen by cross-validation (:mod:`.nested`).
+4. Honest estimates: everything above, those choices included, is repeated on K-1 folds
+   and scored on the held-out fold (nested, per fold and pooled; :mod:`.nested`).
 
 Speed: a pixel where every config is below ``floor`` (a uint8 code) has ``S < floor * W``,
 so for thresholds ``>= floor * W`` it is never predicted. Such pixels are dropped once; the
@@ -34,30 +36,16 @@ from ..errors import EkError
 from ..metrics import N_CODES, dice_from_counts, sweep_from_histogram
 from .candidates import DEFAULT_FLOOR, Candidates, build_candidates
 from .kernels import _best_per_set
+from .nested import Nested, nested_search
 from .scorer import Scorer
-from .selection import best_prefix_weights, greedy_paths, refine_weights
-from .threshold import Choice, Tables, choose_threshold, heldout_counts, threshold_tables
+from .selection import Budget
+from .sets import FoldSets
+from .threshold import Choice, heldout_counts
 
 log = logging.getLogger(__name__)
 
 MIN_PIXELS_GRID = (0, 5, 10, 20, 50, 100, 200)
 MIN_COMPONENT_GRID = (0, 2, 3, 5, 10, 20)
-
-
-@dataclass
-class Nested:
-    """The choices of every set (0: all folds, ``k + 1``: without fold k) and their scores."""
-
-    choices: list[Choice]
-    path: list[tuple[int, float]]
-    counts: dict[str, np.ndarray]  # mode -> (K, 3) held-out TP, FP, FN per fold
-    refined: bool
-
-    def pooled(self, mode: str) -> float:
-        return dice_from_counts(*self.counts[mode].sum(axis=0))
-
-    def per_fold(self, mode: str) -> list[float]:
-        return [dice_from_counts(*row) for row in self.counts[mode]]
 
 
 @dataclass
@@ -72,6 +60,7 @@ class SearchResult:
     floor: int
     curves: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (threshold probabilities, dice)
     per_fold: list[float]  # the final choice's dice on each fold (optimistic)
+    budget: Budget | None = None
 
     @property
     def weight_total(self) -> int:
@@ -80,6 +69,11 @@ class SearchResult:
     @property
     def threshold(self) -> float:
         return self.choice.threshold_sum / (255.0 * self.weight_total)
+
+    @property
+    def cost(self) -> float | None:
+        """Summed cost of the chosen configs (None without costs)."""
+        return None if self.budget is None else self.budget.cost(self.choice.weights)
 
 
 def search(
@@ -92,6 +86,8 @@ def search(
     floor: int = DEFAULT_FLOOR,
     min_pixels_grid: tuple[int, ...] = MIN_PIXELS_GRID,
     min_component_grid: tuple[int, ...] = MIN_COMPONENT_GRID,
+    costs: np.ndarray | None = None,
+    max_cost: float | None = None,
 ) -> SearchResult:
     """Choose weights, threshold mode and postprocessing on OOF arrays (see module docstring).
 
@@ -99,77 +95,61 @@ def search(
         oofs: uint8 ``(N, H, W)`` OOF codes per config (memmaps welcome).
         labels: uint8 0/1 ``(N, H, W)``.
         folds: int ``(N,)`` fold of each row, ``0..K-1`` (K >= 2).
-        steps: Greedy selection rounds.
-        refine: Also try an integer coordinate search of the weights; kept when it gains
-            on the pooled nested estimate.
+        steps: Greedy selection rounds (>= 1).
+        refine: Also try an integer coordinate search of the weights; plain or refined is
+            chosen by cross-validation inside each set of folds, like the threshold mode.
         names: Config names (default ``config_0``, ...).
         floor: uint8 code below which pixels are never predicted (blend thresholds are
             searched from ``floor / 255`` up).
         min_pixels_grid: Min-pixel values tried (0 is always tried).
         min_component_grid: Min-component values tried (0 is always tried).
+        costs: Prediction cost of each config (e.g. seconds per record); with ``max_cost``,
+            only ensembles whose summed cost (configs with a non-zero weight) fits are
+            considered.
+        max_cost: The most an ensemble may cost; None: no limit.
 
     Returns:
         A :class:`SearchResult`.
     """
     names = names or [f"config_{i}" for i in range(len(oofs))]
     _check_arrays(oofs, labels, folds)
+    if steps < 1:
+        raise EkError(f"steps: {steps}; the greedy selection needs at least 1 round")
+    budget = _budget(costs, max_cost, names)
     cands = build_candidates(oofs, labels, folds, floor)
     log.info("blend: %d candidate pixels of %d", len(cands.labels), int(cands.fold_pixels.sum()))
     grids = (_with_zero(min_pixels_grid), _with_zero(min_component_grid))
-    scorer = Scorer(cands)
-    nested = nested_search(scorer, steps, False, grids)
-    if refine:
-        refined = nested_search(scorer, steps, True, grids)
-        if max(map(refined.pooled, refined.counts)) > max(map(nested.pooled, nested.counts)):
-            nested = refined
-    mode = "top_fraction" if nested.pooled("top_fraction") > nested.pooled("value") else "value"
+    scorer = Scorer(cands, FoldSets.nested(cands.n_folds))
+    limit = budget if max_cost is not None else None
+    nested = nested_search(scorer, steps, refine, grids, limit)
     per_config = per_config_scores(cands, names)
-    choice = nested.choices[0]
+    choice = nested.final_choice
     curves = dice_curves(cands, names, choice)
     per_fold = [
         dice_from_counts(*heldout_counts(choice, k, "value", 0, 0, int(cands.fold_positives[k])))
         for k in range(cands.n_folds)
     ]
-    return SearchResult(names, choice, mode, nested, per_config, cands.floor, curves, per_fold)
+    return SearchResult(
+        names, choice, nested.final.mode, nested, per_config, cands.floor, curves, per_fold, budget
+    )
 
 
-def nested_search(scorer: Scorer, steps: int, refine: bool, grids) -> Nested:
-    """Greedy (+ refinement) and threshold choice on every set; held-out counts per fold."""
-    cands = scorer.cands
-    paths = greedy_paths(scorer, steps)
-    weights = [best_prefix_weights(path, cands.values.shape[0]) for path in paths]
-    if refine:
-        weights = refine_weights(scorer, weights)
-    tables: dict[tuple[int, ...], Tables] = {}  # sets that chose the same weights share them
-    for w in weights:
-        if tuple(w) not in tables:
-            tables[tuple(w)] = threshold_tables(cands, w, *grids)
-    choices = [
-        choose_threshold(cands, w, s, *grids, tables[tuple(w)]) for s, w in enumerate(weights)
-    ]
-    counts = {}
-    for mode in ("value", "top_fraction"):
-        counts[mode] = np.array(
-            [
-                heldout_counts(
-                    choices[k + 1],
-                    k,
-                    mode,
-                    cands.floor * int(choices[k + 1].weights.sum()),
-                    int(cands.fold_pixels[k]),
-                    int(cands.fold_positives[k]),
-                )
-                for k in range(cands.n_folds)
-            ]
-        )
-    return Nested(choices, paths[0], counts, refine)
+def _budget(costs, max_cost, names) -> Budget | None:
+    if costs is None:
+        if max_cost is not None:
+            raise EkError("max_cost needs the cost of every config")
+        return None
+    budget = Budget(np.asarray(costs, dtype=np.float64), np.inf if max_cost is None else max_cost)
+    budget.check(names)
+    return budget
 
 
 def per_config_scores(cands: Candidates, names: list[str]) -> dict[str, dict]:
     """Each config alone, exact over all 256 codes: pooled, per-fold and nested dice."""
     scores = {}
     for name, hist in zip(names, cands.config_histograms):
-        dice, thresholds = _best_per_set(hist, hist[:, :, 1].sum(axis=1), 0)
+        sets = FoldSets.nested(len(hist), depth=1)
+        dice, thresholds = _best_per_set(hist, hist[:, :, 1].sum(axis=1), 0, sets.excluded)
         nested = np.array([_counts_at(hist[k], thresholds[k + 1]) for k in range(len(hist))])
         scores[name] = {
             "dice": float(dice[0]),

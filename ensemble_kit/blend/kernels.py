@@ -25,20 +25,23 @@ def weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True)
-def _best_per_set(hist, fold_positives, lowest):
-    """Best threshold ``>= lowest`` of the whole set and of each leave-one-fold-out set.
+def _best_per_set(hist, fold_positives, lowest, excluded):
+    """Best threshold ``>= lowest`` of every set of folds.
 
     Args:
         hist: int64 ``(K, n_values, 2)`` per-fold counts of (value, label).
         fold_positives: int64 ``(K,)`` all positives per fold (dropped pixels included).
         lowest: Smallest threshold searched; ``n_values`` means "predict nothing".
+        excluded: int64 ``(n_sets, E)``: the folds each set leaves out, -1 for none
+            (:class:`~ensemble_kit.blend.sets.FoldSets`).
 
     Returns:
-        ``(dice, threshold)`` of shape ``(K + 1,)``: index 0 all folds, ``k + 1`` without fold k.
+        ``(dice, threshold)`` of shape ``(n_sets,)``.
     """
     n_folds, n_values, _ = hist.shape
-    best_dice = np.full(n_folds + 1, -1.0)
-    best_t = np.zeros(n_folds + 1, dtype=np.int64)
+    n_sets = excluded.shape[0]
+    best_dice = np.full(n_sets, -1.0)
+    best_t = np.zeros(n_sets, dtype=np.int64)
     above = np.zeros((n_folds, 2), dtype=np.int64)
     total_positives = fold_positives.sum()
     for t in range(n_values, lowest - 1, -1):
@@ -47,14 +50,14 @@ def _best_per_set(hist, fold_positives, lowest):
                 above[k, 0] += hist[k, t, 0]
                 above[k, 1] += hist[k, t, 1]
         tp_all, fp_all = above[:, 1].sum(), above[:, 0].sum()
-        for s in range(n_folds + 1):
+        for s in range(n_sets):
             tp, fp, positives = tp_all, fp_all, total_positives
-            if s > 0:
-                tp, fp, positives = (
-                    tp - above[s - 1, 1],
-                    fp - above[s - 1, 0],
-                    positives - fold_positives[s - 1],
-                )
+            for e in range(excluded.shape[1]):
+                k = excluded[s, e]
+                if k >= 0:
+                    tp -= above[k, 1]
+                    fp -= above[k, 0]
+                    positives -= fold_positives[k]
             denominator = 2.0 * tp + fp + (positives - tp)
             dice = 2.0 * tp / denominator if denominator > 0 else 1.0
             if dice >= best_dice[s]:  # scanning down, so ties go to the smallest threshold
@@ -62,11 +65,11 @@ def _best_per_set(hist, fold_positives, lowest):
     return best_dice, best_t
 
 
-def best_per_set_reference(hist, fold_positives, lowest):
+def best_per_set_reference(hist, fold_positives, lowest, excluded):
     """Numpy reference of :func:`_best_per_set`."""
     dice, thresholds = [], []
-    for s in range(len(fold_positives) + 1):
-        keep = np.arange(len(fold_positives)) != s - 1
+    for row in excluded:
+        keep = ~np.isin(np.arange(len(fold_positives)), row[row >= 0])
         tp, fp, fn = sweep_from_histogram(hist[keep].sum(axis=0))
         threshold, best = best_from_counts(
             tp, fp, fn + int(fold_positives[keep].sum()) - int(hist[keep, :, 1].sum()), lowest
@@ -87,18 +90,19 @@ def _score_moves(
     labels,
     pixel_fold,
     fold_positives,
+    excluded,
     n_values,
     scratch,
 ):
-    """Best-threshold dice per set of each move ``bases[b] + sign * values[config]``.
+    """Best-threshold dice on every set of folds of each move ``bases[b] + sign * values[config]``.
 
     Thresholds of move ``m`` are searched from ``move_lowest[m]`` (its floor) up.
     ``scratch`` is int64 ``(T, >= K * n_values * 2)``: one reused histogram per worker, so
     no call pays the page faults of fresh allocations.
     """
-    n_moves, n_folds = move_base.shape[0], fold_positives.shape[0]
-    dice = np.zeros((n_moves, n_folds + 1))
-    thresholds = np.zeros((n_moves, n_folds + 1), dtype=np.int64)
+    n_moves, n_folds, n_sets = move_base.shape[0], fold_positives.shape[0], excluded.shape[0]
+    dice = np.zeros((n_moves, n_sets))
+    thresholds = np.zeros((n_moves, n_sets), dtype=np.int64)
     n_workers = scratch.shape[0]
     for worker in prange(n_workers):
         hist = scratch[worker, : n_folds * n_values * 2].reshape((n_folds, n_values, 2))
@@ -107,7 +111,7 @@ def _score_moves(
             base, config, sign = bases[move_base[m]], move_config[m], move_sign[m]
             for p in range(labels.shape[0]):
                 hist[pixel_fold[p], base[p] + sign * values[config, p], labels[p]] += 1
-            dice[m], thresholds[m] = _best_per_set(hist, fold_positives, move_lowest[m])
+            dice[m], thresholds[m] = _best_per_set(hist, fold_positives, move_lowest[m], excluded)
     return dice, thresholds
 
 

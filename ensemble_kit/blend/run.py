@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,17 @@ from ..errors import EkError
 from ..files import digest_json, write_json
 from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
-from .apply import _digest, apply_blend, blend_histogram, top_fraction_threshold
+from .apply import _digest, apply_blend, blend_histogram, floor_sum, fraction_threshold
 from .ensemble_search import SearchResult, search
 from .gallery import write_gallery
+from .holdout import CROSSFIT_SEED, check_holdout
 
 log = logging.getLogger(__name__)
+
+
+THRESHOLD_SOURCES = ("oof", "holdout")
+GAP_WARNING = 0.005  # holdout's best dice above the OOF threshold's: warn past this
+PROJECTED_RECORDS = 2000  # about the hidden test set's size
 
 
 def run_blend(
@@ -30,6 +37,8 @@ def run_blend(
     configs: list[str] | None = None,
     steps: int = 25,
     refine: bool = False,
+    max_seconds_per_record: float | None = None,
+    threshold_from: str = "oof",
 ) -> dict:
     """``ek blend --oof``: search on every finished config's OOF, write blend.json and a report.
 
@@ -37,24 +46,39 @@ def run_blend(
         layout: The workdir :class:`~ensemble_kit.layout.Layout`.
         data_root: Kaggle data folder with the labels; default: ``splits.json``'s data_root.
         configs: Config names to pool; default every config with a ``summary.json``.
-        steps: Greedy selection rounds.
+        steps: Greedy selection rounds (>= 1).
         refine: Try an integer coordinate refinement of the weights.
+        max_seconds_per_record: Only ensembles whose summed prediction cost (each blended
+            config's ``prediction_cost`` in its summary.json) fits; None: no limit.
+        threshold_from: ``oof`` (default) or ``holdout``: where the threshold (and top
+            fraction) is chosen; weights and postprocessing always come from OOF.
 
     Returns:
         The blend dict, as written to ``layout.blend_json``.
     """
     pool = _read_pool(layout, configs)
+    _check_source(layout, pool[0], threshold_from)
+    costs = _read_costs(layout, pool, required=max_seconds_per_record is not None)
     splits = _read_splits(layout)
     data_root = Path(data_root) if data_root is not None else _splits_data_root(layout)
     _check_sources(layout, pool, data_root)
     first = pool[0]
     labels = _load_labels(layout, data_root, first.ids, splits)
     log.info("blend: %d configs, %d OOF records", len(pool), len(first.ids))
+    known = None if any(c is None for c in costs.values()) else [costs[o.name] for o in pool]
     result = search(
-        [o.probs for o in pool], labels, first.folds, steps, refine, [o.name for o in pool]
+        [o.probs for o in pool],
+        labels,
+        first.folds,
+        steps,
+        refine,
+        [o.name for o in pool],
+        costs=known,
+        max_cost=max_seconds_per_record,
     )
     blend = blend_dict(result, first.folds, _digests(layout, pool))
-    blend["scores"]["holdout"] = _holdout_dice(layout, data_root, blend, pool, splits)
+    blend["cost"] = _cost_fields(pool, costs, blend, max_seconds_per_record)
+    _holdout_scores(layout, data_root, blend, result, pool, splits, threshold_from)
     write_json(layout.blend_json, blend)
     report.write_blend_report(layout.blend_report_dir, blend, result.curves)
     write_gallery(layout, data_root, blend, pool, labels)
@@ -65,29 +89,36 @@ def run_blend(
 
 
 def blend_dict(result: SearchResult, folds: np.ndarray, digests: dict) -> dict:
-    """The ``blend.json`` content of a search result."""
-    choice, names = result.choice, result.names
+    """The ``blend.json`` content of a search result (threshold chosen on OOF)."""
+    choice, names, nested = result.choice, result.names, result.nested
+    options = nested.option_scores()
+    suffix = "+refine" if nested.refined else ""
     scores = {
         "per_config": result.per_config,
         "blend_oof": choice.dice,
         "blend_oof_per_fold": result.per_fold,
         "blend_oof_no_postprocess": float(choice.table[0, 0]),
         "nested": {
-            "per_fold": result.nested.per_fold(result.mode),
-            "pooled": result.nested.pooled(result.mode),
-            "value": result.nested.pooled("value"),
-            "top_fraction": result.nested.pooled("top_fraction"),
+            "per_fold": nested.per_fold(),
+            "pooled": nested.pooled(),
+            "picked": [o.label for o in nested.picked],
+            "options": options,
+            "value": options["value" + suffix],
+            "top_fraction": options["top_fraction" + suffix],
         },
         "holdout": None,
+        "holdout_threshold": None,
+        "holdout_crossfit": None,
         "best_single": max(result.per_config, key=lambda n: result.per_config[n]["nested"]),
         "selection_path": [
-            {"step": i + 1, "config": names[c], "dice": d}
-            for i, (c, d) in enumerate(result.nested.path)
+            {"step": i + 1, "config": names[c], "dice": d} for i, (c, d) in enumerate(nested.path)
         ],
         "min_pixels_curve": {
             str(n): float(d) for n, d in zip(choice.grids[0], choice.table.max(axis=1))
         },
-        "refined": result.nested.refined,
+        "refined": nested.refined,
+        "oof_threshold": result.threshold,
+        "oof_threshold_sum": int(choice.threshold_sum),
         "oof_top_fraction": choice.top_fraction,
         "search_floor": result.floor / 255.0,
         "n_records": int(len(folds)),
@@ -95,11 +126,14 @@ def blend_dict(result: SearchResult, folds: np.ndarray, digests: dict) -> dict:
     return {
         "configs": {name: int(w) for name, w in zip(names, choice.weights) if w > 0},
         "threshold_mode": result.mode,
+        "threshold_from": "oof",
         "threshold_sum": int(choice.threshold_sum),
         "threshold": result.threshold,
         "top_fraction": choice.top_fraction if result.mode == "top_fraction" else None,
+        "threshold_floor_sum": result.floor * result.weight_total,
         "min_pixels": choice.min_pixels,
         "min_component": choice.min_component,
+        "cost": None,
         "scores": scores,
         "digests": digests,
     }
@@ -115,6 +149,104 @@ def _check_sources(layout, pool, data_root: Path) -> None:
                 f"stale OOF: {layout.summary(oof.name)} was made before {changed[0]} changed; "
                 "rerun ek cv (it says what has to be retrained)"
             )
+
+
+def _check_source(layout, first, threshold_from: str) -> None:
+    if threshold_from not in THRESHOLD_SOURCES:
+        raise EkError(f"--threshold-from {threshold_from}: expected one of {THRESHOLD_SOURCES}")
+    if threshold_from == "holdout" and (first.holdout is None or not first.holdout_ids):
+        raise EkError(
+            f"{layout.holdout_npy(first.name)}: --threshold-from holdout needs holdout "
+            "predictions (splits made with --pool-validation have none)"
+        )
+
+
+def _read_costs(layout, pool, required: bool) -> dict[str, float | None]:
+    """Each config's measured seconds per record (all folds, its TTA), from summary.json."""
+    costs = {}
+    for oof in pool:
+        cost = (oof.summary.get("prediction_cost") or {}).get("seconds_per_record")
+        if cost is None and required:
+            raise EkError(
+                f"{layout.summary(oof.name)}: no prediction_cost (its folds were trained by an "
+                "older ek cv); retrain them, or blend without --max-seconds-per-record"
+            )
+        costs[oof.name] = None if cost is None else float(cost)
+    return costs
+
+
+def _cost_fields(pool, costs: dict, blend: dict, limit: float | None) -> dict:
+    chosen = [costs[name] for name in blend["configs"]]
+    total = None if any(c is None for c in chosen) else float(sum(chosen))
+    return {
+        "seconds_per_record": total,
+        "seconds_for_2000_records": None if total is None else total * PROJECTED_RECORDS,
+        "max_seconds_per_record": limit,
+        "per_config": costs,
+        "devices": {o.name: (o.summary.get("prediction_cost") or {}).get("device") for o in pool},
+    }
+
+
+def _holdout_scores(layout, data_root, blend, result, pool, splits, threshold_from) -> None:
+    """Holdout scores of the blend; with ``threshold_from == "holdout"`` also its threshold."""
+    chosen = [o for o in pool if o.name in blend["configs"]]
+    if any(o.holdout is None for o in chosen) or not chosen[0].holdout_ids:
+        return
+    labels = _load_labels(layout, data_root, chosen[0].holdout_ids, splits)
+    check = check_holdout(
+        [o.holdout for o in chosen],
+        labels,
+        _chosen_only(result, blend),
+        result.mode,
+        result.floor,
+        crossfit=threshold_from == "holdout",
+    )
+    weight_total = sum(blend["configs"].values())
+    blend["scores"]["holdout_threshold"] = {
+        "best_threshold": check.best_threshold_sum / (255.0 * weight_total),
+        "best_threshold_sum": check.best_threshold_sum,
+        "best_top_fraction": check.best_top_fraction,
+        "best_dice": check.best_dice,
+        "dice_at_oof_threshold": check.rule_dice,
+        "oof_threshold_sum_applied": check.rule_threshold_sum,
+        "gap": check.gap,
+        "warning": check.gap > GAP_WARNING,
+        "warning_above": GAP_WARNING,
+    }
+    if check.gap > GAP_WARNING:
+        log.warning(
+            "blend: the holdout's best threshold scores %.4f, the OOF threshold %.4f "
+            "(gap %.4f > %.3f)%s",
+            check.best_dice,
+            check.rule_dice,
+            check.gap,
+            GAP_WARNING,
+            "; consider --threshold-from holdout" if threshold_from == "oof" else "",
+        )
+    if threshold_from == "holdout":
+        _use_holdout_threshold(blend, check)
+    blend["scores"]["holdout"] = _holdout_dice(labels, blend, chosen)
+
+
+def _chosen_only(result: SearchResult, blend: dict):
+    keep = [result.names.index(name) for name in blend["configs"]]
+    return replace(result.choice, weights=result.choice.weights[keep])
+
+
+def _use_holdout_threshold(blend: dict, check) -> None:
+    weight_total = sum(blend["configs"].values())
+    blend["threshold_from"] = "holdout"
+    blend["threshold_sum"] = int(check.best_threshold_sum)
+    blend["threshold"] = check.best_threshold_sum / (255.0 * weight_total)
+    if blend["threshold_mode"] == "top_fraction":
+        blend["top_fraction"] = check.best_top_fraction
+    splits = np.array(check.crossfit)
+    blend["scores"]["holdout_crossfit"] = {
+        "mean": float(splits.mean()),
+        "std": float(splits.std(ddof=1)) if len(splits) > 1 else 0.0,
+        "per_split": [float(d) for d in splits],
+        "seed": CROSSFIT_SEED,
+    }
 
 
 def _digests(layout, pool) -> dict:
@@ -221,19 +353,18 @@ def _labels_copy(layout, reader: LabelReader, n_rows: int, chunk: int = 256) -> 
         return np.load(handle.name, mmap_mode="r")
 
 
-def _holdout_dice(layout, data_root, blend, pool, splits, batch: int = 256) -> float | None:
-    """Global dice of the final choice on the holdout records, which no choice looked at."""
-    chosen = [o for o in pool if o.name in blend["configs"]]
-    if any(o.holdout is None for o in chosen) or not chosen[0].holdout_ids:
-        return None
-    labels = _load_labels(layout, data_root, chosen[0].holdout_ids, splits)
+def _holdout_dice(labels: np.ndarray, blend: dict, chosen: list, batch: int = 256) -> float:
+    """Global dice of the final blend on the holdout, through :func:`apply_blend` as submit does.
+
+    Honest with ``threshold_from == "oof"`` (no choice looked at the holdout).
+    """
     batches = [slice(lo, lo + batch) for lo in range(0, len(labels), batch)]
     threshold = None
     if blend["threshold_mode"] == "top_fraction":
         counts = sum(
             blend_histogram(blend, {o.name: o.holdout[b] for o in chosen}) for b in batches
         )
-        threshold = top_fraction_threshold(counts, blend["top_fraction"])
+        threshold = fraction_threshold(counts, blend["top_fraction"], floor_sum(blend))
     tp = n_pred = 0
     for b in batches:
         predicted = apply_blend(blend, {o.name: o.holdout[b] for o in chosen}, threshold)

@@ -1,4 +1,4 @@
-"""Best-threshold dice of integer weight vectors on every set of a nested search, memoised."""
+"""Best-threshold dice of integer weight vectors on every set of folds of a nested search."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ import numpy as np
 
 from .candidates import Candidates
 from .kernels import _score_moves, weighted_sum
+from .sets import FoldSets
 
 
 class Scorer:
     """Best-threshold dice of integer weight vectors on every set, memoised by weights.
 
-    The whole set and each leave-one-fold-out set are scored in one pass, so the K + 1
-    greedy runs of a nested search share every evaluation they have in common.
+    Every set of folds (:class:`~.sets.FoldSets`: all folds, each fold left out, each pair
+    left out) is scored in one pass, so the greedy runs of a nested search share every
+    evaluation they have in common.
     """
 
-    def __init__(self, cands: Candidates):
+    def __init__(self, cands: Candidates, sets: FoldSets | None = None):
         self.cands = cands
+        self.sets = sets or FoldSets.nested(cands.n_folds)
         self.cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
         self.sums: dict[
             tuple[int, ...], np.ndarray
@@ -56,7 +59,7 @@ class Scorer:
                 self.sums[key] = weighted_sum(
                     self.cands.values, np.asarray(weights, dtype=np.int64)
                 )
-            while len(self.sums) > 4 * (self.cands.n_folds + 1):
+            while len(self.sums) > 4 * len(self.sets):
                 self.sums.pop(next(iter(self.sums)))
         return self.sums[key]
 
@@ -78,6 +81,7 @@ class Scorer:
             cands.labels,
             cands.pixel_fold,
             cands.fold_positives,
+            self.sets.excluded,
             n_values,
             self._scratch(n_values),
         )

@@ -1,37 +1,83 @@
 """Caruana greedy forward selection with replacement, and the integer weight refinement.
 
 The weights are the integer selection counts, so the blend sum ``S = sum w_i * u_i``
-(``u_i`` the uint8 codes) is an exact integer.
+(``u_i`` the uint8 codes) is an exact integer. An optional :class:`Budget` keeps every
+ensemble considered within a prediction cost: a config's cost counts once, whatever its
+weight, since each config's fold models run once per record however often it was picked.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ..errors import EkError
 from .scorer import Scorer
 
 REFINE_SCALE = 4
 REFINE_ROUNDS = 30
 
 
-def greedy_paths(scorer: Scorer, steps: int) -> list[list[tuple[int, float]]]:
-    """Caruana forward selection with replacement, run on every set at once.
+@dataclass(frozen=True)
+class Budget:
+    """Prediction cost of each config (e.g. seconds per record) and the most a blend may cost."""
+
+    costs: np.ndarray  # float (C,)
+    limit: float
+
+    def cost(self, weights: np.ndarray) -> float:
+        """Summed cost of the configs with a non-zero weight."""
+        return float(np.asarray(self.costs)[np.asarray(weights) > 0].sum())
+
+    def allows(self, weights: np.ndarray) -> bool:
+        return self.cost(weights) <= self.limit * (1 + 1e-9)
+
+    def check(self, names: list[str]) -> None:
+        """Raise when no config alone fits the limit."""
+        if len(self.costs) != len(names):
+            raise EkError(f"costs: {len(self.costs)} values for {len(names)} configs")
+        cheapest = int(np.argmin(self.costs))
+        if self.costs[cheapest] > self.limit * (1 + 1e-9):
+            raise EkError(
+                f"--max-seconds-per-record {self.limit:g}: no config fits; the cheapest, "
+                f"'{names[cheapest]}', costs {self.costs[cheapest]:.4g} s per record"
+            )
+
+
+def greedy_paths(
+    scorer: Scorer, steps: int, budget: Budget | None = None
+) -> list[list[tuple[int, float]]]:
+    """Caruana forward selection with replacement, run on every set of folds at once.
+
+    Args:
+        scorer: Scores weight vectors on every set of ``scorer.sets``.
+        steps: Selection rounds.
+        budget: When given, a config may be added only while the ensemble's cost fits.
 
     Returns:
-        Per set (0: all folds, ``k + 1``: without fold k) the ``(config, dice)`` of each step.
+        Per set of folds the ``(config, dice)`` of each step.
     """
-    n_configs, n_sets = scorer.cands.values.shape[0], scorer.cands.n_folds + 1
+    n_configs, n_sets = scorer.cands.values.shape[0], len(scorer.sets)
     counts = [np.zeros(n_configs, dtype=np.int64) for _ in range(n_sets)]
     paths: list[list[tuple[int, float]]] = [[] for _ in range(n_sets)]
+    eye = np.eye(n_configs, dtype=np.int64)
     for _ in range(steps):
         bases, index = _unique_rows(counts)
-        scores = scorer.moves(
-            bases, [(b, c, 1) for b in range(len(bases)) for c in range(n_configs)]
-        )
+        moves = [
+            (b, c, 1)
+            for b in range(len(bases))
+            for c in range(n_configs)
+            if budget is None or budget.allows(bases[b] + eye[c])
+        ]
+        scores = dict(zip(moves, scorer.moves(bases, moves)))
         for s in range(n_sets):
-            options = [scores[index[s] * n_configs + c][0][s] for c in range(n_configs)]
+            options = [
+                scores[(index[s], c, 1)][0][s] if (index[s], c, 1) in scores else -np.inf
+                for c in range(n_configs)
+            ]
             best = int(np.argmax(options))
-            counts[s] = counts[s] + np.eye(n_configs, dtype=np.int64)[best]
+            counts[s] = counts[s] + eye[best]
             paths[s].append((best, float(options[best])))
     return paths
 
@@ -42,10 +88,13 @@ def best_prefix_weights(path: list[tuple[int, float]], n_configs: int) -> np.nda
     return np.bincount([config for config, _ in path[:stop]], minlength=n_configs).astype(np.int64)
 
 
-def refine_weights(scorer: Scorer, weights: list[np.ndarray]) -> list[np.ndarray]:
+def refine_weights(
+    scorer: Scorer, weights: list[np.ndarray], budget: Budget | None = None
+) -> list[np.ndarray]:
     """Integer coordinate search from ``REFINE_SCALE * weights``: +-1 moves while they gain.
 
-    Every set ``s`` refines its own ``weights[s]`` on its own data.
+    Every set ``s`` refines its own ``weights[s]`` on its own data; with a budget, a move
+    that brings in a config the budget cannot afford is not tried.
     """
     current = [w * REFINE_SCALE for w in weights]
     score = [scorer.moves([w], [(0, 0, 0)])[0][0][s] for s, w in enumerate(current)]
@@ -54,13 +103,7 @@ def refine_weights(scorer: Scorer, weights: list[np.ndarray]) -> list[np.ndarray
         if not active:
             break
         bases, index = _unique_rows([current[s] for s in active])
-        moves = [
-            (b, c, sign)
-            for b, w in enumerate(bases)
-            for c in range(len(w))
-            for sign in (1, -1)
-            if w[c] + sign >= 0 and w.sum() + sign > 0
-        ]
+        moves = _refine_moves(bases, budget)
         results = scorer.moves(bases, moves)
         still = []
         for s, b in zip(active, index):
@@ -73,6 +116,21 @@ def refine_weights(scorer: Scorer, weights: list[np.ndarray]) -> list[np.ndarray
                 still.append(s)
         active = still
     return [w // np.gcd.reduce(w[w > 0]) for w in current]
+
+
+def _refine_moves(bases: list[np.ndarray], budget: Budget | None) -> list[tuple[int, int, int]]:
+    """Every +-1 move of every base that keeps weights >= 0, not all 0, and within budget."""
+    moves = []
+    for b, w in enumerate(bases):
+        for c in range(len(w)):
+            for sign in (1, -1):
+                step = w + sign * np.eye(len(w), dtype=np.int64)[c]
+                if step.min() < 0 or step.sum() == 0:
+                    continue
+                if sign > 0 and budget is not None and not budget.allows(step):
+                    continue
+                moves.append((b, c, sign))
+    return moves
 
 
 def _unique_rows(rows: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:

@@ -1,27 +1,27 @@
 """Threshold of a blend, exact over every integer value of ``S``, jointly with postprocessing.
 
-Per-fold histograms of ``(S, label)`` give every threshold's TP/FP/FN as cumulative sums.
-Two threshold modes: ``value`` (predict ``S >= threshold_sum``) and ``top_fraction`` (mark
-the top fraction of all pixels of a set; the threshold is recomputed on each set it is
-applied to).
+Per-fold histograms of ``(S, label)`` give every threshold's TP/FP/FN as cumulative sums,
+on every set of folds (:class:`~.sets.FoldSets`). Two threshold modes: ``value`` (predict
+``S >= threshold_sum``) and ``top_fraction`` (mark the top fraction of all pixels of a set;
+the threshold is recomputed on each set it is applied to, never below the search floor).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import postprocess
-from .apply import top_fraction_threshold
+from .apply import fraction_threshold, top_fraction_threshold  # noqa: F401 (submit's import)
 from .kernels import _best_per_set, _pair_histograms, fold_histograms, weighted_sum
+from .sets import FoldSets
 
 if TYPE_CHECKING:  # annotations only: ``ek submit`` loads this module, but no candidate code
     from .candidates import Candidates
 
-log = logging.getLogger(__name__)
+MODES = ("value", "top_fraction")
 
 
 @dataclass
@@ -44,14 +44,16 @@ class Choice:
 class Tables:
     """Every (min_pixels, min_component) pair of one weight vector, scored on every set."""
 
-    dice: np.ndarray  # (n_pixel_grid, n_component_grid, K + 1)
+    dice: np.ndarray  # (n_pixel_grid, n_component_grid, n_sets)
     thresholds: np.ndarray  # same shape: the best threshold_sum of each
     levels_hist: np.ndarray  # (n_pixel_grid, n_component_grid, K, n_values, 2)
     sums_hist: np.ndarray  # (K, n_values) counts of the raw blend sums
 
 
-def threshold_tables(cands: Candidates, weights: np.ndarray, pixel_grid, component_grid) -> Tables:
-    """Exact best threshold of every postprocessing pair on every set."""
+def threshold_tables(
+    cands: Candidates, weights: np.ndarray, pixel_grid, component_grid, sets: FoldSets
+) -> Tables:
+    """Exact best threshold of every postprocessing pair on every set of folds."""
     sums = weighted_sum(cands.values, weights).astype(np.int64)
     total = int(weights.sum())
     lowest, n_values = cands.floor * total, 255 * total + 1
@@ -69,10 +71,12 @@ def threshold_tables(cands: Candidates, weights: np.ndarray, pixel_grid, compone
         cands.n_folds,
         n_values,
     )
-    shape = (len(pixel_grid), len(component_grid), cands.n_folds + 1)
+    shape = (len(pixel_grid), len(component_grid), len(sets))
     dice, thresholds = np.zeros(shape), np.zeros(shape, dtype=np.int64)
     for i, j in np.ndindex(*shape[:2]):
-        dice[i, j], thresholds[i, j] = _best_per_set(hists[i, j], cands.fold_positives, lowest)
+        dice[i, j], thresholds[i, j] = _best_per_set(
+            hists[i, j], cands.fold_positives, lowest, sets.excluded
+        )
     sums_hist = fold_histograms(sums, cands.labels, cands.pixel_fold, cands.n_folds, n_values).sum(
         axis=2
     )
@@ -102,20 +106,23 @@ def choose_threshold(
     pixel_grid,
     component_grid,
     tables: Tables | None = None,
+    sets: FoldSets | None = None,
 ) -> Choice:
-    """Exact best threshold jointly with min-pixel and min-component on one set.
+    """Exact best threshold jointly with min-pixel and min-component on one set of folds.
 
     A postprocessing value is kept only when it strictly improves the set's dice (pairs are
-    tried from (0, 0) in grid order).
+    tried from (0, 0) in grid order). ``sets`` defaults to :meth:`FoldSets.nested`; pass the
+    sets ``tables`` were made on.
     """
-    tables = tables or threshold_tables(cands, weights, pixel_grid, component_grid)
+    sets = sets or FoldSets.nested(cands.n_folds)
+    tables = tables or threshold_tables(cands, weights, pixel_grid, component_grid, sets)
     table = tables.dice[:, :, set_index]
     best = (0, 0)
     for i, j in np.ndindex(*table.shape):
         if table[i, j] > table[best] + 1e-12:
             best = (i, j)
     threshold = int(tables.thresholds[best][set_index])
-    in_set = _set_folds(cands.n_folds, set_index)
+    in_set = sets.members(set_index)
     fraction = tables.sums_hist[in_set, threshold:].sum() / cands.fold_pixels[in_set].sum()
     return Choice(
         weights,
@@ -126,29 +133,29 @@ def choose_threshold(
         float(table[best]),
         table,
         (tuple(pixel_grid), tuple(component_grid)),
-        tables.levels_hist[best],
+        tables.levels_hist[best].copy(),  # a copy, so the full table can be freed
         tables.sums_hist,
     )
 
 
-def _set_folds(n_folds: int, set_index: int) -> np.ndarray:
-    return np.arange(n_folds) != set_index - 1
+def applied_threshold(choice: Choice, fold: int, mode: str, lowest: int, fold_pixels: int) -> int:
+    """The threshold on ``S`` a choice applies to one fold, in ``value`` or ``top_fraction`` mode.
+
+    ``top_fraction`` applies :func:`~.apply.fraction_threshold` to the fold, the rule
+    holdout and submission apply too.
+    """
+    if mode == "value":
+        return int(choice.threshold_sum)
+    counts = choice.sums_hist[fold].copy()
+    counts[0] += fold_pixels - counts.sum()  # dropped pixels lie below the floor
+    return fraction_threshold(counts, choice.top_fraction, lowest)
 
 
 def heldout_counts(
     choice: Choice, fold: int, mode: str, lowest: int, fold_pixels: int, fold_positives: int
 ) -> tuple[int, int, int]:
-    """TP, FP, FN of a choice on one fold's pixels, in ``value`` or ``top_fraction`` mode."""
-    threshold = choice.threshold_sum
-    if mode == "top_fraction":
-        counts = choice.sums_hist[fold].copy()
-        counts[0] += fold_pixels - counts.sum()  # dropped pixels lie below the floor
-        threshold = top_fraction_threshold(counts, choice.top_fraction)
-        if threshold < lowest:
-            log.warning(
-                "top fraction %.5f reaches below the search floor; clamped", choice.top_fraction
-            )
-            threshold = lowest
+    """TP, FP, FN of a choice on one fold's pixels (:func:`applied_threshold`)."""
+    threshold = applied_threshold(choice, fold, mode, lowest, fold_pixels)
     hist = choice.levels_hist[fold, threshold:]
     tp, fp = int(hist[:, 1].sum()), int(hist[:, 0].sum())
     return tp, fp, fold_positives - tp

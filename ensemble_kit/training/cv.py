@@ -312,29 +312,67 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
             "%s fold %d: another process took the fold over; not writing it", config.name, fold
         )
         return None
-    _write_parts(config, fold_dir, val, holdout, device)
+    summary.update(_write_parts(config, fold_dir, val, holdout, device))
     summary["seconds_total"] = time.perf_counter() - started
     summary["sources"] = fold_sources(caches, splits)
     write_done(fold_dir, summary)
     return summary
 
 
-def _write_parts(config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySet, device) -> None:
+def _write_parts(config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySet, device) -> dict:
+    """Predict the fold's OOF and holdout parts; returns the measured prediction cost."""
     model = load_fold_model(config, fold_dir, device)
     batch = max(1, config.train.batch_size)
     side = val.sources[0][0].shape[-1]
+    clock = {"seconds": 0.0, "records": 0}
     with ArrayWriter(fold_files(fold_dir)["oof_part"], (len(val), side, side)) as writer:
-        for rows, probs in predict_set([model], config, val, device, batch):
+        for rows, probs in _timed(predict_set([model], config, val, device, batch), clock):
             writer.write(rows, to_uint8(probs))
     if len(holdout):
         with atomic_path(fold_files(fold_dir)["holdout_part"]) as tmp:
             out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.float32, shape=(len(holdout), side, side)
             )
-            for rows, probs in predict_set([model], config, holdout, device, batch):
+            for rows, probs in _timed(predict_set([model], config, holdout, device, batch), clock):
                 out[rows] = probs
             out.flush()
             del out
+    name = f"cuda {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
+    return {
+        "predict_seconds_per_record": clock["seconds"] / max(clock["records"], 1),
+        "predict_device": f"{name} ({torch.get_num_threads()} CPU threads)",
+    }
+
+
+def _timed(predictions, clock: dict):
+    """Yield from a :func:`predict_set` generator, adding its own time and records to ``clock``.
+
+    Only the generator's time counts (cache reads, TTA forwards, the copy to the host), not
+    the caller's writes between batches.
+    """
+    started = time.perf_counter()
+    for rows, probs in predictions:
+        clock["seconds"] += time.perf_counter() - started
+        clock["records"] += len(probs)
+        yield rows, probs
+        started = time.perf_counter()
+
+
+def prediction_cost(folds: list[dict]) -> dict | None:
+    """Measured prediction cost of a config: seconds per record with all K fold models.
+
+    The sum over folds of each fold's measured seconds per record (its OOF and holdout
+    prediction with the config's TTA, timed while ``ek cv`` predicted them), i.e. what one
+    test record costs through every fold model. None when a fold was trained before this
+    was measured.
+    """
+    seconds = [f.get("predict_seconds_per_record") for f in folds]
+    if not folds or any(s is None for s in seconds):
+        return None
+    return {
+        "seconds_per_record": float(sum(seconds)),
+        "device": ", ".join(sorted({str(f.get("predict_device")) for f in folds})),
+    }
 
 
 def assemble(
@@ -445,6 +483,7 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
         "data_digest": meta["data_digest"],
         "sources": summary_sources(layout, data_root, config.name, meta["n_folds"], holdout),
         "seconds": sum(f.get("seconds_total", 0.0) for f in per_fold),
+        "prediction_cost": prediction_cost(per_fold),
     }
     if len(holdout):
         codes = np.load(layout.holdout_npy(config.name), mmap_mode="r")
