@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -157,9 +158,10 @@ def _read_rows(array: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
     """
     row_bytes = int(np.prod(array.shape[1:]))
     if _is_plain_memmap(array, row_bytes):
-        with open(array.filename, "rb") as fh:
-            fh.seek(array.offset + lo * row_bytes)
-            fh.readinto(memoryview(out.reshape(-1)))
+        mapped: Any = array  # a np.memmap (checked above): has filename and offset
+        with open(mapped.filename, "rb", buffering=0) as fh:
+            fh.seek(mapped.offset + lo * row_bytes)
+            fh.readinto(memoryview(out.reshape(-1)))  # type: ignore[arg-type]
         return
     out.reshape(hi - lo, -1)[:] = np.asarray(array[lo:hi]).reshape(hi - lo, -1)
 

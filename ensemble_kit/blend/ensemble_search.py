@@ -147,6 +147,7 @@ def _budget(costs, max_cost, names) -> Budget | None:
 def per_config_scores(cands: Candidates, names: list[str]) -> dict[str, dict]:
     """Each config alone, exact over all 256 codes: pooled, per-fold and nested dice."""
     scores = {}
+    assert cands.config_histograms is not None  # dense per-config counts, not regrouped
     for name, hist in zip(names, cands.config_histograms):
         sets = FoldSets.nested(len(hist), depth=1)
         dice, thresholds = _best_per_set(hist, hist[:, :, 1].sum(axis=1), 0, sets.excluded)
@@ -164,6 +165,7 @@ def per_config_scores(cands: Candidates, names: list[str]) -> dict[str, dict]:
 def dice_curves(cands: Candidates, names: list[str], choice: Choice) -> dict:
     """Dice against probability threshold: each config (all codes) and the final blend."""
     curves = {}
+    assert cands.config_histograms is not None  # dense per-config counts, not regrouped
     for name, hist in zip(names, cands.config_histograms):
         curves[name] = (
             np.arange(N_CODES) / 255.0,

@@ -76,8 +76,8 @@ def check_holdout(
     cands = build_candidates(codes, labels, np.zeros(len(labels), dtype=np.int64), floor)
     grids = ((choice.min_pixels,), (choice.min_component,))
     sets = FoldSets.nested(1, depth=1)
-    tables = threshold_tables(cands, choice.weights, *grids, sets)
-    best = choose_threshold(cands, choice.weights, 0, *grids, tables, sets)
+    tables = threshold_tables(cands, choice.weights, grids[0], grids[1], sets)
+    best = choose_threshold(cands, choice.weights, 0, grids[0], grids[1], tables, sets)
     rule = replace(best, threshold_sum=choice.threshold_sum, top_fraction=choice.top_fraction)
     counts = _counts(cands, rule, 0, mode)
     lowest = cands.floor * int(choice.weights.sum())
@@ -113,10 +113,12 @@ def _crossfit_once(cands, choice: Choice, grids, mode: str, halves: np.ndarray) 
     """Choose on one half, score on the other, both ways; the pooled dice."""
     split = regroup(cands, halves)
     sets = FoldSets.nested(2, depth=1)
-    tables = threshold_tables(split, choice.weights, *grids, sets)
+    tables = threshold_tables(split, choice.weights, grids[0], grids[1], sets)
     total = np.zeros(3, dtype=np.int64)
     for scored in (0, 1):
-        chosen = choose_threshold(split, choice.weights, sets.index(scored), *grids, tables, sets)
+        chosen = choose_threshold(
+            split, choice.weights, sets.index(scored), grids[0], grids[1], tables, sets
+        )
         total += np.array(_counts(split, chosen, scored, mode))
     return dice_from_counts(*total)
 

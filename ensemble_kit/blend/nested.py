@@ -117,10 +117,10 @@ def _choices(cands: Candidates, weights: list[np.ndarray], sets: FoldSets, grids
         groups.setdefault(tuple(int(x) for x in w), []).append(s)
     for members in groups.values():  # one table at a time: each is K x n_values x pairs
         w = weights[members[0]]
-        tables = threshold_tables(cands, w, *grids, sets)
+        tables = threshold_tables(cands, w, grids[0], grids[1], sets)
         for s in members:
-            choices[s] = choose_threshold(cands, w, s, *grids, tables, sets)
-    return choices
+            choices[s] = choose_threshold(cands, w, s, grids[0], grids[1], tables, sets)
+    return [choice for choice in choices if choice is not None]  # every set was chosen
 
 
 def _pick(cands, sets: FoldSets, choices, options: list[Option], left_out: tuple) -> Option:
@@ -136,7 +136,7 @@ def _pick(cands, sets: FoldSets, choices, options: list[Option], left_out: tuple
             )
             for j in inside
         )
-        score = dice_from_counts(*counts)
+        score = dice_from_counts(*counts)  # type: ignore[misc]  # a length-3 array
         if score > best_score + 1e-12:
             best, best_score = option, score
     return best

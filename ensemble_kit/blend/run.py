@@ -65,7 +65,11 @@ def run_blend(
     first = pool[0]
     labels = _load_labels(layout, data_root, first.ids, splits)
     log.info("blend: %d configs, %d OOF records", len(pool), len(first.ids))
-    known = None if any(c is None for c in costs.values()) else [costs[o.name] for o in pool]
+    known = (
+        None
+        if any(c is None for c in costs.values())
+        else np.array([costs[o.name] for o in pool], dtype=np.float64)
+    )
     result = search(
         [o.probs for o in pool],
         labels,
@@ -361,8 +365,9 @@ def _holdout_dice(labels: np.ndarray, blend: dict, chosen: list, batch: int = 25
     batches = [slice(lo, lo + batch) for lo in range(0, len(labels), batch)]
     threshold = None
     if blend["threshold_mode"] == "top_fraction":
-        counts = sum(
-            blend_histogram(blend, {o.name: o.holdout[b] for o in chosen}) for b in batches
+        counts = np.sum(
+            [blend_histogram(blend, {o.name: o.holdout[b] for o in chosen}) for b in batches],
+            axis=0,
         )
         threshold = fraction_threshold(counts, blend["top_fraction"], floor_sum(blend))
     tp = n_pred = 0

@@ -95,7 +95,7 @@ def _component_cuts(sums, cands, order, component_grid) -> np.ndarray:
         else None
     )
     for j, m in enumerate(component_grid):
-        taus[j] = levels[sizes.index(m)] if m > 1 else sums
+        taus[j] = levels[sizes.index(m)] if m > 1 and levels is not None else sums
     return taus
 
 

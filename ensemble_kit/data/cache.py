@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,7 +167,7 @@ class LabelReader:
             self.arrays[split] = entry.arrays[key]
             self.rows[members] = entry.index_of(records["record_id"][members].tolist())
 
-    def read(self, positions: slice = slice(None)) -> np.ndarray:
+    def read(self, positions: slice | np.ndarray = slice(None)) -> np.ndarray:
         """uint8 ``(n, H, W)`` labels of the records at ``positions``, in row order."""
         splits, rows = self.splits[positions], self.rows[positions]
         first = next(iter(self.arrays.values()))
@@ -260,7 +260,7 @@ def _build(
     path: Path,
     sources: Sources,
     key: str,
-    specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     filler: Callable,
     workers: int | None,
     label: str,

@@ -32,7 +32,7 @@ from ..registry import BACKENDS
 
 log = logging.getLogger(__name__)
 
-FoldFn = Callable[[Any], dict]
+FoldFn = Callable[[Any], dict | None]  # None: the fold's lock was held elsewhere
 KILL_ONCE_ENV = "EK_TEST_KILL_ONCE"  # test hook: see _arm_test_kill
 
 
@@ -109,7 +109,7 @@ def run_jobs(
     return BACKENDS.get(backend)(jobs, fold_fn, options, on_done or (lambda result: None))
 
 
-def timed_fold(fold_fn: FoldFn, job: Any, threads: int | None) -> tuple[dict, float, str]:
+def timed_fold(fold_fn: FoldFn, job: Any, threads: int | None) -> tuple[dict | None, float, str]:
     """Run one job here: ``(summary, seconds, host name)``, with ``threads`` CPU threads."""
     started = time.perf_counter()
     with _fixed_threads(threads or default_threads(1)), _test_kill_armed(job):
@@ -137,7 +137,7 @@ def _fixed_threads(threads: int) -> Iterator[None]:
     """
     saved = torch.get_num_threads(), numba.get_num_threads()
     torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     try:
         yield
     finally:
@@ -172,7 +172,7 @@ def _run_processes(jobs: Sequence, fold_fn: FoldFn, options: BackendOptions, on_
             process, pipe = _start(context, fold_fn, job, slots[slot])
             running[process.sentinel] = (process, pipe, index, slot)
         for sentinel in multiprocessing.connection.wait(list(running)):
-            process, pipe, index, slot = running.pop(sentinel)
+            process, pipe, index, slot = running.pop(sentinel)  # type: ignore[arg-type]
             free.append(slot)
             outcome = _collect(process, pipe, jobs[index])
             if isinstance(outcome, str):

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -228,7 +229,8 @@ def fold_sets(
     """Training, validation and holdout ArraySets of one fold (``caches``: from
     :func:`open_caches`, opened here when not given)."""
     caches = caches or open_caches(layout, data_root, config, splits)
-    sources, lookup = [], {}
+    sources: list = []
+    lookup: dict = {}
     for split, (inputs, labels) in caches.items():
         lookup[split] = (len(sources), inputs.index_of, labels.index_of)
         sources.append((inputs.arrays["inputs"], labels.arrays["labels"], labels.arrays["soft"]))
@@ -370,7 +372,7 @@ def prediction_cost(folds: list[dict]) -> dict | None:
     if not folds or any(s is None for s in seconds):
         return None
     return {
-        "seconds_per_record": float(sum(seconds)),
+        "seconds_per_record": float(sum(s for s in seconds if s is not None)),
         "device": ", ".join(sorted({str(f.get("predict_device")) for f in folds})),
     }
 
@@ -435,7 +437,7 @@ def _dice_of(
     ``positions`` picks rows of both (default: all of them).
     """
     positions = np.arange(len(codes)) if positions is None else positions
-    counts = None
+    counts: Any = None
     for start in range(0, len(positions), ROW_CHUNK):
         chunk = positions[start : start + ROW_CHUNK]
         part = threshold_sweep(np.asarray(codes[chunk]), labels.read(chunk))

@@ -312,6 +312,7 @@ def run_epoch(trainer: Trainer, train: ArraySet, fold: int, state: FoldState, ep
         if step >= n_batches:
             break
         x, y = trainer.prepare(inputs, labels, train.soft)
+        assert y is not None  # training sets always carry labels
         loss = trainer.train_step(x, y, step, generator, n_batches)
         if math.isnan(loss):
             raise DivergedError(
