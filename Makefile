@@ -43,3 +43,6 @@ bench: install
 
 clean:
 	rm -rf demo .pytest_cache
+
+docs: install
+	$(PY) scripts/gen_docs.py
