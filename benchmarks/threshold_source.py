@@ -8,15 +8,19 @@ mean of K fold models. This script blends the same OOF twice, ``ek blend --oof
 --threshold-from oof`` and ``--threshold-from holdout``, and predicts a held-out split that
 neither saw with ``ek submit --split validation`` (every fold model, as on the test set):
 
-1. unless ``--workdir``: ``ek synth`` (train 160, validation 64 at 64 px, seed 0) and
-   ``ek cv`` of ``configs/tiny.yaml`` and ``configs/tiny_fpn.yaml`` with 3 folds (the demo);
+1. unless ``--workdir``: ``ek synth`` (``--train`` 160, ``--validation`` 64 at 64 px, seed 0)
+   and ``ek cv`` of ``--configs`` (default ``configs/tiny.yaml`` and ``configs/tiny_fpn.yaml``)
+   with ``--folds`` 3: the demo's run;
 2. unless ``--heldout``: a new draw of the same generator (``ek synth --seed 1``), whose
    ``validation/`` is the held-out split;
 3. per source: the threshold, the blend's own honest estimate (``oof``: the holdout dice at
    the OOF threshold, beside the nested OOF estimate; ``holdout``: the mean and spread of
    its cross-fitted halves), the dice on the held-out split, and estimate minus held-out.
 
-Prints one line per source. About 5-10 min on 2 CPU cores, most of it ``ek cv``.
+Prints one line per source. The time is nearly all ``ek cv`` (``make demo``, the same run,
+takes 3-7 min on an idle 2-core machine); ``--configs configs/tiny.yaml`` halves it. On a
+busy machine run it with ``OMP_NUM_THREADS=1``: with torch's two threads per process under a
+load average of 15, an epoch took minutes instead of seconds here.
 """
 
 from __future__ import annotations
@@ -43,12 +47,15 @@ def run(*args) -> str:
     return result.output
 
 
-def train(folder: Path, epochs: int | None) -> Path:
-    """The demo's run: synth data and two tiny configs x 3 folds."""
+def train(folder: Path, args) -> Path:
+    """Synth data (64 px, seed 0) and ``ek cv`` of the configs (default: the demo's run)."""
     data, workdir = folder / "data", folder / "folds"
-    run("synth", "--out", data, "--train", 160, "--validation", 64, "--test", 4, "--size", 64)
-    extra = () if epochs is None else ("--epochs", epochs)
-    run("cv", "--data", data, "--workdir", workdir, "--folds", 3, *extra, *CONFIGS)
+    run(
+        "synth", "--out", data, "--train", args.train, "--validation", args.validation,
+        "--test", 4, "--size", 64,
+    )  # fmt: skip
+    extra = () if args.epochs is None else ("--epochs", args.epochs)
+    run("cv", "--data", data, "--workdir", workdir, "--folds", args.folds, *extra, *args.configs)
     return workdir
 
 
@@ -96,11 +103,15 @@ def main() -> None:
     parser.add_argument("--heldout", type=Path, help="data folder whose validation/ is unseen")
     parser.add_argument("--records", type=int, default=128, help="held-out records to draw")
     parser.add_argument("--epochs", type=int, default=None, help="override the configs' epochs")
+    parser.add_argument("--configs", type=Path, nargs="+", default=list(CONFIGS))
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--train", type=int, default=160, help="synthetic train records")
+    parser.add_argument("--validation", type=int, default=64, help="holdout records")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        workdir = args.workdir or train(scratch, args.epochs)
+        workdir = args.workdir or train(scratch, args)
         heldout = args.heldout or held_out_split(scratch, _image_side(workdir), args.records)
         rows = compare(workdir, heldout, scratch)
     for r in rows:

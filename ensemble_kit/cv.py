@@ -2,11 +2,10 @@
 kept so that ``ensemble_kit.cv`` still imports."""
 
 from .inference.tta import predict_inputs
+from .training.assembly import ROW_CHUNK, assemble
 from .training.cv import (
-    ROW_CHUNK,
     CvRequest,
     FoldJob,
-    assemble,
     fold_sets,
     predict_set,
     run_cv,

@@ -11,7 +11,7 @@ from ensemble_kit import blend
 from ensemble_kit.cli import main
 from ensemble_kit.errors import EkError
 from ensemble_kit.oof import to_uint8
-from ensemble_kit.training.cv import prediction_cost
+from ensemble_kit.training.assembly import prediction_cost
 
 
 def _complementary(seed=5, n=30):
