@@ -175,7 +175,7 @@ def status(workdir: Path) -> None:
 @click.option("--configs", "names", multiple=True, help="Blend only these configs (repeatable).")
 @click.option(
     "--steps",
-    type=click.IntRange(min=1),
+    type=int,
     default=25,
     show_default=True,
     help="Greedy selection rounds (at least 1).",

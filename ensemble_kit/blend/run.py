@@ -56,6 +56,8 @@ def run_blend(
     Returns:
         The blend dict, as written to ``layout.blend_json``.
     """
+    if steps < 1:
+        raise EkError(f"--steps {steps}: the greedy selection needs at least 1 round")
     pool = _read_pool(layout, configs)
     _check_source(layout, pool[0], threshold_from)
     costs = _read_costs(layout, pool, required=max_seconds_per_record is not None)
