@@ -32,7 +32,7 @@ from ..registry import BACKENDS
 
 log = logging.getLogger(__name__)
 
-FoldFn = Callable[[Any], dict]
+FoldFn = Callable[[Any], Any]  # a job -> its summary (a dict; None when it was skipped)
 KILL_ONCE_ENV = "EK_TEST_KILL_ONCE"  # test hook: see _arm_test_kill
 
 
@@ -64,7 +64,7 @@ class FoldResult:
     """What one finished job returned, and where and how long it ran."""
 
     job: Any
-    summary: dict
+    summary: Any  # what the fold function returned
     seconds: float
     node: str
 
@@ -89,7 +89,7 @@ def run_jobs(
     backend: str = "local",
     options: BackendOptions | None = None,
     on_done: OnDone | None = None,
-) -> list[dict]:
+) -> list:
     """Run ``fold_fn`` on every job and return the summaries in job order.
 
     Args:
@@ -109,7 +109,7 @@ def run_jobs(
     return BACKENDS.get(backend)(jobs, fold_fn, options, on_done or (lambda result: None))
 
 
-def timed_fold(fold_fn: FoldFn, job: Any, threads: int | None) -> tuple[dict, float, str]:
+def timed_fold(fold_fn: FoldFn, job: Any, threads: int | None) -> tuple[Any, float, str]:
     """Run one job here: ``(summary, seconds, host name)``, with ``threads`` CPU threads."""
     started = time.perf_counter()
     with _fixed_threads(threads or default_threads(1)), _test_kill_armed(job):

@@ -151,10 +151,13 @@ def _build_caches(layout: Layout, data_root: Path, splits: pd.DataFrame, specs) 
 
 def _reporter(on_fold_done: Callable[[str], None] | None) -> Callable[[FoldResult], None]:
     def report(result: FoldResult) -> None:
-        line = (
-            f"{result.job}: dice {result.summary['best_dice']:.4f}, "
-            f"{result.seconds / 60:.1f} min, node {result.node}"
-        )
+        if result.summary is None:  # the fold function skipped it (trained elsewhere)
+            line = f"{result.job}: skipped, node {result.node}"
+        else:
+            line = (
+                f"{result.job}: dice {result.summary['best_dice']:.4f}, "
+                f"{result.seconds / 60:.1f} min, node {result.node}"
+            )
         (on_fold_done or log.info)(line)
 
     return report
@@ -324,8 +327,10 @@ def _assemble_holdout(layout: Layout, name: str, n_folds: int, n_rows: int, side
     with ArrayWriter(layout.holdout_npy(name), (n_rows, side, side)) as writer:
         for start in range(0, n_rows, ROW_CHUNK):
             chunk = slice(start, min(start + ROW_CHUNK, n_rows))
-            mean = np.mean([p[chunk].astype(np.float32) for p in parts], axis=0)
-            writer.write(chunk, to_uint8(mean))
+            total = np.zeros((chunk.stop - start, side, side), dtype=np.float32)
+            for part in parts:  # one fold's rows at a time: 64 MB per chunk, not K x 64 MB
+                total += part[chunk]
+            writer.write(chunk, to_uint8(total / len(parts)))
 
 
 def _dice_of(
