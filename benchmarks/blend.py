@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ensemble_kit import blend, metrics, postprocess  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from measure import load_note, peak_rss_anon  # noqa: E402
 
 
 def make_data(folder: Path, n_images: int, n_configs: int, side: int = 256, seed: int = 0) -> None:
@@ -196,26 +198,6 @@ def bench_search(
     return {**json.loads(output.strip().splitlines()[-1]), "peak_rss_anon_mb": peak / 2**20}
 
 
-def peak_rss_anon(child: subprocess.Popen, every: float = 0.01) -> int:
-    """Peak ``RssAnon`` of a running child in bytes, polled until it exits.
-
-    Anonymous memory is what the process itself allocated; memmapped OOF and label pages are
-    file-backed page cache the kernel can drop, and are not counted (max RSS counts them).
-    """
-    peak = 0
-    status = Path(f"/proc/{child.pid}/status")
-    while child.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        time.sleep(every)
-    child.wait()
-    return peak
-
-
 def _best_of(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -259,9 +241,7 @@ def main() -> None:
 
 
 def report(folder: Path, args) -> None:
-    print(
-        f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are wall-clock, shared machine)"
-    )
+    print(f"{load_note()} at start (timings are wall-clock, shared machine)")
     sweep = bench_sweep(folder, min(args.sweep_images, args.images))
     print(
         f"sweep ({sweep['images']} images, {sweep['images'] * 65536 / 1e6:.0f} M pixels): numba {sweep['numba_s'] * 1e3:.1f} ms, numpy {sweep['numpy_s']:.2f} s, ratio {sweep['ratio']:.0f}x"

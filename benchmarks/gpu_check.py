@@ -54,10 +54,11 @@ class Sizes:
     warmup: int
     cache_rows: int
     submit_records: int
+    synth_train: int
 
 
-FULL = Sizes("resnet34", 256, 16, 30, 10, 256, 512)
-SMOKE = Sizes("tu-test_resnet", 64, 2, 2, 1, 8, 8)
+FULL = Sizes("resnet34", 256, 16, 30, 10, 256, 512, 20)
+SMOKE = Sizes("tu-test_resnet", 64, 2, 2, 1, 8, 4, 8)
 
 
 def config(sizes: Sizes, compile_model: bool = False):
@@ -172,7 +173,7 @@ def submit_rate(sizes: Sizes, device: torch.device) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "data"
-        synth = ("--train", 20, "--validation", 4, "--test", 8, "--size", sizes.side)
+        synth = ("--train", sizes.synth_train, "--validation", 2, "--test", 2, "--size", sizes.side)
         run("synth", "--out", data, *synth)
         clone_test_records(data, sizes.submit_records)
         path = root / "gpu_check.yaml"

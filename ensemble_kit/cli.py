@@ -139,7 +139,13 @@ def prepare(
 )
 @click.option("--epochs", type=int, default=None, help="Override train.epochs of every config.")
 @DEVICE
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where folds run: here, or as Ray tasks (a local Ray unless --address).",
+)
 @click.option(
     "--jobs", default=1, show_default=True, help="Local: folds side by side, one process each."
 )

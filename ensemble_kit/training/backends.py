@@ -89,7 +89,7 @@ def run_jobs(
     backend: str = "local",
     options: BackendOptions | None = None,
     on_done: OnDone | None = None,
-) -> list[dict]:
+) -> list:
     """Run ``fold_fn`` on every job and return the summaries in job order.
 
     Args:
