@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from ensemble_kit import levels
 from ensemble_kit import postprocess as pp
 
 
@@ -76,8 +77,8 @@ def _sparse(seed, n=4, shape=(12, 13), low=10):
 def test_neighbour_table_matches_reference(seed):
     _, start, positions, shape = _sparse(seed)
     np.testing.assert_array_equal(
-        pp.neighbour_table(start, positions, *shape),
-        pp.neighbour_table_reference(start, positions, *shape),
+        levels.neighbour_table(start, positions, *shape),
+        levels.neighbour_table_reference(start, positions, *shape),
     )
 
 
@@ -85,22 +86,28 @@ def test_neighbour_table_matches_reference(seed):
 @pytest.mark.parametrize("min_pixels,min_size", [(0, 0), (0, 3), (15, 0), (20, 4), (3, 9)])
 def test_postprocess_levels_match_dense_thresholding(seed, min_pixels, min_size):
     values, start, positions, shape = _sparse(seed)
-    order = pp.descending_order(values, start)
-    neighbours = pp.neighbour_table(start, positions, *shape)
-    got = pp.postprocess_levels(values, start, order, neighbours, min_pixels, min_size)
-    want = pp.postprocess_levels_reference(values, start, positions, shape, min_pixels, min_size)
+    order = levels.descending_order(values, start)
+    neighbours = levels.neighbour_table(start, positions, *shape)
+    got = levels.postprocess_levels(values, start, order, neighbours, min_pixels, min_size)
+    want = levels.postprocess_levels_reference(
+        values, start, positions, shape, min_pixels, min_size
+    )
     for t in range(10, 31):  # thresholds above every dropped value
         np.testing.assert_array_equal(got >= t, want >= t)
 
 
 def test_component_levels_serve_several_sizes_in_one_pass():
     values, start, positions, shape = _sparse(7)
-    order = pp.descending_order(values, start)
-    neighbours = pp.neighbour_table(start, positions, *shape)
-    together = pp.component_levels(values, start, order, neighbours, np.array([2, 4, 9], np.int64))
+    order = levels.descending_order(values, start)
+    neighbours = levels.neighbour_table(start, positions, *shape)
+    together = levels.component_levels(
+        values, start, order, neighbours, np.array([2, 4, 9], np.int64)
+    )
     for row, size in zip(together, (2, 4, 9)):
-        alone = pp.component_levels(values, start, order, neighbours, np.array([size], np.int64))[0]
+        alone = levels.component_levels(
+            values, start, order, neighbours, np.array([size], np.int64)
+        )[0]
         np.testing.assert_array_equal(row, alone)
-        want = pp.postprocess_levels_reference(values, start, positions, shape, 0, size)
+        want = levels.postprocess_levels_reference(values, start, positions, shape, 0, size)
         for t in range(10, 31):
             np.testing.assert_array_equal(np.minimum(row, values) >= t, want >= t)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .. import postprocess
+from .. import levels
 from ..metrics import N_CODES
 from .kernels import _gather_chunk, _scan_chunk
 
@@ -49,9 +49,7 @@ class Candidates:
     @property
     def neighbours(self) -> np.ndarray:
         if self._neighbours is None:
-            self._neighbours = postprocess.neighbour_table(
-                self.image_start, self.positions, *self.shape
-            )
+            self._neighbours = levels.neighbour_table(self.image_start, self.positions, *self.shape)
         return self._neighbours
 
 

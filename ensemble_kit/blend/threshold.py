@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import postprocess
+from ..levels import component_levels, descending_order, min_pixel_levels
 from .apply import fraction_threshold, top_fraction_threshold  # noqa: F401 (submit's import)
 from .kernels import _best_per_set, _pair_histograms, fold_histograms, weighted_sum
 from .sets import FoldSets
@@ -57,10 +57,8 @@ def threshold_tables(
     sums = weighted_sum(cands.values, weights).astype(np.int64)
     total = int(weights.sum())
     lowest, n_values = cands.floor * total, 255 * total + 1
-    order = postprocess.descending_order(sums, cands.image_start)
-    cuts = np.stack(
-        [postprocess.min_pixel_levels(sums, cands.image_start, order, n) for n in pixel_grid]
-    )
+    order = descending_order(sums, cands.image_start)
+    cuts = np.stack([min_pixel_levels(sums, cands.image_start, order, n) for n in pixel_grid])
     hists = _pair_histograms(
         sums,
         cands.image_start,
@@ -88,7 +86,7 @@ def _component_cuts(sums, cands, order, component_grid) -> np.ndarray:
     taus = np.empty((len(component_grid), len(sums)), dtype=np.int64)
     sizes = [m for m in component_grid if m > 1]
     levels = (
-        postprocess.component_levels(
+        component_levels(
             sums, cands.image_start, order, cands.neighbours, np.array(sizes, dtype=np.int64)
         )
         if sizes

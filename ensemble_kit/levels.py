@@ -1,0 +1,205 @@
+"""Postprocessing levels on sparse candidate pixels, for the blend search.
+
+Sparse kernels serve the blend search: pixels are a sparse candidate set sorted by image
+and raster position, and for a blend value ``s`` per pixel they compute the *level* of
+each pixel, the highest threshold at which it survives a postprocessing rule. A pixel is
+then predicted at threshold ``t`` exactly when ``level >= t``, so one histogram of levels
+scores every threshold at once.
+
+Each numba kernel has a numpy reference (``*_reference``) that the tests compare against;
+the references reuse the dense kernels' references in :mod:`.postprocess`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .postprocess import (
+    EIGHT_NEIGHBOURS,
+    _find,
+    apply_min_pixels_reference,
+    remove_small_components_reference,
+)
+
+
+@njit(cache=True)
+def neighbour_table(
+    image_start: np.ndarray, positions: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """For sparse pixels sorted by (image, raster position): index of each 8-neighbour or -1.
+
+    Args:
+        image_start: int64 ``(N + 1,)``; image ``i`` owns pixels
+            ``image_start[i]:image_start[i+1]``.
+        positions: int32 ``(P,)`` raster positions ``r * width + c`` within each image.
+        height: Image height.
+        width: Image width.
+
+    Returns:
+        int32 ``(P, 8)`` in the order of :data:`EIGHT_NEIGHBOURS`.
+    """
+    table = np.full((positions.shape[0], 8), -1, dtype=np.int32)
+    index = np.full(height * width, -1, dtype=np.int64)  # dense scratch, reset per image
+    for i in range(image_start.shape[0] - 1):
+        lo, hi = image_start[i], image_start[i + 1]
+        for p in range(lo, hi):
+            index[positions[p]] = p
+        for p in range(lo, hi):
+            r, c = positions[p] // width, positions[p] % width
+            for k in range(8):
+                rr, cc = r + EIGHT_NEIGHBOURS[k, 0], c + EIGHT_NEIGHBOURS[k, 1]
+                if 0 <= rr < height and 0 <= cc < width:
+                    table[p, k] = index[rr * width + cc]
+        for p in range(lo, hi):
+            index[positions[p]] = -1
+    return table
+
+
+def neighbour_table_reference(image_start, positions, height, width) -> np.ndarray:
+    """Numpy reference of :func:`neighbour_table` (a dict per image)."""
+    table = np.full((len(positions), 8), -1, dtype=np.int32)
+    for i in range(len(image_start) - 1):
+        lookup = {int(positions[p]): p for p in range(image_start[i], image_start[i + 1])}
+        for p in range(image_start[i], image_start[i + 1]):
+            r, c = divmod(int(positions[p]), width)
+            for k, (dr, dc) in enumerate(EIGHT_NEIGHBOURS):
+                if 0 <= r + dr < height and 0 <= c + dc < width:
+                    table[p, k] = lookup.get((r + dr) * width + c + dc, -1)
+    return table
+
+
+@njit(cache=True)
+def descending_order(values: np.ndarray, image_start: np.ndarray) -> np.ndarray:
+    """Global indices of sparse pixels sorted by value, descending, within each image."""
+    order = np.empty(values.shape[0], dtype=np.int64)
+    for i in range(image_start.shape[0] - 1):
+        lo, hi = image_start[i], image_start[i + 1]
+        local = np.argsort(-values[lo:hi].astype(np.int64))
+        for k in range(hi - lo):
+            order[lo + k] = lo + local[k]
+    return order
+
+
+@njit(cache=True, parallel=True)
+def component_levels(values, image_start, order, neighbours, min_sizes):
+    """Highest threshold at which each sparse pixel lies in a component of >= ``min_sizes[j]``.
+
+    Pixels are added in descending value order (a component tree of the superlevel sets);
+    when a component first reaches ``min_sizes[j]`` at level ``v``, its pixels get level
+    ``v`` for ``j``. One pass serves every size.
+
+    Args:
+        values: int64 ``(P,)`` blend values of the sparse pixels.
+        image_start: int64 ``(N + 1,)`` image boundaries.
+        order: int64 ``(P,)`` from :func:`descending_order`.
+        neighbours: int32 ``(P, 8)`` from :func:`neighbour_table`.
+        min_sizes: int64 ``(J,)`` ascending component sizes, each >= 1.
+
+    Returns:
+        int64 ``(J, P)``: the pixel survives ``min_sizes[j]`` at threshold ``t`` iff
+        ``t <= level[j]`` (and ``t <= value``); -1 when its component never gets that big.
+    """
+    n_pixels, n_sizes = values.shape[0], min_sizes.shape[0]
+    level = np.full((n_sizes, n_pixels), -1, dtype=np.int64)
+    parent = np.arange(n_pixels).astype(np.int32)
+    size = np.ones(n_pixels, dtype=np.int64)
+    reached = np.zeros(n_pixels, dtype=np.int64)  # how many min_sizes the root's component passed
+    added = np.zeros(n_pixels, dtype=np.bool_)
+    next_member = np.full(n_pixels, -1, dtype=np.int64)
+    tail = np.arange(n_pixels)
+    for i in prange(image_start.shape[0] - 1):
+        for k in range(image_start[i], image_start[i + 1]):
+            p = order[k]
+            added[p] = True
+            _grow(p, p, values[p], min_sizes, parent, size, reached, next_member, tail, level)
+            for j in range(8):
+                q = neighbours[p, j]
+                if q >= 0 and added[q]:
+                    _grow(
+                        p, q, values[p], min_sizes, parent, size, reached, next_member, tail, level
+                    )
+    return level
+
+
+@njit(cache=True)
+def _grow(p, q, current, min_sizes, parent, size, reached, next_member, tail, level):
+    """Merge the components of ``p`` and ``q`` (``p == q``: just check ``p``'s own size)."""
+    a, b = _find(parent, p), _find(parent, q)
+    total = size[a] + (size[b] if a != b else 0)
+    now = 0
+    while now < min_sizes.shape[0] and min_sizes[now] <= total:
+        now += 1
+    for j in range(reached[a], now):
+        _assign_level(a, j, current, next_member, level)
+    if a != b:
+        for j in range(reached[b], now):
+            _assign_level(b, j, current, next_member, level)
+        root, child = (a, b) if a < b else (b, a)
+        parent[child] = root
+        size[root] += size[child]
+        next_member[tail[root]] = child
+        tail[root] = tail[child]
+        a = root
+    reached[a] = now
+
+
+@njit(cache=True)
+def _assign_level(root, j, current, next_member, level):
+    member = root
+    while member != -1:
+        level[j, member] = current
+        member = next_member[member]
+
+
+def min_pixel_levels(values, image_start, order, min_pixels: int) -> np.ndarray:
+    """Per image, the ``min_pixels``-th largest value (-1 if fewer pixels): int64 ``(N,)``.
+
+    At threshold ``t`` an image has at least ``min_pixels`` predicted pixels iff ``t <=``
+    this level (``min_pixels <= 0`` keeps every image: the level is the int64 maximum).
+    """
+    if min_pixels <= 0:
+        return np.full(len(image_start) - 1, np.iinfo(np.int64).max)
+    starts, counts = image_start[:-1], np.diff(image_start)
+    cut = np.full(len(counts), -1, dtype=np.int64)
+    enough = counts >= min_pixels
+    cut[enough] = values[order[starts[enough] + min_pixels - 1]]
+    return cut
+
+
+def postprocess_levels(
+    values, image_start, order, neighbours, min_pixels: int, min_size: int
+) -> np.ndarray:
+    """Level of each sparse pixel under threshold -> min-pixel -> min-component.
+
+    A pixel is predicted at threshold ``t`` iff ``t <= level`` (for ``t`` above every
+    dropped pixel's value).
+
+    Returns:
+        int64 ``(P,)``.
+    """
+    levels = values.astype(np.int64)
+    if min_pixels > 1:
+        cut = min_pixel_levels(values, image_start, order, min_pixels)
+        levels = np.minimum(levels, np.repeat(cut, np.diff(image_start)))
+    if min_size > 1:
+        sizes = np.array([min_size], dtype=np.int64)
+        levels = np.minimum(
+            levels, component_levels(values, image_start, order, neighbours, sizes)[0]
+        )
+    return levels
+
+
+def postprocess_levels_reference(values, image_start, positions, shape, min_pixels, min_size):
+    """Dense reference of :func:`postprocess_levels`: threshold at every distinct value."""
+    levels = np.full(values.shape[0], -1, dtype=np.int64)
+    image = np.repeat(np.arange(len(image_start) - 1), np.diff(image_start))
+    for t in np.unique(values):
+        masks = np.zeros((len(image_start) - 1, shape[0] * shape[1]), dtype=bool)
+        masks[image, positions] = values >= t
+        masks = masks.reshape(-1, *shape)
+        masks = apply_min_pixels_reference(masks, min_pixels)
+        masks = np.stack([remove_small_components_reference(m, min_size) for m in masks])
+        kept = masks.reshape(len(masks), -1)[image, positions]
+        levels[kept] = np.maximum(levels[kept], t)
+    return levels
