@@ -191,7 +191,7 @@ def test_backend_option_mistakes_are_one_line_errors(tmp_path, synth_root):
     for extra, message in (
         (("--backend", "ray", "--jobs", "2"), "--jobs is for the local backend"),
         (("--gpus-per-job", "1"), "need --backend ray"),
-        (("--jobs", "2", "--device", "cuda:1"), "each job gets its own GPU"),
+        (("--jobs", "2", "--device", "cuda:1"), "each fold gets its own GPU"),
         (("--jobs", "0"), "--jobs must be at least 1"),
     ):
         result = cv(synth_root, tmp_path / "w", config, *extra)
