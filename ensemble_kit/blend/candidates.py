@@ -177,8 +177,8 @@ def _is_plain_memmap(array: np.ndarray, row_bytes: int) -> bool:
     ):
         return False
     end = array.offset + array.shape[0] * row_bytes
-    return (
-        array.flags.c_contiguous
-        and array.dtype == np.uint8
-        and end <= os.path.getsize(array.filename)
-    )
+    try:
+        size = os.path.getsize(array.filename)
+    except OSError:  # an unlinked temporary file: read through the mapping instead
+        return False
+    return array.flags.c_contiguous and array.dtype == np.uint8 and end <= size

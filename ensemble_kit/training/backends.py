@@ -242,7 +242,8 @@ def _child(pipe, fold_fn: FoldFn, job: Any, threads: int, level: int) -> None:
     try:
         summary, seconds, node = timed_fold(fold_fn, job, threads)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which names the fold
-        pipe.send(("error", f"{type(err).__name__}: {err}"))
+        # short, so that it always fits the pipe's buffer (the parent reads after the exit)
+        pipe.send(("error", f"{type(err).__name__}: {err}"[:2000]))
         raise SystemExit(1) from None
     pipe.send(("ok", (summary, seconds, node)))
 
