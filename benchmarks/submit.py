@@ -6,11 +6,14 @@ per record, test records beyond the first `--distinct` are hard links to those f
 reads may come from the page cache (read time is then a lower bound).
 
     .venv/bin/python benchmarks/submit.py [--records 2000] [--distinct 64]
+    .venv/bin/python benchmarks/submit.py --records 1000 --configs 1 --folds 2 --tta 1
+        # the per-record cost around the model (read, encode, write) at little model time
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -26,8 +29,9 @@ name: {name}
 input: {{channels: ash, frames: {frames}}}
 model: {{arch: {arch}, encoder: {encoder}}}
 train: {{epochs: 1, batch_size: 8, max_steps_per_epoch: 1}}
-tta: [identity, hflip, vflip, hvflip]
+tta: {tta}
 """
+FLIPS = ("identity", "hflip", "vflip", "hvflip")
 
 
 def run(*args) -> str:
@@ -58,6 +62,9 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=2000)
     parser.add_argument("--distinct", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--configs", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--tta", type=int, choices=(1, 2, 4), default=4, help="flips per record")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -77,22 +84,23 @@ def main() -> None:
         )
         clone_test_records(data, args.records)
         configs = []
+        tta = "[" + ", ".join(FLIPS[: args.tta]) + "]"
         for name, frames, arch, encoder in (
             ("tiny_unet", "[3, 4, 5]", "Unet", "tu-test_resnet"),
             ("tiny_fpn", "[4]", "FPN", "tu-test_efficientnet"),
-        ):
+        )[: args.configs]:
             path = root / f"{name}.yaml"
-            path.write_text(CONFIG.format(name=name, frames=frames, arch=arch, encoder=encoder))
+            text = CONFIG.format(name=name, frames=frames, arch=arch, encoder=encoder, tta=tta)
+            path.write_text(text)
             configs.append(path)
         workdir = root / "folds"
-        run("cv", "--data", data, "--workdir", workdir, "--folds", 5, *configs)
+        run("cv", "--data", data, "--workdir", workdir, "--folds", args.folds, *configs)
         run("blend", "--oof", "--workdir", workdir, "--steps", 4)
         blend = (workdir / "blend.json").read_text()
-        if '"tiny_fpn"' not in blend or '"tiny_unet"' not in blend:  # make sure both configs run
-            import json
-
+        names = [p.stem for p in configs]
+        if any(f'"{name}"' not in blend for name in names):  # make sure every config runs
             fields = json.loads(blend)
-            fields["configs"] = {"tiny_unet": 1, "tiny_fpn": 1}
+            fields["configs"] = dict.fromkeys(names, 1)
             (workdir / "blend.json").write_text(json.dumps(fields))
         started = time.perf_counter()
         output = run(
@@ -109,7 +117,8 @@ def main() -> None:
         wall = time.perf_counter() - started
     print(output.strip())
     print(
-        f"{args.records} records ({args.distinct} distinct), 2 configs x 5 folds x 4 TTA: "
+        f"{args.records} records ({args.distinct} distinct), {args.configs} config(s) x "
+        f"{args.folds} folds x {args.tta} TTA: "
         f"{wall:.1f} s wall, {args.records / wall:.1f} records/s"
     )
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -157,7 +158,16 @@ def test_ray_backend_writes_the_same_oof_as_local(reference, tmp_path):
     assert np.array_equal(oof(tmp_path / "w"), expected)
 
 
-@pytest.mark.slow
+def assert_resumed_from(snapshot: Path, fold_dir: Path) -> None:
+    """The finished fold kept the epochs of the checkpoint the killed process left (their
+    measured seconds would differ had it started over)."""
+    history = torch.load(snapshot, weights_only=False)["state"]["history"]
+    metrics = pd.read_csv(fold_dir / "metrics.csv")
+    assert len(history) >= 1
+    for row in history:
+        assert metrics.loc[row["epoch"] - 1, "seconds"] == row["seconds"]
+
+
 @needs_ray
 def test_ray_worker_killed_mid_fold_resumes_and_matches(reference, tmp_path, monkeypatch):
     data, config, expected = reference
@@ -167,10 +177,10 @@ def test_ray_worker_killed_mid_fold_resumes_and_matches(reference, tmp_path, mon
     result = cv(data, workdir, config, "--backend", "ray", "--cpus-per-job", "1")
     assert result.exit_code == 0, result.output
     assert marker.is_file(), "the worker was never killed"
+    assert_resumed_from(marker, last.parent)
     assert np.array_equal(oof(workdir), expected)
 
 
-@pytest.mark.slow
 def test_jobs_crashed_fold_is_named_then_resumes(reference, tmp_path, monkeypatch):
     data, config, expected = reference
     workdir, marker = tmp_path / "w", tmp_path / "killed"
@@ -183,6 +193,7 @@ def test_jobs_crashed_fold_is_named_then_resumes(reference, tmp_path, monkeypatc
     assert last.is_file() and not (last.parent / "DONE").is_file()
     result = cv(data, workdir, config, "--jobs", "2", "--cpus-per-job", "1")
     assert result.exit_code == 0, result.output
+    assert_resumed_from(marker, last.parent)
     assert np.array_equal(oof(workdir), expected)
 
 
@@ -191,7 +202,7 @@ def test_backend_option_mistakes_are_one_line_errors(tmp_path, synth_root):
     for extra, message in (
         (("--backend", "ray", "--jobs", "2"), "--jobs is for the local backend"),
         (("--gpus-per-job", "1"), "need --backend ray"),
-        (("--jobs", "2", "--device", "cuda:1"), "each job gets its own GPU"),
+        (("--jobs", "2", "--device", "cuda:1"), "each fold gets its own GPU"),
         (("--jobs", "0"), "--jobs must be at least 1"),
     ):
         result = cv(synth_root, tmp_path / "w", config, *extra)

@@ -90,6 +90,13 @@ def test_blend_labels_of_two_splits_are_an_unlinked_file_copy(tmp_path, synth_ro
     np.testing.assert_array_equal(labels, load_labels(layout, synth_root, records))
     leftovers = [p for p in layout.cache_dir.iterdir() if p.is_file()]
     assert leftovers == [], leftovers
+    rng = np.random.default_rng(0)  # the search reads the unlinked copy like any labels
+    oof = rng.integers(0, 256, labels.shape, dtype=np.uint8)
+    folds = np.arange(len(ids)) % 2
+    a = blend.build_candidates([oof], labels, folds)
+    b = blend.build_candidates([oof], np.array(labels), folds)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.config_histograms, b.config_histograms)
 
 
 def test_mask_sizes_read_in_chunks_match_a_full_load(tmp_path, synth_root, monkeypatch):

@@ -242,7 +242,8 @@ def _child(pipe, fold_fn: FoldFn, job: Any, threads: int, level: int) -> None:
     try:
         summary, seconds, node = timed_fold(fold_fn, job, threads)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which names the fold
-        pipe.send(("error", f"{type(err).__name__}: {err}"))
+        # short, so that it always fits the pipe's buffer (the parent reads after the exit)
+        pipe.send(("error", f"{type(err).__name__}: {err}"[:2000]))
         raise SystemExit(1) from None
     pipe.send(("ok", (summary, seconds, node)))
 
@@ -329,8 +330,8 @@ def _ray_cause(err: Exception) -> str:
 def _test_kill_armed(job: Any) -> Iterator[None]:
     """Test hook: with ``EK_TEST_KILL_ONCE=<marker>|<job>|<file>`` set, the process running
     the job named ``<job>`` exits at once (as a killed worker would) when ``<file>`` appears
-    (e.g. its fold's ``last.pt``), creating ``<marker>`` first so that it fires only once.
-    Never armed without the variable.
+    (e.g. its fold's ``last.pt``), first copying it to ``<marker>``, which also makes it
+    fire only once. Never armed without the variable.
     """
     marker, name, watched = (os.environ.get(KILL_ONCE_ENV, "").split("|") + ["", ""])[:3]
     if not marker or name != str(job):
@@ -342,9 +343,11 @@ def _test_kill_armed(job: Any) -> Iterator[None]:
         while not stop.wait(0.02):
             if os.path.exists(watched):
                 try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
                 except FileExistsError:
                     return
+                with os.fdopen(fd, "wb") as out, open(watched, "rb") as source:
+                    out.write(source.read())  # what the retry must resume from
                 os._exit(17)
 
     thread = threading.Thread(target=watch, daemon=True)

@@ -136,9 +136,9 @@ def _backend_options(request: CvRequest) -> BackendOptions:
         raise EkError("--jobs is for the local backend; Ray runs as many folds as fit")
     if request.backend == "local" and (request.address or request.gpus_per_job is not None):
         raise EkError("--address and --gpus-per-job need --backend ray")
-    if request.jobs > 1 and device.startswith("cuda:"):
+    if (request.jobs > 1 or request.backend == "ray") and device.startswith("cuda:"):
         raise EkError(
-            f"--device {device} with --jobs {request.jobs}: each job gets its own GPU; "
+            f"--device {device}: with --jobs or --backend ray each fold gets its own GPU; "
             "use --device cuda or auto"
         )
     return BackendOptions(
