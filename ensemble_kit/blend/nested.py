@@ -94,6 +94,7 @@ def nested_search(
     weights = {False: [best_prefix_weights(path, cands.values.shape[0]) for path in paths]}
     if refine:
         weights[True] = refine_weights(scorer, weights[False], budget)
+    scorer.release()
     choices = {r: _choices(cands, w, sets, grids) for r, w in weights.items()}
     options = [o for o in OPTIONS if o.refine in choices]
     n_folds = cands.n_folds
