@@ -65,7 +65,7 @@ class Scorer:
                 self.sums[key] = weighted_sum(
                     self.cands.values, np.asarray(weights, dtype=np.int64)
                 )
-            while len(self.sums) > 4 * len(self.sets):
+            while len(self.sums) > 2 * len(self.sets):  # this step's bases and their parents
                 self.sums.pop(next(iter(self.sums)))
         return self.sums[key]
 
