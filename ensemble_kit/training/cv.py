@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config, config_digest, dump_config, load_config, tta_list
+from ..config import Config, config_digest, dump_config, load_config, seed_members, tta_list
 from ..data.cache import LabelReader, ensure_inputs, ensure_labels
 from ..data.loader import ArraySet, batches, to_float
 from ..data.splits import HOLDOUT_FOLD, ensure_splits
@@ -33,6 +33,7 @@ from ..oof import ArrayWriter, missing_folds, to_uint8, write_ids
 from ..report import plot_training_curves
 from ..runtime import resolve_device
 from .backends import run_jobs
+from .pseudo import pseudo_set, read_pseudo
 from .trainer import train_fold, write_done
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,11 @@ class FoldJob:
 
 def run_cv(request: CvRequest) -> dict[str, dict | None]:
     """Train the requested folds of every config; assemble OOF of configs whose folds are DONE."""
-    configs = [_with_epochs(load_config(p), request.epochs) for p in request.config_paths]
+    configs = [
+        member
+        for path in request.config_paths
+        for member in seed_members(_with_epochs(load_config(path), request.epochs))
+    ]
     _check_unique_names(configs, request.config_paths)
     splits, meta = ensure_splits(request.layout, request.data_root, request.n_folds, request.seed)
     data_root = Path(request.data_root or meta["data_root"])
@@ -78,6 +83,8 @@ def run_cv(request: CvRequest) -> dict[str, dict | None]:
     ]
     for config in configs:
         _claim_config_dir(request.layout, config)
+        if config.label.pseudo:
+            read_pseudo(request.layout, config.label.pseudo)  # fail before any fold trains
     pending = [
         j
         for j in jobs
@@ -176,7 +183,10 @@ def run_fold(job: FoldJob) -> dict:
     write_text(lock, str(os.getpid()))
     started = time.perf_counter()
     try:
-        summary = train_fold(config, fold_dir, fold, train, val, device)
+        pseudo = (
+            pseudo_set(layout, job.data_root, config, splits, fold) if config.label.pseudo else None
+        )
+        summary = train_fold(config, fold_dir, fold, train, val, device, pseudo)
         _write_parts(config, fold_dir, val, holdout, device)
         summary["seconds_total"] = time.perf_counter() - started
         write_done(fold_dir, summary)
