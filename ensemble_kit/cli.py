@@ -197,7 +197,7 @@ def cv(data_root, workdir, n_folds, fold_ids, epochs, device, backend, seed, con
     cls=ValuesOption,
     multiple=True,
     metavar="F [F ...]",
-    help="Target frames to pseudo-label (default 0 1 2 3 5 6 7); also 0,1,2 or repeated.",
+    help="Target frames, e.g. --frames 0 1 2 3 5 6 7 (the default); 0,1,2 works too.",
 )
 @click.option(
     "--out", "name", default="pseudo", show_default=True, help="Name: folds/pseudo/NAME/."

@@ -176,9 +176,9 @@ def test_nan_loss_stops_the_fold_and_keeps_weights_finite(tmp_path, synth_root, 
     calls = {"n": 0}
     original = train_module.Trainer.train_step
 
-    def exploding(self, x, y, index, generator):
+    def exploding(self, x, y, index, generator, *rest):
         calls["n"] += 1
-        return float("nan") if calls["n"] == 3 else original(self, x, y, index, generator)
+        return float("nan") if calls["n"] == 3 else original(self, x, y, index, generator, *rest)
 
     monkeypatch.setattr(train_module.Trainer, "train_step", exploding)
     result = CliRunner().invoke(

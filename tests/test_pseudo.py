@@ -250,3 +250,45 @@ def test_mixed_loss_weights_the_pseudo_part():
     zero.backward()
     assert (logits.grad[4:] == 0).all() and (logits.grad[:4] != 0).any()
     assert torch.equal(mixed_loss(bce, logits, target, 0, 0.3), bce(logits, target))
+
+
+ROUND = """
+name: {name}
+input: {{channels: ash, frames: [3, 4, 5]}}
+model: {{arch: Unet, encoder: tu-test_resnet}}
+train: {{epochs: 2, batch_size: 8, max_steps_per_epoch: 2{train}}}
+{extra}
+"""
+
+
+@pytest.mark.slow
+def test_two_rounds_end_to_end(tmp_path, synth_root):
+    """The 4th place's recipe through the CLI: cv, blend, pseudo, then a second round with
+    pseudo-labels, averaging and two seeds; it blends with the first round."""
+
+    def ek(*args):
+        result = CliRunner().invoke(main, [*args, "--workdir", str(tmp_path / "w")])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    first = tmp_path / "first.yaml"
+    first.write_text(ROUND.format(name="first", train="", extra=""))
+    second = tmp_path / "second.yaml"
+    second.write_text(
+        ROUND.format(
+            name="second",
+            train=", average_top_k: 2, seeds: [3, 4]",
+            extra="label: {pseudo: r1, pseudo_fraction: 0.25}",
+        )
+    )
+    ek("cv", "--data", str(synth_root), "--folds", "2", str(first))
+    ek("blend", "--oof")
+    output = ek("pseudo", "--frames", "0", "1", "7", "--out", "r1")
+    assert "first: frame 7 clamped to [6, 7, 7]" in output
+    ek("cv", str(second))
+    layout = Layout(tmp_path / "w")
+    for member in ("second-s3", "second-s4"):
+        summary = pd.read_json(layout.summary(member), typ="series")
+        assert all("top_k_dice" in fold for fold in summary["folds"])
+        assert np.load(layout.oof_npy(member)).shape == np.load(layout.oof_npy("first")).shape
+    assert "second-s3" in ek("blend", "--oof")

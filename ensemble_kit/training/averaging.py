@@ -105,6 +105,8 @@ def average_top_k(trainer, fold_dir: Path, state, train: ArraySet, val, evaluate
     k = trainer.config.train.average_top_k
     files = fold_files(fold_dir, k)
     kept = sorted(state.top, key=lambda e: (-e["dice"], e["epoch"]))
+    if not kept:
+        return {}
     weights = [
         torch.load(files[f"top_{e['slot']}"], map_location="cpu", weights_only=True)["model"]
         for e in kept
