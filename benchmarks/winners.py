@@ -1,6 +1,6 @@
 """The winners' three levers on `ek synth` data, each against a baseline trained in this run.
 
-    python benchmarks/winners.py                   # ~15 CPU-minutes (1 thread)
+    python benchmarks/winners.py                   # ~7 CPU-minutes (1 thread per process)
     python benchmarks/winners.py --train 32 --size 32 --epochs 2  # a smoke run
 
 One synthetic data set (64 px, train pooled into K folds, validation kept out as the
@@ -68,10 +68,13 @@ def write_config(folder: Path, file: str, name: str, epochs: int, train="", extr
 def ek(*args: str, threads: int) -> float:
     """Run an ``ek`` command in a fresh process; returns its CPU seconds.
 
-    A fresh process per arm: in one process a second config's evaluation can differ from
-    the first's in the 7th digit (oneDNN state), which would blur base vs topk.
+    A fresh process per arm, so that every arm runs alike: numba's first parallel kernel
+    resets OpenMP's thread count, which torch shares, and a run after it differs from one
+    before it in the last bits. NUMBA_NUM_THREADS keeps that count at ``threads``; on a
+    loaded machine 2 spinning OpenMP threads ran many times slower than 1.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    counts = {k: str(threads) for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {**os.environ, **counts, "PYTHONPATH": str(ROOT)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     command = [sys.executable, "-m", "ensemble_kit.cli", *args]
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
