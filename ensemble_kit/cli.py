@@ -214,7 +214,7 @@ def pseudo(workdir: Path, data_root, frames, name: str, device: str) -> None:
         click.echo(f"{entry['config']}: frame {entry['frame']} clamped to {entry['window']}")
     click.echo(
         f"wrote {layout.pseudo_dir(name)}: frames {manifest['frames']} of "
-        f"{sum(1 for _ in manifest['models'])} fold models (blend {manifest['blend_digest']})"
+        f"{len(manifest['models'])} fold models (blend {manifest['blend_digest']})"
     )
 
 
