@@ -36,6 +36,40 @@ def data_option(required: bool = False):
     )
 
 
+class ValuesOption(click.Option):
+    """An option that takes every value up to the next option: ``--frames 0 1 2 3``.
+
+    ``--frames 0,1,2`` and repeating the option (``--frames 0 --frames 1``) work too; the
+    command receives one string per occurrence and splits it.
+    """
+
+    def add_to_parser(self, parser, ctx) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is not None:
+                option.process = _greedy(option.process)
+
+
+def _greedy(process):
+    def take_values(value, state) -> None:
+        values = [value]
+        while state.rargs and not str(state.rargs[0]).startswith("-"):
+            values.append(state.rargs.pop(0))
+        process(" ".join(values), state)
+
+    return take_values
+
+
+def parse_ints(option: str, texts: tuple[str, ...]) -> tuple[int, ...]:
+    """Whole numbers separated by spaces or commas, from one or more option values."""
+    words = [w for text in texts for w in text.replace(",", " ").split()]
+    try:
+        return tuple(int(w) for w in words)
+    except ValueError:
+        raise EkError(f"{option}: expected whole numbers, got {' '.join(words)!r}") from None
+
+
 class EkGroup(click.Group):
     """Shows :class:`EkError` as one line on stderr with exit code 2."""
 
@@ -163,6 +197,35 @@ def cv(workdir: Path, fold_ids: tuple[int, ...], configs, **options) -> None:
     request = CvRequest(tuple(configs), layout, folds=tuple(fold_ids), **options)
     run_cv(request, on_fold_done=click.echo)
     click.echo(format_status(status_rows(layout)))
+
+
+@main.command()
+@WORKDIR
+@data_option()
+@click.option(
+    "--frames",
+    cls=ValuesOption,
+    multiple=True,
+    metavar="F [F ...]",
+    help="Target frames, e.g. --frames 0 1 2 3 5 6 7 (the default); 0,1,2 works too.",
+)
+@click.option(
+    "--out", "name", default="pseudo", show_default=True, help="Name: folds/pseudo/NAME/."
+)
+@DEVICE
+def pseudo(workdir: Path, data_root, frames, name: str, device: str) -> None:
+    """Soft pseudo-labels of the unlabelled frames from the blend's fold models (no leakage)."""
+    from .training.pseudo import DEFAULT_FRAMES, PseudoRequest, run_pseudo
+
+    targets = parse_ints("--frames", frames) if frames else DEFAULT_FRAMES
+    layout = Layout(workdir)
+    manifest = run_pseudo(PseudoRequest(layout, data_root, targets, name, device))
+    for entry in manifest["clamped"]:
+        click.echo(f"{entry['config']}: frame {entry['frame']} clamped to {entry['window']}")
+    click.echo(
+        f"wrote {layout.pseudo_dir(name)}: frames {manifest['frames']} of "
+        f"{len(manifest['models'])} fold models (blend {manifest['blend_digest']})"
+    )
 
 
 @main.command()

@@ -57,6 +57,9 @@ class LabelSpec:
     soft: bool = False  # mean of the individual masks where they exist
     smoothing: float = 0.0  # y -> y * (1 - s) + s / 2
     shift_correct: bool = False  # undo the +0.5 px label offset so flips are exact
+    pseudo: str | None = None  # `ek pseudo --out NAME`: train on its pseudo-labelled frames too
+    pseudo_weight: float = 0.5  # weight of a pseudo-labelled sample's loss
+    pseudo_fraction: float = 0.5  # share of each batch drawn from pseudo-labelled frames
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,8 @@ class TrainSpec:
     seed: int = 0
     num_workers: int = 0
     max_steps_per_epoch: int = 0  # 0: the whole fold
+    average_top_k: int = 0  # best.pt = weight average of the K best epochs; 0 (or 1): off
+    seeds: tuple[int, ...] = ()  # one member `<name>-s<seed>` per seed; () = just train.seed
 
 
 @dataclass(frozen=True)
@@ -275,6 +280,19 @@ def _validate(config: Config, source: str) -> None:
             raise EkError(f"{source}: 'input.bands' has {band}; bands are 8..16")
     if not config.loss:
         raise EkError(f"{source}: 'loss' needs at least one term")
+    _validate_winners(config, source)
+
+
+def _validate_winners(config: Config, source: str) -> None:
+    label, train = config.label, config.train
+    if not 0.0 <= label.pseudo_fraction < 1.0:
+        raise EkError(f"{source}: 'label.pseudo_fraction' must be in [0, 1)")
+    if label.pseudo_weight < 0:
+        raise EkError(f"{source}: 'label.pseudo_weight' must not be negative")
+    if train.average_top_k < 0:
+        raise EkError(f"{source}: 'train.average_top_k' must be 0 (off) or positive")
+    if len(set(train.seeds)) != len(train.seeds):
+        raise EkError(f"{source}: 'train.seeds' has a seed twice")
 
 
 def _values_at(config: Config, path: tuple[str, ...]) -> list[Any]:
@@ -283,6 +301,24 @@ def _values_at(config: Config, path: tuple[str, ...]) -> list[Any]:
         return [node]
     items = node if isinstance(node, tuple) else (node,)
     return [getattr(item, path[1]) for item in items]
+
+
+def seed_members(config: Config) -> list[Config]:
+    """The members a config trains: itself, or one ``<name>-s<seed>`` per ``train.seeds``.
+
+    Each member is the config with ``train.seed`` set and ``train.seeds`` emptied, so it is an
+    ordinary config that shares the caches and splits of the others.
+    """
+    if not config.train.seeds:
+        return [config]
+    return [
+        dataclasses.replace(
+            config,
+            name=f"{config.name}-s{seed}",
+            train=dataclasses.replace(config.train, seed=seed, seeds=()),
+        )
+        for seed in config.train.seeds
+    ]
 
 
 def tta_list(config: Config) -> tuple[str, ...]:

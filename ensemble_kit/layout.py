@@ -9,13 +9,15 @@ A run writes under a *workdir* (``folds/`` by default, relative to the current d
       <config name>/
         config.yaml         the resolved config
         fold_<i>/           best.pt, last.pt, metrics.csv, config.yaml, DONE,
-                            RUNNING (while training), oof_part.npy, holdout_part.npy
+                            RUNNING (while training), oof_part.npy, holdout_part.npy,
+                            top_<k>.pt (train.average_top_k: K + 1 slots)
         oof.npy             uint8 (N, H, W): probability x 255, rows as oof_ids.csv
         oof_ids.csv         record_id,fold
         holdout.npy         uint8 (M, H, W): mean over the K fold models
         holdout_ids.csv     record_id
         summary.json        per-fold, pooled OOF and holdout dice; digests
         curves.png
+      pseudo/<name>/        `ek pseudo`: labels.npy uint8 (N, F, H, W), ids.csv, manifest.json
       blend.json            weights, threshold, postprocessing, scores, digests
       blend/                report (plots, table)
       export/               `ek export`: <config>.fold_<i>.pt, manifest.json, blend.json
@@ -86,6 +88,9 @@ class Layout:
     def curves_png(self, name: str) -> Path:
         return self.config_dir(name) / "curves.png"
 
+    def pseudo_dir(self, name: str) -> Path:
+        return self.workdir / "pseudo" / name
+
     @property
     def blend_json(self) -> Path:
         return self.workdir / "blend.json"
@@ -104,8 +109,9 @@ def record_dir(data_root: Path, split: str, record_id: str) -> Path:
     return Path(data_root) / split / str(record_id)
 
 
-def fold_files(fold_dir: Path) -> dict[str, Path]:
-    """The files one fold writes."""
+def fold_files(fold_dir: Path, top_k: int = 0) -> dict[str, Path]:
+    """The files one fold writes; ``top_k`` adds the ``top_0`` ... ``top_<K>`` weight slots."""
+    slots = {f"top_{k}": fold_dir / f"top_{k}.pt" for k in range(top_k + 1)} if top_k else {}
     return {
         "best": fold_dir / "best.pt",
         "last": fold_dir / "last.pt",
@@ -115,6 +121,16 @@ def fold_files(fold_dir: Path) -> dict[str, Path]:
         "running": fold_dir / "RUNNING",
         "oof_part": fold_dir / "oof_part.npy",
         "holdout_part": fold_dir / "holdout_part.npy",
+        **slots,
+    }
+
+
+def pseudo_files(pseudo_dir: Path) -> dict[str, Path]:
+    """The files ``ek pseudo`` writes: labels, their record ids, the manifest."""
+    return {
+        "labels": pseudo_dir / "labels.npy",
+        "ids": pseudo_dir / "ids.csv",
+        "manifest": pseudo_dir / "manifest.json",
     }
 
 

@@ -51,6 +51,10 @@ DESCRIPTIONS: dict[str, str] = {
     "label.soft": "train on the annotators' mean where individual masks exist",
     "label.smoothing": "y -> y*(1-s) + s/2",
     "label.shift_correct": "undo the +0.5 px label offset so every flip is exact",
+    "label.pseudo": "name of an `ek pseudo --out NAME` set: also train on its pseudo-labelled "
+    "frames ([two rounds](../how-to/two-rounds.md)); null = off",
+    "label.pseudo_weight": "weight of a pseudo-labelled sample's loss relative to a labelled one",
+    "label.pseudo_fraction": "share of each batch drawn from pseudo-labelled frames, in [0, 1)",
     "model": "the network; see [configs how-to](../how-to/configs.md#choosing-a-model)",
     "model.arch": "Unet UnetPlusPlus FPN DeepLabV3 DeepLabV3Plus Linknet PSPNet MAnet PAN UPerNet "
     "Segformer DPT (case-insensitive)",
@@ -102,6 +106,10 @@ DESCRIPTIONS: dict[str, str] = {
     "train.seed": "with the fold and epoch, seeds batch order, augmentation, dropout, init",
     "train.num_workers": "DataLoader workers reading the cache",
     "train.max_steps_per_epoch": "0 = the whole fold",
+    "train.average_top_k": "best.pt = weight average of the K best epochs, BatchNorm "
+    "statistics recomputed; 0 or 1 = off (the single best epoch)",
+    "train.seeds": "one member `<name>-s<seed>` per seed, each its own config folder; "
+    "[] = one run with `train.seed`",
     "tta": "identity hflip vflip hvflip transpose rot90 rot270 antitranspose, or d4",
     "tta_merge": "mean (of probabilities) \\| logit (mean of logits)",
     "tta_chunk": "flipped copies per forward pass; 0 = automatic (fixed rule)",

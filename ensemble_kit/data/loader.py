@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 class ArraySet:
     """Rows of one or more cache arrays seen as one indexable set.
 
-    ``sources`` are ``(inputs (N_s, C, H, W), labels (N_s, H, W))`` pairs; ``rows`` lists
-    ``(source, row)`` for each member of the set.
+    ``sources`` are ``(inputs (N_s, C, H, W), labels (M_s, H, W))`` pairs; ``rows`` lists
+    ``(source, row)`` for each member of the set, or ``(source, input row, label row)`` where
+    labels are stored in another order than inputs (pseudo-labels).
     """
 
     sources: tuple[tuple[np.ndarray, np.ndarray | None], ...]
-    rows: np.ndarray  # int64 (N, 2)
+    rows: np.ndarray  # int64 (N, 2) or (N, 3)
     soft: bool = False  # labels are annotator means x 255 rather than 0/1
 
     def __len__(self) -> int:
@@ -42,11 +43,12 @@ class ArraySet:
         for source in np.unique(picked[:, 0]):
             where = np.flatnonzero(picked[:, 0] == source)
             rows = picked[where, 1]
+            label_rows = picked[where, -1]
             order = np.argsort(rows, kind="stable")
             source_inputs, source_labels = self.sources[source]
             inputs[where[order]] = source_inputs[rows[order]]
             if labels is not None:
-                labels[where[order]] = source_labels[rows[order]]
+                labels[where[order]] = source_labels[label_rows[order]]
         return inputs, labels
 
 

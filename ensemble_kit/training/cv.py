@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config, config_digest, dump_config, load_config
+from ..config import Config, config_digest, dump_config, load_config, seed_members
 from ..data.cache import ensure_inputs, ensure_labels
 from ..data.loader import ArraySet, batches, to_float
 from ..data.splits import HOLDOUT_FOLD, ensure_splits
@@ -40,6 +40,7 @@ from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
 from .provenance import fold_sources, refuse_changed_data
+from .pseudo import pseudo_set, read_pseudo
 from .trainer import train_fold, write_done
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,11 @@ def run_cv(
             when some folds of a parallel run failed.
     """
     options = _backend_options(request)
-    configs = [_with_epochs(load_config(p), request.epochs) for p in request.config_paths]
+    configs = [
+        member
+        for path in request.config_paths
+        for member in seed_members(_with_epochs(load_config(path), request.epochs))
+    ]
     _check_unique_names(configs, request.config_paths)
     splits, meta = ensure_splits(request.layout, request.data_root, request.n_folds, request.seed)
     data_root = Path(request.data_root or meta["data_root"])
@@ -104,6 +109,8 @@ def run_cv(
     ]
     for config in configs:
         _claim_config_dir(request.layout, config)
+        if config.label.pseudo:
+            read_pseudo(request.layout, config.label.pseudo)  # fail before any fold trains
     refuse_changed_data(request.layout, data_root, configs, meta["n_folds"])
     pending = [
         j
@@ -303,7 +310,10 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
     if len(val) == 0 or len(train) == 0:
         raise EkError(f"{layout.splits_csv}: fold {fold} has no training or no validation records")
     started = time.perf_counter()
-    summary = train_fold(config, fold_dir, fold, train, val, device)
+    pseudo = (
+        pseudo_set(layout, job.data_root, config, splits, fold) if config.label.pseudo else None
+    )
+    summary = train_fold(config, fold_dir, fold, train, val, device, pseudo)
     if lock.lost:
         log.warning(
             "%s fold %d: another process took the fold over; not writing it", config.name, fold

@@ -29,7 +29,9 @@ from ..metrics import best_threshold
 from ..models import build_model
 from ..runtime import Runtime, resolve_runtime
 from .augment import Augmenter
+from .averaging import average_top_k, keep_top_k
 from .losses import build_loss, smooth_labels
+from .mixing import augment_parts, epoch_batches, mixed_loss
 from .optim import Ema, lr_factor, make_optimizer, make_scheduler  # noqa: F401 (lr_factor: API)
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class FoldState:
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
+    top: list[dict] = field(default_factory=list)  # train.average_top_k: kept epochs
 
 
 @dataclass
@@ -148,19 +151,22 @@ class Trainer:
         step_in_epoch: int,
         generator: torch.Generator,
         n_batches: int | None = None,
+        n_pseudo: int = 0,
     ) -> float:
         """Forward/backward of one batch; steps the optimiser at the end of each group.
 
         Batches form groups of ``train.accumulate``; with ``n_batches`` (the epoch's batch
         count) the last group may be shorter, and its gradient is the mean over its own
-        batches, stepped after its last batch.
+        batches, stepped after its last batch. The last ``n_pseudo`` samples of the batch
+        are pseudo-labelled (:mod:`.mixing`).
         """
         group, last = accumulation_group(step_in_epoch, self.config.train.accumulate, n_batches)
-        x, y = self.augmenter(x, y, generator)
+        x, y = augment_parts(self.augmenter, x, y, generator, n_pseudo)
         y = smooth_labels(y, self.config.label.smoothing)
         with self.autocast():
             logits = self.forward(x)
-        loss = self.loss_fn(logits.float(), y)
+        weight = self.config.label.pseudo_weight
+        loss = mixed_loss(self.loss_fn, logits.float(), y, n_pseudo, weight)
         if not torch.isfinite(loss):
             return float("nan")
         self.scaler.scale(loss / group).backward()
@@ -210,20 +216,21 @@ def optimizer_steps(config: Config, n_train: int) -> int:
     return config.train.epochs * per_epoch
 
 
-def run_epoch(trainer: Trainer, train: ArraySet, fold: int, state: FoldState, epochs: int) -> float:
-    """One epoch over the training folds; returns the mean loss (raises on NaN)."""
+def run_epoch(
+    trainer: Trainer,
+    train: ArraySet,
+    fold: int,
+    state: FoldState,
+    epochs: int,
+    pseudo: ArraySet | None = None,
+) -> float:
+    """One epoch over the training folds (and pseudo-labelled frames); returns the mean loss
+    (raises on NaN)."""
     spec = trainer.config.train
     seed = epoch_seed(spec.seed, fold, state.epoch)
     generator = seed_everything(seed)
     n_batches = steps_per_epoch(trainer.config, len(train))
-    loader = batches(
-        train,
-        spec.batch_size,
-        shuffle=True,
-        seed=seed,
-        drop_last=True,
-        num_workers=spec.num_workers,
-    )
+    loader, n_pseudo, soft = epoch_batches(trainer.config, train, pseudo, seed)
     trainer.model.train()
     losses = []
     bar = tqdm(  # no terminal (a log file, CI): no bar; train_fold logs a line per epoch
@@ -237,9 +244,9 @@ def run_epoch(trainer: Trainer, train: ArraySet, fold: int, state: FoldState, ep
     for step, (inputs, labels) in enumerate(bar):
         if step >= n_batches:
             break
-        x, y = trainer.prepare(inputs, labels, train.soft)
+        x, y = trainer.prepare(inputs, labels, soft)
         assert y is not None  # training sets always carry labels
-        loss = trainer.train_step(x, y, step, generator, n_batches)
+        loss = trainer.train_step(x, y, step, generator, n_batches, n_pseudo)
         if math.isnan(loss):
             raise DivergedError(
                 f"fold {fold}: loss became NaN at epoch {state.epoch + 1}, step {step + 1}; "
@@ -276,9 +283,18 @@ def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
 
 
 def train_fold(
-    config: Config, fold_dir: Path, fold: int, train: ArraySet, val: ArraySet, device: torch.device
+    config: Config,
+    fold_dir: Path,
+    fold: int,
+    train: ArraySet,
+    val: ArraySet,
+    device: torch.device,
+    pseudo: ArraySet | None = None,
 ) -> dict:
     """Train (or resume) one fold; writes checkpoints and metrics, returns the fold summary.
+
+    ``pseudo``: pseudo-labelled frames mixed into each batch (``label.pseudo``). With
+    ``train.average_top_k`` >= 2, ``best.pt`` ends as the average of the K best epochs.
 
     The ``DONE`` marker is not written here: the caller writes it once the fold's OOF part
     exists.
@@ -298,7 +314,7 @@ def train_fold(
         log.info("fold %d: resuming after epoch %d", fold, state.epoch)
     while state.epoch < epochs and not _early_stopped(config, state):
         started = time.perf_counter()
-        train_loss = run_epoch(trainer, train, fold, state, epochs)
+        train_loss = run_epoch(trainer, train, fold, state, epochs, pseudo)
         val_loss, dice, threshold = evaluate(trainer, val)
         state.epoch += 1
         seconds = time.perf_counter() - started
@@ -311,15 +327,19 @@ def train_fold(
             )
         else:
             state.bad_epochs += 1
+        keep_top_k(fold_dir, config.train.average_top_k, state, trainer.eval_model, dice)
         save_checkpoint(files["last"], trainer.state_dict(state))
         _write_metrics(files["metrics"], state.history)
-    return {
+    summary = {
         "fold": fold,
         "best_epoch": state.best_epoch,
         "best_dice": state.best_dice,
         "epochs": state.epoch,
         "seconds": sum(row["seconds"] for row in state.history),
     }
+    if config.train.average_top_k >= 2:
+        summary.update(average_top_k(trainer, fold_dir, state, train, val, evaluate))
+    return summary
 
 
 def _early_stopped(config: Config, state: FoldState) -> bool:
