@@ -3,16 +3,13 @@ kept so that ``ensemble_kit.train`` still imports."""
 
 from .inference.checkpoints import load_fold_model
 from .runtime import Runtime, resolve_device, resolve_runtime
+from .training.optim import Ema, lr_factor, make_optimizer, make_scheduler
 from .training.trainer import (
     DivergedError,
-    Ema,
     FoldState,
     Trainer,
     epoch_seed,
     evaluate,
-    lr_factor,
-    make_optimizer,
-    make_scheduler,
     run_epoch,
     save_checkpoint,
     seed_everything,

@@ -168,12 +168,22 @@ def assert_resumed_from(snapshot: Path, fold_dir: Path) -> None:
         assert metrics.loc[row["epoch"] - 1, "seconds"] == row["seconds"]
 
 
-@needs_ray
-def test_ray_worker_killed_mid_fold_resumes_and_matches(reference, tmp_path, monkeypatch):
-    data, config, expected = reference
+def kill_fold_0_once(tmp_path: Path, monkeypatch) -> tuple[Path, Path, Path]:
+    """Arm the test hook: fold 0 of tiny dies once, right after its first ``last.pt``.
+
+    Returns the workdir, the marker the hook writes (a copy of that checkpoint) and the
+    fold's ``last.pt``.
+    """
     workdir, marker = tmp_path / "w", tmp_path / "killed"
     last = Layout(workdir).fold_dir("tiny", 0) / "last.pt"
     monkeypatch.setenv(backends.KILL_ONCE_ENV, f"{marker}|tiny fold 0|{last}")
+    return workdir, marker, last
+
+
+@needs_ray
+def test_ray_worker_killed_mid_fold_resumes_and_matches(reference, tmp_path, monkeypatch):
+    data, config, expected = reference
+    workdir, marker, last = kill_fold_0_once(tmp_path, monkeypatch)
     result = cv(data, workdir, config, "--backend", "ray", "--cpus-per-job", "1")
     assert result.exit_code == 0, result.output
     assert marker.is_file(), "the worker was never killed"
@@ -183,9 +193,7 @@ def test_ray_worker_killed_mid_fold_resumes_and_matches(reference, tmp_path, mon
 
 def test_jobs_crashed_fold_is_named_then_resumes(reference, tmp_path, monkeypatch):
     data, config, expected = reference
-    workdir, marker = tmp_path / "w", tmp_path / "killed"
-    last = Layout(workdir).fold_dir("tiny", 0) / "last.pt"
-    monkeypatch.setenv(backends.KILL_ONCE_ENV, f"{marker}|tiny fold 0|{last}")
+    workdir, marker, last = kill_fold_0_once(tmp_path, monkeypatch)
     result = cv(data, workdir, config, "--jobs", "2", "--cpus-per-job", "1")
     assert result.exit_code == 2
     assert "tiny fold 0 (process died with exit code 17)" in result.output

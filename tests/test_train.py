@@ -8,7 +8,8 @@ import torch
 
 from ensemble_kit.config import ScheduleSpec, config_from_dict
 from ensemble_kit.runtime import resolve_runtime
-from ensemble_kit.training.trainer import Trainer, lr_factor, make_optimizer
+from ensemble_kit.training.optim import lr_factor, make_optimizer
+from ensemble_kit.training.trainer import Trainer
 
 CPU = torch.device("cpu")
 

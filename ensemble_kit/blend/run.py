@@ -59,7 +59,7 @@ def run_blend(
     if steps < 1:
         raise EkError(f"--steps {steps}: the greedy selection needs at least 1 round")
     pool = _read_pool(layout, configs)
-    _check_source(layout, pool[0], threshold_from)
+    _check_threshold_source(layout, pool[0], threshold_from)
     costs = _read_costs(layout, pool, required=max_seconds_per_record is not None)
     splits = _read_splits(layout)
     data_root = Path(data_root) if data_root is not None else _splits_data_root(layout)
@@ -157,7 +157,7 @@ def _check_sources(layout, pool, data_root: Path) -> None:
             )
 
 
-def _check_source(layout, first, threshold_from: str) -> None:
+def _check_threshold_source(layout, first, threshold_from: str) -> None:
     if threshold_from not in THRESHOLD_SOURCES:
         raise EkError(f"--threshold-from {threshold_from}: expected one of {THRESHOLD_SOURCES}")
     if threshold_from == "holdout" and (first.holdout is None or not first.holdout_ids):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..levels import component_levels, descending_order, min_pixel_levels
-from .apply import fraction_threshold, top_fraction_threshold  # noqa: F401 (submit's import)
+from .apply import fraction_threshold
 from .kernels import _best_per_set, _pair_histograms, fold_histograms, weighted_sum
 from .sets import FoldSets
 

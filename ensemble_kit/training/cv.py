@@ -121,9 +121,9 @@ def run_cv(
         if any(j.config is config for j in pending):  # offline without weights: fail first
             check_pretrained_weights(config, str(path))
     if options.jobs > 1 or request.backend != "local":
-        _build_caches(
-            request.layout, data_root, splits, dict.fromkeys(j.config.input for j in pending)
-        )
+        # caches first, here: folds running side by side must not all build the same one
+        for config in {j.config.input: j.config for j in pending}.values():
+            open_caches(request.layout, data_root, config, splits)
     failed = None
     try:
         run_jobs(pending, run_fold, request.backend, options, _reporter(on_fold_done))
@@ -155,14 +155,6 @@ def _backend_options(request: CvRequest) -> BackendOptions:
         use_gpus=device != "cpu",
         address=request.address,
     )
-
-
-def _build_caches(layout: Layout, data_root: Path, splits: pd.DataFrame, specs) -> None:
-    """Caches first, here: folds running side by side must not all build the same cache."""
-    for split in pd.unique(splits["split"]):
-        ensure_labels(layout, data_root, split)
-        for spec in specs:
-            ensure_inputs(layout, data_root, split, spec)
 
 
 def _reporter(on_fold_done: Callable[[str], None] | None) -> Callable[[FoldResult], None]:

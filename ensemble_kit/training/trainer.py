@@ -32,7 +32,7 @@ from .augment import Augmenter
 from .averaging import average_top_k, keep_top_k
 from .losses import build_loss, smooth_labels
 from .mixing import augment_parts, epoch_batches, mixed_loss
-from .optim import Ema, lr_factor, make_optimizer, make_scheduler  # noqa: F401 (lr_factor: API)
+from .optim import Ema, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
