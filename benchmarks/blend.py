@@ -32,7 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ensemble_kit import blend, metrics, postprocess  # noqa: E402
+from ensemble_kit import metrics, postprocess  # noqa: E402
+from ensemble_kit.blend.ensemble_search import MIN_COMPONENT_GRID, search  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from measure import load_note, peak_rss_anon  # noqa: E402
@@ -151,11 +152,11 @@ def run_search_child(
     oofs = [_first_rows(p, n_images) for p in sorted(folder.glob("oof_*.npy"))]
     labels = _first_rows(folder / "labels.npy", n_images)
     folds = np.load(folder / "folds.npy")[:n_images]
-    blend.search([o[:10] for o in oofs[:2]], np.asarray(labels[:10]), folds[:10], steps=2)
+    search([o[:10] for o in oofs[:2]], np.asarray(labels[:10]), folds[:10], steps=2)
     start, cpu_start = time.perf_counter(), time.process_time()
     if labels_mode == "bytes":
         labels = np.array(labels)
-    result = blend.search(oofs, labels, folds, steps=25, min_component_grid=component_grid)
+    result = search(oofs, labels, folds, steps=25, min_component_grid=component_grid)
     seconds = time.perf_counter() - start
     return {
         "images": n_images,
@@ -249,7 +250,7 @@ def report(folder: Path, args) -> None:
     modes = ("bytes", "memmap") if args.labels == "both" else (args.labels,)
     for grid, label in (
         ((0,), "min-pixel"),
-        (blend.MIN_COMPONENT_GRID, "min-pixel + min-component"),
+        (MIN_COMPONENT_GRID, "min-pixel + min-component"),
     ):
         runs = [(mode, bench_search(folder, args.images, grid, mode)) for mode in modes]
         runs.append(("memmap", bench_search(folder, args.images // 2, grid, "memmap")))

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ensemble_kit import data
 from ensemble_kit.config import InputSpec
+from ensemble_kit.data import records
 from ensemble_kit.data.cache import ensure_inputs, ensure_labels
 from ensemble_kit.data.loader import ArraySet, batches, labels_to_float, to_float
 from ensemble_kit.data.synth import write_synthetic
@@ -35,8 +35,8 @@ class PerRecordFiles(Dataset):
 
     def __getitem__(self, index: int):
         folder = self.folders[index]
-        return torch.from_numpy(data.build_input(folder, self.spec)), torch.from_numpy(
-            data.load_mask(folder)
+        return torch.from_numpy(records.build_input(folder, self.spec)), torch.from_numpy(
+            records.load_mask(folder)
         )
 
 

@@ -100,7 +100,7 @@ def main() -> None:
         names = [p.stem for p in configs]
         if any(f'"{name}"' not in blend for name in names):  # make sure every config runs
             fields = json.loads(blend)
-            fields["configs"] = dict.fromkeys(names, 1)
+            fields["rule"]["weights"] = dict.fromkeys(names, 1)
             (workdir / "blend.json").write_text(json.dumps(fields))
         started = time.perf_counter()
         output = run(

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
+from ensemble_kit.blend.rule import BlendFile
 from ensemble_kit.cli import main as ek
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +74,11 @@ def compare(workdir: Path, heldout: Path, scratch: Path) -> list[dict]:
     rows = []
     for source in ("oof", "holdout"):
         run("blend", "--oof", "--workdir", workdir, "--threshold-from", source)
-        blend = json.loads((workdir / "blend.json").read_text())
+        blend = BlendFile.load(workdir / "blend.json")
         out = scratch / f"heldout_{source}.csv"
         run("submit", "--workdir", workdir, "--data", heldout, "--split", "validation",
             "--out", out)  # fmt: skip
-        scores = blend["scores"]
+        scores = blend.scores
         if source == "oof":
             estimate, spread = scores["holdout"], None
         else:
@@ -85,8 +86,8 @@ def compare(workdir: Path, heldout: Path, scratch: Path) -> list[dict]:
         rows.append(
             {
                 "source": source,
-                "mode": blend["threshold_mode"],
-                "threshold": blend["threshold"],
+                "mode": blend.rule.mode,
+                "threshold": blend.rule.threshold,
                 "estimate": estimate,
                 "spread": spread,
                 "nested_oof": scores["nested"]["pooled"],

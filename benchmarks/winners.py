@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ensemble_kit.blend import run_blend  # noqa: E402
+from ensemble_kit.blend.run import run_blend  # noqa: E402
 from ensemble_kit.data.synth import write_synthetic  # noqa: E402
 from ensemble_kit.layout import Layout  # noqa: E402
 
@@ -86,9 +86,9 @@ def score(layout: Layout, configs: list[str]) -> dict:
     blend = run_blend(layout, configs=configs)
     return {
         "configs": configs,
-        "weights": blend["configs"],
-        "nested": blend["scores"]["nested"]["pooled"],
-        "holdout": blend["scores"]["holdout"],
+        "weights": blend.rule.weights,
+        "nested": blend.scores["nested"]["pooled"],
+        "holdout": blend.scores["holdout"],
     }
 
 

@@ -267,7 +267,7 @@ def blend(
     oof, workdir, data_root, names, steps, refine, max_seconds_per_record, threshold_from
 ) -> None:
     """Search ensemble weights, threshold and postprocessing on OOF dice."""
-    from .blend import run_blend
+    from .blend.run import run_blend
 
     layout = Layout(workdir)
     result = run_blend(
@@ -282,7 +282,7 @@ def blend(
     report = layout.blend_report_dir / "report.txt"
     if report.is_file():
         click.echo(report.read_text().rstrip())
-    click.echo(f"wrote {layout.blend_json} (weights {result['configs']})")
+    click.echo(f"wrote {layout.blend_json} (weights {result.rule.weights})")
 
 
 @main.command()

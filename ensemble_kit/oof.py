@@ -26,9 +26,37 @@ from .files import atomic_path
 from .layout import Layout, fold_files
 
 
-def to_uint8(probabilities: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] to the stored uint8 code: ``round(p * 255)``."""
-    return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+def to_codes(probabilities):
+    """Probabilities (or any values) in [0, 1] to the stored uint8 code ``round(p * 255)``.
+
+    The one quantiser of ek: OOF, holdout, submission, pseudo-labels and the uint8 input
+    cache all store ``round(clip(p, 0, 1) * 255)`` (round half to even). Takes a numpy array,
+    or a torch tensor (quantised on its device, returned as a uint8 tensor).
+    """
+    if isinstance(probabilities, np.ndarray) or np.isscalar(probabilities):
+        return np.rint(np.clip(probabilities, 0.0, 1.0) * 255.0).astype(np.uint8)
+    import torch  # a tensor was passed, so torch is loaded already
+
+    return torch.round(probabilities.clamp(0.0, 1.0) * 255).to(torch.uint8)
+
+
+def from_codes(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes back to float32 values in [0, 1]: ``u / 255``."""
+    return np.asarray(codes).astype(np.float32) / 255.0
+
+
+def load_codes(folder: Path | str, split: str) -> np.ndarray:
+    """A member's stored uint8 codes, read-only: ``(N, H, W)`` in the order of its ids file.
+
+    Args:
+        folder: The config's folder, ``folds/<name>``.
+        split: ``oof`` (the out-of-fold predictions of the pool) or ``holdout`` (the mean of
+            the fold models on the holdout).
+    """
+    files = {"oof": "oof.npy", "holdout": "holdout.npy"}
+    if split not in files:
+        raise EkError(f"load_codes: split {split!r} is not one of {sorted(files)}")
+    return _open_uint8(Path(folder) / files[split])
 
 
 class ArrayWriter:

@@ -6,11 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble_kit import blend, metrics, postprocess
-from ensemble_kit.blend.kernels import _best_per_set
+from ensemble_kit import metrics, postprocess
+from ensemble_kit.blend.candidates import build_candidates
+from ensemble_kit.blend.ensemble_search import search
+from ensemble_kit.blend.kernels import _best_per_set, best_per_set_reference
+from ensemble_kit.blend.rule import BlendRule, top_fraction_threshold
+from ensemble_kit.blend.run import rule_of, run_blend
+from ensemble_kit.blend.scorer import Scorer
+from ensemble_kit.blend.selection import refine_weights
+from ensemble_kit.blend.sets import FoldSets
+from ensemble_kit.blend.threshold import choose_threshold
+from ensemble_kit.blend.verify import verify_blend
 from ensemble_kit.errors import EkError
 from ensemble_kit.layout import Layout
-from ensemble_kit.oof import to_uint8
+from ensemble_kit.oof import to_codes
 
 
 def _labels(rng, n=24, shape=(16, 16)):
@@ -23,7 +32,7 @@ def _labels(rng, n=24, shape=(16, 16)):
 
 
 def _noisy(rng, labels, noise, bias=0.0):
-    return to_uint8(labels * 0.7 + 0.1 + bias + rng.normal(0, noise, labels.shape))
+    return to_codes(labels * 0.7 + 0.1 + bias + rng.normal(0, noise, labels.shape))
 
 
 def _problem(seed=0, n=24, n_configs=3):
@@ -45,18 +54,18 @@ def test_best_per_set_matches_reference():
     rng = np.random.default_rng(3)
     hist = rng.integers(0, 5, (4, 40, 2))
     positives = hist[:, :, 1].sum(axis=1) + rng.integers(0, 4, 4)
-    excluded = blend.FoldSets.nested(4).excluded  # all, each fold out, each pair out
+    excluded = FoldSets.nested(4).excluded  # all, each fold out, each pair out
     assert len(excluded) == 1 + 4 + 6
     for lowest in (0, 7, 39):
         dice, thresholds = _best_per_set(hist, positives, lowest, excluded)
-        ref_dice, ref_thresholds = blend.best_per_set_reference(hist, positives, lowest, excluded)
+        ref_dice, ref_thresholds = best_per_set_reference(hist, positives, lowest, excluded)
         np.testing.assert_array_equal(thresholds, ref_thresholds)
         np.testing.assert_allclose(dice, ref_dice, rtol=0, atol=1e-15)
 
 
 def test_candidates_keep_every_pixel_above_the_floor():
     oofs, labels, folds = _problem()
-    cands = blend.build_candidates(oofs, labels, folds, floor=60)
+    cands = build_candidates(oofs, labels, folds, floor=60)
     top = np.max(oofs, axis=0).reshape(len(labels), -1)
     image, position = np.nonzero(top >= 60)
     np.testing.assert_array_equal(cands.positions, position)
@@ -74,17 +83,17 @@ def test_candidates_from_memmap_match_in_memory(tmp_path):
     oofs, labels, folds = _problem()
     np.save(tmp_path / "a.npy", oofs[0])
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
-    a = blend.build_candidates([mapped], labels, folds)
-    b = blend.build_candidates([oofs[0]], labels, folds)
+    a = build_candidates([mapped], labels, folds)
+    b = build_candidates([oofs[0]], labels, folds)
     np.testing.assert_array_equal(a.values, b.values)
 
 
 @pytest.mark.parametrize("weights", [(1, 0, 0), (2, 1, 0), (1, 1, 3)])
 def test_scorer_matches_dense_blend(weights):
     oofs, labels, folds = _problem()
-    cands = blend.build_candidates(oofs, labels, folds, floor=20)
+    cands = build_candidates(oofs, labels, folds, floor=20)
     base = np.array(weights, np.int64) - np.eye(3, dtype=np.int64)[0]
-    dice, _ = blend.Scorer(cands).moves([base], [(0, 0, 1)])[0]
+    dice, _ = Scorer(cands).moves([base], [(0, 0, 1)])[0]
     assert dice[0] == pytest.approx(
         _dense_best(oofs, labels, weights, 20 * sum(weights)), abs=1e-12
     )
@@ -95,9 +104,9 @@ def test_scorer_matches_dense_blend(weights):
 
 def test_choose_threshold_table_matches_dense_postprocessing():
     oofs, labels, folds = _problem(seed=1)
-    cands = blend.build_candidates(oofs, labels, folds, floor=20)
+    cands = build_candidates(oofs, labels, folds, floor=20)
     weights = np.array([1, 1, 0], np.int64)
-    choice = blend.choose_threshold(cands, weights, 0, (0, 5), (0, 3))
+    choice = choose_threshold(cands, weights, 0, (0, 5), (0, 3))
     sums = oofs[0].astype(np.int64) + oofs[1]
     for i, min_pixels in enumerate((0, 5)):
         for j, min_size in enumerate((0, 3)):
@@ -119,9 +128,9 @@ def test_greedy_blend_beats_configs_with_complementary_errors():
     left = np.zeros(labels.shape, bool)
     left[:, :, :8] = True
     # each config is blind on one half of the image and sharp on the other
-    a = to_uint8(np.where(left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
-    b = to_uint8(np.where(~left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
-    result = blend.search([a, b], labels, np.arange(30) % 3, steps=6)
+    a = to_codes(np.where(left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
+    b = to_codes(np.where(~left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
+    result = search([a, b], labels, np.arange(30) % 3, steps=6)
     singles = [s["dice"] for s in result.per_config.values()]
     assert result.choice.dice > max(singles) + 0.05
     assert (result.choice.weights > 0).all()
@@ -144,7 +153,7 @@ def test_nested_is_not_above_optimistic_on_average():
     gaps = []
     for seed in range(4):
         oofs, labels, folds = _problem(seed=seed + 10)
-        result = blend.search(
+        result = search(
             oofs, labels, folds, steps=4, min_pixels_grid=(0, 5), min_component_grid=(0, 2)
         )
         nested = result.nested.pooled()
@@ -156,25 +165,24 @@ def test_nested_is_not_above_optimistic_on_average():
 
 def test_apply_blend_reproduces_the_scored_dice():
     oofs, labels, folds = _problem(seed=2)
-    result = blend.search(
+    result = search(
         oofs, labels, folds, steps=4, min_pixels_grid=(0, 5, 20), min_component_grid=(0, 2, 4)
     )
-    fields = blend.blend_dict(result, folds, {})
-    predicted = blend.apply_blend(fields, dict(zip(result.names, oofs)))
+    rule = rule_of(result)
+    predicted = rule.apply(dict(zip(result.names, oofs)), rule.threshold_sum)
     assert metrics.global_dice(predicted, labels) == pytest.approx(result.choice.dice, abs=1e-12)
-    assert fields["threshold"] == pytest.approx(
-        fields["threshold_sum"] / (255 * sum(fields["configs"].values()))
-    )
+    assert rule.threshold == pytest.approx(result.threshold)
+    assert rule.threshold == pytest.approx(rule.threshold_sum / (255 * rule.weight_total))
 
 
 def test_top_fraction_threshold():
     counts = np.array([90, 5, 3, 2])  # 100 pixels
-    assert blend.top_fraction_threshold(counts, 0.02) == 3
-    assert blend.top_fraction_threshold(counts, 0.05) == 2
-    assert blend.top_fraction_threshold(counts, 0.0) == 4
+    assert top_fraction_threshold(counts, 0.02) == 3
+    assert top_fraction_threshold(counts, 0.05) == 2
+    assert top_fraction_threshold(counts, 0.0) == 4
     sums = np.array([[0, 3], [3, 3]])  # ties: three pixels share the top value
-    assert blend.top_fraction_threshold(sums, 0.5) == 4
-    assert blend.top_fraction_threshold(sums, 0.75) == 1
+    assert top_fraction_threshold(sums, 0.5) == 4
+    assert top_fraction_threshold(sums, 0.75) == 1
 
 
 @pytest.mark.parametrize("bad", ["empty_pool", "all_empty_labels", "shape", "one_fold"])
@@ -189,7 +197,7 @@ def test_search_rejects_bad_arrays(bad):
     else:
         folds = np.zeros_like(folds)
     with pytest.raises(EkError):
-        blend.search(oofs, labels, folds, steps=2)
+        search(oofs, labels, folds, steps=2)
 
 
 # ----------------------------------------------------------------------------- files
@@ -247,44 +255,44 @@ def _write_config(folder, rng, labels, train_ids, holdout_ids, folds, noise, spl
 
 def test_run_blend_end_to_end(tmp_path):
     layout, _ = _write_workdir(tmp_path)
-    result = blend.run_blend(layout, steps=3)
+    result = run_blend(layout, steps=3)
     written = json.loads(layout.blend_json.read_text())
-    assert written == json.loads(json.dumps(result))
-    assert set(written["configs"]) <= {"alpha", "beta"} and all(
-        w > 0 for w in written["configs"].values()
-    )
-    assert written["threshold_mode"] in ("value", "top_fraction")
-    assert isinstance(written["threshold_sum"], int)
-    assert written["threshold"] == pytest.approx(
-        written["threshold_sum"] / (255 * sum(written["configs"].values()))
-    )
-    assert (written["top_fraction"] is None) == (written["threshold_mode"] == "value")
+    assert written == json.loads(json.dumps(result.to_dict()))
+    assert set(written) == {"rule", "scores", "cost", "digests"}
+    assert "threshold" not in written["rule"]  # derived, never stored
+    rule = BlendRule.load(layout.blend_json)
+    assert rule == result.rule and rule.version == 1
+    assert set(rule.weights) <= {"alpha", "beta"} and all(w > 0 for w in rule.weights.values())
+    assert rule.mode in ("value", "top_fraction")
+    assert isinstance(rule.threshold_sum, int)
+    assert rule.threshold == pytest.approx(rule.threshold_sum / (255 * rule.weight_total))
+    assert (rule.top_fraction is None) == (rule.mode == "value")
     scores = written["scores"]
     assert set(scores["per_config"]) == {"alpha", "beta"}
     assert len(scores["nested"]["per_fold"]) == 3 and 0 <= scores["holdout"] <= 1
     assert set(written["digests"]["oof"]) == {"alpha", "beta"}
     for name in ("thresholds.png", "selection.png", "min_pixels.png", "folds.png", "report.txt"):
         assert (layout.blend_report_dir / name).stat().st_size > 0
-    assert blend.verify_blend(layout)["threshold_sum"] == written["threshold_sum"]
+    assert verify_blend(layout) == rule
 
 
 def test_verify_blend_detects_changes(tmp_path):
     layout, _ = _write_workdir(tmp_path)
     with pytest.raises(EkError, match="ek blend --oof"):
-        blend.verify_blend(layout)
-    blend.run_blend(layout, steps=2)
+        verify_blend(layout)
+    run_blend(layout, steps=2)
     oof = np.load(layout.oof_npy("beta"))
     oof[0, 0, 0] ^= 1
     np.save(layout.oof_npy("beta"), oof)
     with pytest.raises(EkError, match="stale blend.json: .*beta.*oof.npy"):
-        blend.verify_blend(layout)
+        verify_blend(layout)
 
 
 def test_run_blend_uses_named_configs_and_explicit_data(tmp_path):
     layout, data = _write_workdir(tmp_path)
     (layout.splits_meta).write_text("{}")
-    result = blend.run_blend(layout, data_root=data, configs=["beta"], steps=2)
-    assert list(result["configs"]) == ["beta"]
+    result = run_blend(layout, data_root=data, configs=["beta"], steps=2)
+    assert list(result.rule.weights) == ["beta"]
 
 
 @pytest.mark.parametrize(
@@ -309,7 +317,7 @@ def test_run_blend_bad_inputs_are_one_line_errors(tmp_path, bad):
     else:
         configs = ["gamma"]
     with pytest.raises(EkError) as error:
-        blend.run_blend(layout, configs=configs, steps=2)
+        run_blend(layout, configs=configs, steps=2)
     assert "\n" not in str(error.value)
 
 
@@ -318,9 +326,9 @@ def test_refinement_never_lowers_a_sets_dice_and_moves_weight_to_the_sharp_confi
     labels = _labels(rng, n=24)
     oofs = [_noisy(rng, labels, noise) for noise in (0.1, 0.3, 0.3)]
     folds = np.arange(24) % 3
-    cands = blend.build_candidates(oofs, labels, folds, floor=20)
+    cands = build_candidates(oofs, labels, folds, floor=20)
     start = [np.ones(3, np.int64)] * (cands.n_folds + 1)
-    refined = blend.refine_weights(blend.Scorer(cands), start)
+    refined = refine_weights(Scorer(cands), start)
     for s, weights in enumerate(refined):
         rows = folds != s - 1  # set 0: every fold; set k + 1: without fold k
         subset = [o[rows] for o in oofs]

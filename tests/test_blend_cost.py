@@ -7,10 +7,12 @@ import pytest
 from click.testing import CliRunner
 from test_blend import _labels, _write_workdir
 
-from ensemble_kit import blend
+from ensemble_kit.blend.ensemble_search import search
+from ensemble_kit.blend.run import run_blend
+from ensemble_kit.blend.selection import Budget
 from ensemble_kit.cli import main
 from ensemble_kit.errors import EkError
-from ensemble_kit.oof import to_uint8
+from ensemble_kit.oof import to_codes
 from ensemble_kit.training.assembly import prediction_cost
 
 
@@ -20,18 +22,18 @@ def _complementary(seed=5, n=30):
     labels = _labels(rng, n=n)
     left = np.zeros(labels.shape, bool)
     left[:, :, :8] = True
-    a = to_uint8(np.where(left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
-    b = to_uint8(np.where(~left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
+    a = to_codes(np.where(left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
+    b = to_codes(np.where(~left, labels * 0.8 + 0.1, 0.45) + rng.normal(0, 0.05, labels.shape))
     return [a, b], labels, np.arange(n) % 3
 
 
 def test_a_limit_between_two_costs_keeps_only_the_cheaper_config():
     oofs, labels, folds = _complementary()
     costs = [0.9, 0.3]  # a is three times as expensive as b
-    free = blend.search(oofs, labels, folds, steps=6, costs=costs)
+    free = search(oofs, labels, folds, steps=6, costs=costs)
     assert (free.choice.weights > 0).all()  # without a limit both are chosen
     assert free.cost == pytest.approx(1.2)
-    limited = blend.search(oofs, labels, folds, steps=6, costs=costs, max_cost=0.5)
+    limited = search(oofs, labels, folds, steps=6, costs=costs, max_cost=0.5)
     assert limited.choice.weights[0] == 0 and limited.choice.weights[1] > 0
     assert limited.cost == pytest.approx(0.3)
     for choices in limited.nested.choices.values():  # every set of folds kept to the limit
@@ -41,19 +43,17 @@ def test_a_limit_between_two_costs_keeps_only_the_cheaper_config():
 def test_a_config_costs_once_whatever_its_weight():
     oofs, labels, folds = _complementary()
     # both fit together (1.2 <= 1.2): picking one of them again adds nothing to the cost
-    result = blend.search(oofs, labels, folds, steps=8, refine=True, costs=[0.9, 0.3], max_cost=1.2)
+    result = search(oofs, labels, folds, steps=8, refine=True, costs=[0.9, 0.3], max_cost=1.2)
     assert (result.choice.weights > 0).all()
     assert result.cost == pytest.approx(1.2)
-    budget = blend.Budget(np.array([0.9, 0.3]), 1.0)
+    budget = Budget(np.array([0.9, 0.3]), 1.0)
     assert budget.cost(np.array([5, 0])) == pytest.approx(0.9)
     assert not budget.allows(np.array([5, 1]))
 
 
 def test_refinement_stays_within_the_limit():
     oofs, labels, folds = _complementary()
-    result = blend.search(
-        oofs, labels, folds, steps=6, refine=True, costs=[0.9, 0.3], max_cost=0.95
-    )
+    result = search(oofs, labels, folds, steps=6, refine=True, costs=[0.9, 0.3], max_cost=0.95)
     for choices in result.nested.choices.values():
         for choice in choices:
             assert np.count_nonzero(choice.weights) == 1
@@ -62,7 +62,7 @@ def test_refinement_stays_within_the_limit():
 def test_no_config_under_the_limit_is_a_one_line_error():
     oofs, labels, folds = _complementary()
     with pytest.raises(EkError, match="no config fits; the cheapest, 'config_1'") as error:
-        blend.search(oofs, labels, folds, steps=2, costs=[0.9, 0.3], max_cost=0.1)
+        search(oofs, labels, folds, steps=2, costs=[0.9, 0.3], max_cost=0.1)
     assert "\n" not in str(error.value)
 
 
@@ -77,11 +77,11 @@ def test_run_blend_limit_and_report(tmp_path):
     layout, _ = _write_workdir(tmp_path)  # alpha is the better config
     _set_cost(layout, "alpha", 0.04)
     _set_cost(layout, "beta", 0.01)
-    free = blend.run_blend(layout, steps=3)
-    assert "alpha" in free["configs"]
-    written = blend.run_blend(layout, steps=3, max_seconds_per_record=0.02)
-    assert list(written["configs"]) == ["beta"]
-    cost = written["cost"]
+    free = run_blend(layout, steps=3)
+    assert "alpha" in free.rule.weights
+    written = run_blend(layout, steps=3, max_seconds_per_record=0.02)
+    assert list(written.rule.weights) == ["beta"]
+    cost = written.cost
     assert cost["seconds_per_record"] == pytest.approx(0.01)
     assert cost["seconds_for_2000_records"] == pytest.approx(20.0)
     assert cost["max_seconds_per_record"] == 0.02
@@ -95,11 +95,11 @@ def test_limit_without_a_measured_cost_names_the_summary(tmp_path):
     layout, _ = _write_workdir(tmp_path)
     _set_cost(layout, "alpha", 0.04)
     with pytest.raises(EkError) as error:
-        blend.run_blend(layout, steps=2, max_seconds_per_record=1.0)
+        run_blend(layout, steps=2, max_seconds_per_record=1.0)
     message = str(error.value)
     assert str(layout.summary("beta")) in message and "\n" not in message
-    written = blend.run_blend(layout, configs=["beta"], steps=2)  # no limit: older is fine
-    assert written["cost"]["seconds_per_record"] is None
+    written = run_blend(layout, configs=["beta"], steps=2)  # no limit: older is fine
+    assert written.cost["seconds_per_record"] is None
     assert "cost: unknown" in (layout.blend_report_dir / "report.txt").read_text()
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble_kit import blend
 from ensemble_kit.blend import kernels
+from ensemble_kit.blend.candidates import build_candidates
 from ensemble_kit.blend.run import _load_labels
 from ensemble_kit.data.cache import load_labels
 from ensemble_kit.data.records import list_records
@@ -56,8 +56,8 @@ def test_candidates_read_memmapped_labels_like_arrays(tmp_path):
     np.save(tmp_path / "labels.npy", labels)
     mapped = np.load(tmp_path / "labels.npy", mmap_mode="r")
     folds = np.arange(70) % 3
-    a = blend.build_candidates(oofs, mapped, folds, floor=30)
-    b = blend.build_candidates(oofs, labels, folds, floor=30)
+    a = build_candidates(oofs, mapped, folds, floor=30)
+    b = build_candidates(oofs, labels, folds, floor=30)
     for name in ("values", "labels", "positions", "pixel_fold", "config_histograms"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert a.pixel_fold.dtype == np.int8
@@ -93,8 +93,8 @@ def test_blend_labels_of_two_splits_are_an_unlinked_file_copy(tmp_path, synth_ro
     rng = np.random.default_rng(0)  # the search reads the unlinked copy like any labels
     oof = rng.integers(0, 256, labels.shape, dtype=np.uint8)
     folds = np.arange(len(ids)) % 2
-    a = blend.build_candidates([oof], labels, folds)
-    b = blend.build_candidates([oof], np.array(labels), folds)
+    a = build_candidates([oof], labels, folds)
+    b = build_candidates([oof], np.array(labels), folds)
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.config_histograms, b.config_histograms)
 

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ensemble_kit import data
 from ensemble_kit.config import InputSpec
+from ensemble_kit.data import records
 from ensemble_kit.data.cache import (
     band_stats,
     decode_inputs,
@@ -24,7 +24,7 @@ def test_input_cache_round_trip(sample_root, tmp_path):
     assert cached.dtype == np.uint8 and cached.shape == (3, 9, 256, 256)
     assert isinstance(cached, np.memmap)
     for row, rid in enumerate(entry.ids):
-        direct = data.build_input(sample_root / "train" / rid, spec)
+        direct = records.build_input(sample_root / "train" / rid, spec)
         np.testing.assert_allclose(decode_inputs(cached[row]), direct, atol=0.5 / 255 + 1e-6)
     # a second call reuses the entry (no rebuild), and the same spec shares it
     mtime = (entry.path / "inputs.npy").stat().st_mtime_ns
@@ -48,15 +48,15 @@ def test_label_cache(sample_root, tmp_path):
     entry = ensure_labels(layout, sample_root, "train")
     for row, rid in enumerate(entry.ids):
         folder = sample_root / "train" / rid
-        np.testing.assert_array_equal(entry.arrays["labels"][row], data.load_mask(folder))
-        soft = data.load_soft_label(folder)
+        np.testing.assert_array_equal(entry.arrays["labels"][row], records.load_mask(folder))
+        soft = records.load_soft_label(folder)
         np.testing.assert_array_equal(
             entry.arrays["soft"][row], np.rint(soft * 255).astype(np.uint8)
         )
-    records = pd.DataFrame(
+    wanted = pd.DataFrame(
         {"record_id": ["1002777035567823518", entry.ids[1]], "split": ["validation", "train"]}
     )
-    labels = load_labels(layout, sample_root, records)
+    labels = load_labels(layout, sample_root, wanted)
     assert labels[0].sum() == 25 and np.array_equal(labels[1], entry.arrays["labels"][1])
 
 
@@ -111,7 +111,7 @@ def test_input_cache_is_rebuilt_when_a_band_changes(small_data, tmp_path):
     unused = small_data / "validation" / first.ids[0] / "band_08.npy"
     again = ensure_inputs(layout, small_data, "validation", spec)
     assert again.path == first.path
-    direct = data.build_input(folder, spec)
+    direct = records.build_input(folder, spec)
     np.testing.assert_allclose(decode_inputs(again.arrays["inputs"][1]), direct, atol=0.5 / 255)
     assert not np.array_equal(again.arrays["inputs"][1], first.arrays["inputs"][1])
     # a band the spec does not read changes nothing

@@ -100,7 +100,7 @@ def test_oof_rows_are_the_fold_models_predictions(finished):
     from ensemble_kit.config import load_config
     from ensemble_kit.data.cache import decode_inputs, ensure_inputs
     from ensemble_kit.inference.tta import predict_inputs
-    from ensemble_kit.oof import to_uint8
+    from ensemble_kit.oof import to_codes
 
     layout, root, config_path = finished
     config = load_config(config_path)
@@ -111,7 +111,7 @@ def test_oof_rows_are_the_fold_models_predictions(finished):
             config, layout.fold_dir("quick", int(oof.folds[row])), torch.device("cpu")
         )
         x = torch.from_numpy(decode_inputs(entry.arrays["inputs"][entry.index_of([oof.ids[row]])]))
-        expected = to_uint8(predict_inputs([model], config, x))[0]
+        expected = to_codes(predict_inputs([model], config, x))[0]
         assert np.abs(expected.astype(int) - oof.probs[row]).max() <= 1
 
 
@@ -290,7 +290,7 @@ def test_tiny_config_learns_far_above_an_untrained_model(tmp_path, tiny_config_p
     from ensemble_kit.inference.tta import predict_inputs
     from ensemble_kit.metrics import best_threshold
     from ensemble_kit.models import build_model
-    from ensemble_kit.oof import to_uint8
+    from ensemble_kit.oof import to_codes
 
     data = tmp_path / "data"
     assert (
@@ -322,7 +322,7 @@ def test_tiny_config_learns_far_above_an_untrained_model(tmp_path, tiny_config_p
     oof = read_oof(layout, "tiny")
     entry = ensure_inputs(layout, data, "train", config.input)
     x = torch.from_numpy(entry.arrays["inputs"][entry.index_of(oof.ids)].astype(np.float32) / 255)
-    codes = to_uint8(predict_inputs([untrained_model], config, x))
+    codes = to_codes(predict_inputs([untrained_model], config, x))
     labels = load_labels(layout, data, pd.DataFrame({"record_id": oof.ids, "split": "train"}))
     untrained = best_threshold(codes, labels)[1]
     assert trained > 0.15 and trained > 5 * untrained, (trained, untrained)

@@ -12,15 +12,17 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from ensemble_kit import blend, metrics
+from ensemble_kit import metrics
 from ensemble_kit.blend import gallery, show
+from ensemble_kit.blend.rule import BlendRule
+from ensemble_kit.blend.run import run_blend
 from ensemble_kit.cli import main
 from ensemble_kit.data.cache import load_labels
 from ensemble_kit.data.records import list_records, load_mask
 from ensemble_kit.data.splits import HOLDOUT_FOLD, make_splits
 from ensemble_kit.files import digest_file, write_json
 from ensemble_kit.layout import Layout, fold_files, record_dir
-from ensemble_kit.oof import ArrayWriter, read_ids, read_oof, to_uint8, write_ids
+from ensemble_kit.oof import ArrayWriter, read_ids, read_oof, to_codes, write_ids
 
 CONFIGS = ("alpha", "beta")
 N_FOLDS = 3
@@ -34,7 +36,7 @@ def _write_config(layout, name, data_root, splits, rng, noise):
         (holdout, layout.holdout_npy(name), layout.holdout_ids(name), holdout[["record_id"]]),
     ):
         labels = load_labels(layout, data_root, part).astype(np.float32)
-        codes = to_uint8(labels * 0.6 + 0.15 + rng.normal(0, noise, labels.shape))
+        codes = to_codes(labels * 0.6 + 0.15 + rng.normal(0, noise, labels.shape))
         with ArrayWriter(npy, codes.shape) as writer:
             writer.write(slice(None), codes)
         write_ids(ids_path, ids)
@@ -53,7 +55,7 @@ def blended(synth_root, tmp_path_factory):
     rng = np.random.default_rng(0)
     for k, name in enumerate(CONFIGS):
         _write_config(layout, name, synth_root, splits, rng, 0.2 + 0.1 * k)
-    result = blend.run_blend(layout, steps=3)
+    result = run_blend(layout, steps=3)
     return layout, synth_root, splits, result
 
 
@@ -65,19 +67,17 @@ def _outcome_masks(outcome):
     return tp | fp, tp | fn
 
 
-def _reference_masks(layout, data_root, fields, set_name):
-    """apply_blend on all stored codes of a set at once, and the ids of its rows."""
+def _reference_masks(layout, rule, set_name):
+    """The rule applied to all stored codes of a set at once, and the ids of its rows: the
+    holdout (a set ek submit could predict) at its own threshold, the OOF at the chosen one."""
     if set_name == "oof":
         name_npy, ids_path = layout.oof_npy, layout.oof_ids
     else:
         name_npy, ids_path = layout.holdout_npy, layout.holdout_ids
-    codes = {n: np.load(name_npy(n)) for n in fields["configs"]}
-    threshold = None
-    if set_name == "holdout" and fields["threshold_mode"] == "top_fraction":
-        sums = blend.blend_sums(fields, codes)
-        threshold = blend.top_fraction_threshold(sums, fields["top_fraction"])
-    ids = read_ids(ids_path(next(iter(fields["configs"]))))["record_id"].tolist()
-    return blend.apply_blend(fields, codes, threshold), ids
+    codes = {n: np.load(name_npy(n)) for n in rule.weights}
+    threshold = None if set_name == "holdout" else rule.threshold_sum
+    ids = read_ids(ids_path(rule.members[0]))["record_id"].tolist()
+    return rule.apply(codes, threshold), ids
 
 
 def test_gallery_rows_draw_apply_blend_masks(blended):
@@ -86,8 +86,8 @@ def test_gallery_rows_draw_apply_blend_masks(blended):
     labels = load_labels(
         layout, data_root, pd.DataFrame({"record_id": chosen[0].ids, "split": "train"})
     )
-    rows = gallery.write_gallery(layout, data_root, fields, chosen, labels)
-    want, ids = _reference_masks(layout, data_root, fields, "oof")
+    rows = gallery.write_gallery(layout, data_root, fields.rule, chosen, labels)
+    want, ids = _reference_masks(layout, fields.rule, "oof")
     assert rows and {p.kind.split()[0] for p, _ in rows} >= {"worst", "best"}
     for panel, drawn in rows:
         predicted, truth = _outcome_masks(drawn["outcome"])
@@ -106,12 +106,12 @@ def test_gallery_counts_reproduce_the_blend_scores(blended):
     layout, _, splits, fields = blended
     folder = layout.blend_report_dir / "gallery"
     meta = json.loads((folder / "meta.json").read_text())
-    assert meta["sets"]["oof"]["dice"] == pytest.approx(fields["scores"]["blend_oof"], abs=1e-12)
-    assert meta["sets"]["holdout"]["dice"] == pytest.approx(fields["scores"]["holdout"], abs=1e-12)
+    assert meta["sets"]["oof"]["dice"] == pytest.approx(fields.scores["blend_oof"], abs=1e-12)
+    assert meta["sets"]["holdout"]["dice"] == pytest.approx(fields.scores["holdout"], abs=1e-12)
     records = read_ids(folder / "records.csv")
     assert sorted(records["record_id"]) == sorted(splits["record_id"])
     oof = records[records["set"] == "oof"]
-    assert 1 + oof["dice_contribution"].sum() == pytest.approx(fields["scores"]["blend_oof"])
+    assert 1 + oof["dice_contribution"].sum() == pytest.approx(fields.scores["blend_oof"])
     assert oof["dice_contribution"].is_monotonic_increasing
 
 
@@ -161,8 +161,9 @@ def _with_mode(layout, tmp_path, mode):
         return layout
     copy = Layout(tmp_path / "folds")
     shutil.copytree(layout.workdir, copy.workdir)
-    fields = json.loads(copy.blend_json.read_text())
-    write_json(copy.blend_json, {**fields, "threshold_mode": mode, "top_fraction": 0.01})
+    stored = json.loads(copy.blend_json.read_text())
+    stored["rule"] |= {"mode": mode, "top_fraction": 0.01}
+    write_json(copy.blend_json, stored)
     return copy
 
 
@@ -171,11 +172,11 @@ def _with_mode(layout, tmp_path, mode):
 def test_show_draws_the_stored_blend_with_the_exact_id(blended, tmp_path, set_name, mode):
     layout, data_root, splits, _ = blended
     layout = _with_mode(layout, tmp_path, mode)
-    fields = json.loads(layout.blend_json.read_text())
+    rule = BlendRule.load(layout.blend_json)
     in_set = (lambda f: f == HOLDOUT_FOLD) if set_name == "holdout" else (lambda f: f >= 0)
     rid = _big_id(splits, in_set)
     shown = show.show_record(layout, rid, out=tmp_path / "row.png")
-    want, ids = _reference_masks(layout, data_root, fields, set_name)
+    want, ids = _reference_masks(layout, rule, set_name)
     predicted, truth = _outcome_masks(shown.drawn["outcome"])
     np.testing.assert_array_equal(predicted, want[ids.index(rid)])
     split = "validation" if set_name == "holdout" else "train"

@@ -106,7 +106,7 @@ def trained(tmp_path_factory, synth_root):
     ek("blend", "--oof", "--workdir", workdir, "--steps", "4")
     blend_json = Layout(workdir).blend_json
     blend = json.loads(blend_json.read_text())
-    blend["configs"] = {"net": 1, "bands": 1}
+    blend["rule"]["weights"] = {"net": 1, "bands": 1}
     blend_json.write_text(json.dumps(blend))
     return workdir, synth_root
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ensemble_kit import blend
+from ensemble_kit.blend.verify import verify_blend
 from ensemble_kit.cli import main
 from ensemble_kit.errors import EkError
 from ensemble_kit.layout import Layout
@@ -49,7 +49,7 @@ def test_a_changed_file_is_reported_stale_downstream(tmp_path):
     done = json.loads((layout.fold_dir("quick", 0) / "DONE").read_text())
     assert "validation/labels" not in done["sources"]  # the holdout's labels only score
     assert ek("blend", "--oof", "--steps", "2").exit_code == 0
-    blend.verify_blend(layout)
+    verify_blend(layout)
 
     # a holdout label changes: the OOF summary is stale until ek cv re-scores it (no training)
     holdout_mask = sorted((data / "validation").glob("*/human_pixel_masks.npy"))[0]
@@ -61,7 +61,7 @@ def test_a_changed_file_is_reported_stale_downstream(tmp_path):
     assert ek(*cv).exit_code == 0
     assert (layout.fold_dir("quick", 0) / "best.pt").stat().st_mtime_ns == stamp
     with pytest.raises(EkError, match="stale blend.json: .*summary.json"):
-        blend.verify_blend(layout)  # what `ek submit` checks
+        verify_blend(layout)  # what `ek submit` checks
     assert ek("blend", "--oof", "--steps", "2").exit_code == 0
 
     # a training band changes: the folds were trained on other data

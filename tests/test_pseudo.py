@@ -21,7 +21,7 @@ from ensemble_kit.inference.checkpoints import load_fold_model
 from ensemble_kit.inference.tta import predict_inputs
 from ensemble_kit.layout import Layout, fold_files
 from ensemble_kit.models import build_model
-from ensemble_kit.oof import read_ids, to_uint8
+from ensemble_kit.oof import read_ids, to_codes
 from ensemble_kit.training import pseudo as pseudo_module
 from ensemble_kit.training.mixing import mixed_batches, mixed_loss, pseudo_count
 from ensemble_kit.training.pseudo import (
@@ -107,7 +107,7 @@ def expected_codes(layout, root, configs, record_ids, fold, target):
         entry = ensure_inputs(layout, root, "train", InputSpec(frames=WINDOWS[name][target]))
         x = to_float(torch.from_numpy(entry.arrays["inputs"][entry.index_of(record_ids)]))
         model = load_fold_model(configs[name], layout.fold_dir(name, fold), torch.device("cpu"))
-        sums = sums + weight * to_uint8(predict_inputs([model], configs[name], x)).astype(int)
+        sums = sums + weight * to_codes(predict_inputs([model], configs[name], x)).astype(int)
     return np.floor(sums / 3 + 0.5)  # round half up, as integer codes
 
 

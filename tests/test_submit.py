@@ -11,12 +11,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from ensemble_kit.blend.rule import BlendRule
 from ensemble_kit.cli import main
 from ensemble_kit.inference.ensemble import Timer, predict_codes
 from ensemble_kit.inference.rle import decode
 from ensemble_kit.inference.submit import load_ensemble
 from ensemble_kit.layout import Layout
-from ensemble_kit.oof import read_ids
+from ensemble_kit.oof import load_codes, read_ids
 
 CONFIG = """
 name: {name}
@@ -86,9 +87,9 @@ def test_submit_reproduces_holdout_codes_exactly(blended):
     batch size other than training's must not matter."""
     workdir, root = blended
     layout = Layout(workdir)
-    blend = json.loads(layout.blend_json.read_text())
-    ensemble = load_ensemble(layout, blend, torch.device("cpu"))
-    ids, codes = [], {name: [] for name in blend["configs"]}
+    rule = BlendRule.load(layout.blend_json)
+    ensemble = load_ensemble(layout, rule, torch.device("cpu"))
+    ids, codes = [], {name: [] for name in rule.weights}
     for batch_ids, batch in predict_codes(
         ensemble, root, "validation", 5, torch.device("cpu"), Timer()
     ):
@@ -100,6 +101,27 @@ def test_submit_reproduces_holdout_codes_exactly(blended):
         order = [holdout_ids.index(record_id) for record_id in ids]
         expected = np.load(layout.holdout_npy(name))[order]
         np.testing.assert_array_equal(np.concatenate(codes[name]), expected)
+
+
+def test_the_rule_on_holdout_codes_gives_exactly_the_submitted_masks(blended, tmp_path):
+    """BlendRule.load(blend.json).apply(every member's holdout.npy) == ek submit --split
+    validation, mask for mask."""
+    workdir, root = blended
+    layout = Layout(workdir)
+    out = tmp_path / "validation.csv"
+    ek("submit", "--workdir", workdir, "--data", root, "--split", "validation", "--out", out)
+    rule = BlendRule.load(layout.blend_json)
+    codes = {name: load_codes(layout.config_dir(name), "holdout") for name in rule.weights}
+    masks = rule.apply(codes)
+    holdout_ids = read_ids(layout.holdout_ids(rule.members[0]))["record_id"].tolist()
+    rows = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sorted(rows["record_id"]) == sorted(holdout_ids)
+    for record_id, rle in rows.itertuples(index=False):
+        want = masks[holdout_ids.index(record_id)]
+        np.testing.assert_array_equal(decode(rle, want.shape), want)
+    provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["rule"] == rule.to_dict()
+    assert provenance["threshold_sum_applied"] == rule.threshold_for(rule.histogram(codes))
 
 
 def test_stale_blend_is_refused(blended, tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ensemble_kit import data
 from ensemble_kit.config import InputSpec
+from ensemble_kit.data import records
 from ensemble_kit.data.synth import BANDS, record_ids, write_synthetic
 from ensemble_kit.errors import EkError
 
@@ -34,7 +34,7 @@ def synthetic(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _records(root: Path, split: str) -> list[Path]:
-    return [root / split / record_id for record_id in data.list_records(root, split)]
+    return [root / split / record_id for record_id in records.list_records(root, split)]
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -49,28 +49,28 @@ def test_returns_counts_and_writes_each_split(synthetic):
     root, summary = synthetic
     assert {split: summary[split] for split in COUNTS} == COUNTS
     for split, n in COUNTS.items():
-        assert len(data.list_records(root, split)) == n
+        assert len(records.list_records(root, split)) == n
     assert not [p for p in root.rglob(".*")]  # no temporary folders left behind
 
 
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_files_dtypes_and_shapes_match_kaggle(synthetic, split):
     root, _ = synthetic
-    expected = {data.band_file(band) for band in BANDS}
-    expected |= {data.MASK_FILE} if split != "test" else set()
-    expected |= {data.INDIVIDUAL_FILE} if split == "train" else set()
+    expected = {records.band_file(band) for band in BANDS}
+    expected |= {records.MASK_FILE} if split != "test" else set()
+    expected |= {records.INDIVIDUAL_FILE} if split == "train" else set()
     for folder in _records(root, split):
         assert {p.name for p in folder.iterdir()} == expected
         for band in BANDS:
-            values = np.load(folder / data.band_file(band))
+            values = np.load(folder / records.band_file(band))
             assert values.dtype == np.float32 and values.shape == (SIZE, SIZE, 8)
             assert np.isfinite(values).all() and 180 < values.min() and values.max() < 320
         if split != "test":
-            mask = np.load(folder / data.MASK_FILE)
+            mask = np.load(folder / records.MASK_FILE)
             assert mask.dtype == np.int32 and mask.shape == (SIZE, SIZE, 1)
             assert set(np.unique(mask)) <= {0, 1}
         if split == "train":
-            individual = np.load(folder / data.INDIVIDUAL_FILE)
+            individual = np.load(folder / records.INDIVIDUAL_FILE)
             assert individual.dtype == np.int32 and individual.shape[:3] == (SIZE, SIZE, 1)
             assert 3 <= individual.shape[3] <= 6
 
@@ -78,7 +78,9 @@ def test_files_dtypes_and_shapes_match_kaggle(synthetic, split):
 def test_band_levels_are_realistic(synthetic):
     root, _ = synthetic
     means = {
-        band: np.mean([np.load(f / data.band_file(band)).mean() for f in _records(root, "train")])
+        band: np.mean(
+            [np.load(f / records.band_file(band)).mean() for f in _records(root, "train")]
+        )
         for band in BANDS
     }
     assert 220 < means[8] < 245 and means[8] < means[9] < means[10]  # water vapour bands
@@ -91,13 +93,13 @@ def test_sample_submission_lists_every_test_id_with_empty_mask(synthetic):
     with open(root / "sample_submission.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["record_id", "encoded_pixels"]
-    assert sorted(r[0] for r in rows[1:]) == data.list_records(root, "test")
+    assert sorted(r[0] for r in rows[1:]) == records.list_records(root, "test")
     assert {r[1] for r in rows[1:]} == {"-"}
 
 
 def test_record_ids_are_unique_digit_strings_mostly_above_2_53(synthetic):
     root, _ = synthetic
-    ids = [i for split in COUNTS for i in data.list_records(root, split)]
+    ids = [i for split in COUNTS for i in records.list_records(root, split)]
     assert len(set(ids)) == len(ids) == sum(COUNTS.values())
     many = record_ids(500, seed=3)
     assert len(set(many)) == 500
@@ -120,7 +122,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_about_half_of_labelled_records_are_empty(synthetic):
     root, summary = synthetic
     folders = _records(root, "train") + _records(root, "validation")
-    empty = sum(not data.load_mask(f).any() for f in folders)
+    empty = sum(not records.load_mask(f).any() for f in folders)
     assert empty == summary["empty"]
     # Exactly half are drawn empty; a drawn positive loses its label only in rare cases.
     assert len(folders) // 2 <= empty <= len(folders) // 2 + 1
@@ -130,10 +132,10 @@ def test_aggregated_mask_is_majority_of_annotators_who_disagree(synthetic):
     root, _ = synthetic
     disagreements = 0
     for folder in _records(root, "train"):
-        individual = np.load(folder / data.INDIVIDUAL_FILE)[:, :, 0, :]
+        individual = np.load(folder / records.INDIVIDUAL_FILE)[:, :, 0, :]
         majority = 2 * individual.sum(axis=-1) > individual.shape[-1]
-        np.testing.assert_array_equal(data.load_mask(folder), majority.astype(np.uint8))
-        soft = data.load_soft_label(folder)
+        np.testing.assert_array_equal(records.load_mask(folder), majority.astype(np.uint8))
+        soft = records.load_soft_label(folder)
         disagreements += int(((soft > 0) & (soft < 1)).sum())
     assert disagreements > 0
 
@@ -143,20 +145,20 @@ def test_reader_accepts_every_split(synthetic):
     spec = InputSpec(channels="ash", frames=(3, 4, 5))
     for split in COUNTS:
         for folder in _records(root, split):
-            x = data.build_input(folder, spec)
+            x = records.build_input(folder, spec)
             assert x.shape == (9, SIZE, SIZE) and x.dtype == np.float32
             assert 0.0 <= x.min() and x.max() <= 1.0
-            assert data.has_labels(root, split, folder.name) == (split != "test")
+            assert records.has_labels(root, split, folder.name) == (split != "test")
     for folder in _records(root, "train"):
-        assert data.load_soft_label(folder).shape == (SIZE, SIZE)
-    assert all(data.load_soft_label(f) is None for f in _records(root, "validation"))
-    stats = data.band_statistics(_records(root, "train"), BANDS, (4,))
+        assert records.load_soft_label(folder).shape == (SIZE, SIZE)
+    assert all(records.load_soft_label(f) is None for f in _records(root, "validation"))
+    stats = records.band_statistics(_records(root, "train"), BANDS, (4,))
     assert all(std > 0 for std in stats["std"])
 
 
 def _positive_records(root: Path) -> list[tuple[Path, np.ndarray]]:
     folders = _records(root, "train") + _records(root, "validation")
-    pairs = [(f, data.load_mask(f).astype(bool)) for f in folders]
+    pairs = [(f, records.load_mask(f).astype(bool)) for f in folders]
     return [(f, m) for f, m in pairs if m.any()]
 
 
@@ -165,7 +167,7 @@ def test_contrails_show_in_the_ash_channels(synthetic):
     root, _ = synthetic
     contrast = []
     for folder, mask in _positive_records(root):
-        ash = data.build_input(folder, InputSpec(channels="ash", frames=(4,)))
+        ash = records.build_input(folder, InputSpec(channels="ash", frames=(4,)))
         ring = ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask)
         contrast.append([ash[c][mask].mean() - ash[c][ring].mean() for c in range(3)])
     red, green, blue = np.mean(contrast, axis=0)
@@ -193,7 +195,7 @@ def test_size_scales_the_images(tmp_path):
     write_synthetic(tmp_path, n_train=1, n_validation=0, n_test=0, size=48, seed=1)
     (folder,) = _records(tmp_path, "train")
     assert np.load(folder / "band_11.npy").shape == (48, 48, 8)
-    assert np.load(folder / data.INDIVIDUAL_FILE).shape[:2] == (48, 48)
+    assert np.load(folder / records.INDIVIDUAL_FILE).shape[:2] == (48, 48)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The prediction gallery of ``ek blend --oof`` and the one-record view of ``ek show``.
 
 ``ek blend --oof`` calls :func:`write_gallery`: it applies the blend to every OOF (and
-holdout) record with :func:`~ensemble_kit.blend.apply.apply_blend`, the code path of ``ek
+holdout) record with :meth:`~ensemble_kit.blend.rule.BlendRule.apply`, the code path of ``ek
 submit``, counts TP / FP / FN pixels per record, and draws one row per record for the records
 where the blend loses most (FP + FN pixels), a few where it does best and a few empty records
 it wrongly fills. ``ek show`` (:mod:`.show`) draws the same row for any record. Both read
@@ -35,7 +35,8 @@ from ..data.splits import HOLDOUT_FOLD, read_splits
 from ..files import atomic_path, digest_file, write_json
 from ..layout import Layout, record_dir
 from ..oof import write_ids
-from .apply import apply_blend, blend_histogram, blend_sums, top_fraction_threshold
+from ..plots import pyplot
+from .rule import BlendRule
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Panel:
     image: np.ndarray | None  # float32 (H, W, 3): ash false colour of the labelled frame
     label: np.ndarray | None = None  # uint8 (H, W) 0/1
     probability: np.ndarray | None = None  # float32 (H, W): blend sum / (255 * sum(w))
-    predicted: np.ndarray | None = None  # bool (H, W): apply_blend's final mask
+    predicted: np.ndarray | None = None  # bool (H, W): the rule's final mask
     denominator: int | None = None
     kind: str = ""  # the gallery row's reason, e.g. "worst 1"
     frames: np.ndarray | None = None  # float32 (8, H, W, 3) with --frames
@@ -168,9 +169,9 @@ def select_records(
 
 
 def set_counts(
-    blend: dict, codes: dict[str, np.ndarray], labels, threshold_sum: int | None = None
+    rule: BlendRule, codes: dict[str, np.ndarray], labels, threshold_sum: int
 ) -> np.ndarray:
-    """TP/FP/FN of :func:`apply_blend` on every record of a set, in batches: ``(N, 3)``.
+    """TP/FP/FN of :meth:`BlendRule.apply` on every record of a set, in batches: ``(N, 3)``.
 
     ``labels`` is anything sliceable to uint8 ``(n, H, W)`` in the rows of ``codes``.
     """
@@ -178,7 +179,7 @@ def set_counts(
     batches = [slice(lo, lo + BATCH) for lo in range(0, n, BATCH)]
     parts = [
         outcome_counts(
-            apply_blend(blend, {k: np.asarray(c[b]) for k, c in codes.items()}, threshold_sum),
+            rule.apply({k: np.asarray(c[b]) for k, c in codes.items()}, threshold_sum),
             labels[b],
         )
         for b in tqdm(batches, "gallery counts", unit="batch", leave=False, disable=n < 4096)
@@ -186,28 +187,28 @@ def set_counts(
     return np.concatenate(parts) if parts else np.zeros((0, 3), np.int64)
 
 
-def set_threshold(blend: dict, codes: dict[str, np.ndarray]) -> int | None:
-    """The threshold sum ``ek submit`` would use on this set: None (``blend.json``'s) in
-    ``value`` mode, the set's own top-fraction threshold in ``top_fraction`` mode."""
-    if blend["threshold_mode"] != "top_fraction":
-        return None
+def set_threshold(rule: BlendRule, codes: dict[str, np.ndarray]) -> int:
+    """The threshold sum ``ek submit`` would apply to this whole set
+    (:meth:`BlendRule.threshold_for` of the set's histogram)."""
+    if rule.mode != "top_fraction":
+        return rule.threshold_for()
     n = len(next(iter(codes.values())))
     histograms = [
-        blend_histogram(blend, {k: np.asarray(c[lo : lo + BATCH]) for k, c in codes.items()})
+        rule.histogram({k: np.asarray(c[lo : lo + BATCH]) for k, c in codes.items()})
         for lo in range(0, n, BATCH)
     ]
-    return top_fraction_threshold(np.sum(histograms, axis=0), blend["top_fraction"])
+    return rule.threshold_for(np.sum(histograms, axis=0))
 
 
 def blend_record(
-    blend: dict, codes: dict[str, np.ndarray], threshold_sum: int | None = None
+    rule: BlendRule, codes: dict[str, np.ndarray], threshold_sum: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Blended probability (float32) and final mask (bool, :func:`apply_blend`) of one
-    record's uint8 ``(H, W)`` codes per config."""
-    batch = {name: np.asarray(codes[name])[None] for name in blend["configs"]}
-    scale = 255.0 * sum(blend["configs"].values())
-    probability = (blend_sums(blend, batch)[0] / scale).astype(np.float32)
-    return probability, apply_blend(blend, batch, threshold_sum)[0]
+    """Blended probability (float32) and final mask (bool, :meth:`BlendRule.apply`) of one
+    record's uint8 ``(H, W)`` codes per member."""
+    batch = {name: np.asarray(codes[name])[None] for name in rule.weights}
+    scale = 255.0 * rule.weight_total
+    probability = (rule.sums(batch)[0] / scale).astype(np.float32)
+    return probability, rule.apply(batch, threshold_sum)[0]
 
 
 def false_colours(folder: Path, frames: tuple[int, ...]) -> np.ndarray | None:
@@ -242,15 +243,6 @@ def outcome_image(predicted: np.ndarray, label: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- drawing
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def panel_columns(panel: Panel) -> list[tuple[str, str, np.ndarray | None, dict]]:
     """``(key, column title, array, imshow options)`` of each image in a panel's first row."""
     columns: list[tuple[str, str, np.ndarray | None, dict]] = [
@@ -274,7 +266,7 @@ def draw_panel(panel: Panel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         (``image``, ``label``, ``probability``, ``outcome``, ``frames``; a key is absent when
         that column is not drawn).
     """
-    plt = _pyplot()
+    plt = pyplot()
     heights = (2,) if panel.frames is None else (2, 1)  # a frame is half a panel's width
     size = (FIGURE_WIDTH, ROW_HEIGHT * sum(heights) / 2)
     fig = plt.figure(figsize=size, dpi=DPI, layout="constrained")
@@ -307,7 +299,7 @@ def _imshow(ax, title: str, array: np.ndarray | None, style: dict) -> None:
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:
     """Save RGBA pixels as a PNG, atomically."""
-    plt = _pyplot()
+    plt = pyplot()
     with atomic_path(path) as tmp:
         plt.imsave(tmp, pixels, format="png")
     return Path(path)
@@ -346,32 +338,34 @@ def _stack(rows: list[np.ndarray]) -> np.ndarray:
 
 
 def write_gallery(
-    layout: Layout, data_root: Path, blend: dict, pool: list, labels: np.ndarray
+    layout: Layout, data_root: Path, rule: BlendRule, pool: list, labels: np.ndarray
 ) -> list[tuple[Panel, dict]]:
     """``ek blend --oof``'s gallery: counts of every record, then the selected rows drawn.
 
     Args:
         layout: The workdir :class:`~ensemble_kit.layout.Layout` (``blend.json`` written).
         data_root: Kaggle data folder (bands and labels).
-        blend: The ``blend.json`` dict.
+        rule: The chosen :class:`BlendRule`.
         pool: The :class:`~ensemble_kit.oof.OofSet` of every pooled config.
         labels: uint8 ``(N, H, W)`` labels of the OOF records, in OOF order.
 
     Returns:
         Each row's panel and the arrays it drew (see :func:`draw_panel`).
     """
-    chosen = [o for o in pool if o.name in blend["configs"]]
+    chosen = [o for o in pool if o.name in rule.weights]
     codes = {o.name: o.probs for o in chosen}
-    counts = set_counts(blend, codes, labels)
+    counts = set_counts(rule, codes, labels, rule.threshold_sum)  # the threshold chosen on OOF
     folder = layout.blend_report_dir / GALLERY_DIR
     tables = {"oof": (chosen[0].ids, chosen[0].folds, counts)}
-    tables.update(_holdout_table(layout, data_root, blend, chosen))
+    tables.update(_holdout_table(layout, data_root, rule, chosen))
     _write_tables(folder, layout.blend_json, tables)
     splits = _record_splits(layout)
     panels = []
     for kind, i in select_records(counts):
         rid = chosen[0].ids[i]
-        probability, predicted = blend_record(blend, {n: c[i] for n, c in codes.items()})
+        probability, predicted = blend_record(
+            rule, {n: c[i] for n, c in codes.items()}, rule.threshold_sum
+        )
         panel = Panel(rid, "oof", int(chosen[0].folds[i]), None, np.asarray(labels[i]))
         panel.probability, panel.predicted, panel.kind = probability, predicted, kind
         panel.denominator = dice_denominator(counts)
@@ -382,7 +376,7 @@ def write_gallery(
     return list(zip(panels, drawn))
 
 
-def _holdout_table(layout: Layout, data_root: Path, blend: dict, chosen: list) -> dict:
+def _holdout_table(layout: Layout, data_root: Path, rule: BlendRule, chosen: list) -> dict:
     """``{"holdout": (ids, folds, counts)}``, or nothing when a config has no holdout."""
     if any(o.holdout is None for o in chosen) or not chosen[0].holdout_ids:
         return {}
@@ -391,7 +385,7 @@ def _holdout_table(layout: Layout, data_root: Path, blend: dict, chosen: list) -
     records = pd.DataFrame({"record_id": ids, "split": [splits[r] for r in ids]})
     codes = {o.name: o.holdout for o in chosen}
     labels = load_labels(layout, data_root, records)
-    counts = set_counts(blend, codes, labels, set_threshold(blend, codes))
+    counts = set_counts(rule, codes, labels, set_threshold(rule, codes))
     return {"holdout": (ids, np.full(len(ids), HOLDOUT_FOLD), counts)}
 
 

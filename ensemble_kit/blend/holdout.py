@@ -11,7 +11,7 @@ blend's weights and postprocessing (chosen on OOF), :func:`check_holdout` gives
   ``CROSSFIT_REPEATS`` times (seeded); each half's best threshold is scored on the other
   half, the two halves' counts are pooled into one dice per split.
 
-Arrays in, numbers out; the search floor and :func:`~.apply.fraction_threshold` rule apply.
+Arrays in, numbers out; the search floor and :func:`~.rule.fraction_threshold` rule apply.
 """
 
 from __future__ import annotations

@@ -25,10 +25,11 @@ import numpy as np
 
 from ..metrics import dice_from_counts
 from .candidates import Candidates
+from .rule import MODES
 from .scorer import Scorer
 from .selection import Budget, best_prefix_weights, greedy_paths, refine_weights
 from .sets import FoldSets
-from .threshold import MODES, Choice, choose_threshold, heldout_counts, threshold_tables
+from .threshold import Choice, choose_threshold, heldout_counts, threshold_tables
 
 
 @dataclass(frozen=True)

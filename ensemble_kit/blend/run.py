@@ -7,26 +7,27 @@ import logging
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .. import report
 from ..data.cache import LabelReader
 from ..data.sources import changed_sources
 from ..errors import EkError
-from ..files import digest_json, write_json
+from ..files import digest_json
 from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
-from .apply import _digest, apply_blend, blend_histogram, floor_sum, fraction_threshold
+from . import report
 from .ensemble_search import SearchResult, search
 from .gallery import write_gallery
 from .holdout import CROSSFIT_SEED, check_holdout
+from .rule import THRESHOLD_SOURCES, BlendFile, BlendRule
+from .verify import member_digest
 
 log = logging.getLogger(__name__)
 
 
-THRESHOLD_SOURCES = ("oof", "holdout")
 GAP_WARNING = 0.005  # holdout's best dice above the OOF threshold's: warn past this
 PROJECTED_RECORDS = 2000  # about the hidden test set's size
 
@@ -39,7 +40,7 @@ def run_blend(
     refine: bool = False,
     max_seconds_per_record: float | None = None,
     threshold_from: str = "oof",
-) -> dict:
+) -> BlendFile:
     """``ek blend --oof``: search on every finished config's OOF, write blend.json and a report.
 
     Args:
@@ -54,7 +55,8 @@ def run_blend(
             fraction) is chosen; weights and postprocessing always come from OOF.
 
     Returns:
-        The blend dict, as written to ``layout.blend_json``.
+        The :class:`~.rule.BlendFile` written to ``layout.blend_json``: the rule, its scores,
+        cost and digests.
     """
     if steps < 1:
         raise EkError(f"--steps {steps}: the greedy selection needs at least 1 round")
@@ -82,20 +84,36 @@ def run_blend(
         costs=known,
         max_cost=max_seconds_per_record,
     )
-    blend = blend_dict(result, first.folds, _digests(layout, pool))
-    blend["cost"] = _cost_fields(pool, costs, blend, max_seconds_per_record)
-    _holdout_scores(layout, data_root, blend, result, pool, splits, threshold_from)
-    write_json(layout.blend_json, blend)
+    rule = rule_of(result)
+    scores = score_fields(result, first.folds)
+    cost = _cost_fields(pool, costs, rule, max_seconds_per_record)
+    rule = _holdout_scores(layout, data_root, rule, scores, result, pool, splits, threshold_from)
+    blend = BlendFile(rule, scores, cost, _digests(layout, pool))
+    blend.save(layout.blend_json)
     report.write_blend_report(layout.blend_report_dir, blend, result.curves)
-    write_gallery(layout, data_root, blend, pool, labels)
-    log.info(
-        "blend: wrote %s (nested dice %.4f)", layout.blend_json, blend["scores"]["nested"]["pooled"]
-    )
+    write_gallery(layout, data_root, rule, pool, labels)
+    log.info("blend: wrote %s (nested dice %.4f)", layout.blend_json, scores["nested"]["pooled"])
     return blend
 
 
-def blend_dict(result: SearchResult, folds: np.ndarray, digests: dict) -> dict:
-    """The ``blend.json`` content of a search result (threshold chosen on OOF)."""
+def rule_of(result: SearchResult) -> BlendRule:
+    """The rule a search chose on OOF."""
+    choice = result.choice
+    return BlendRule(
+        weights={name: int(w) for name, w in zip(result.names, choice.weights) if w > 0},
+        mode=result.mode,
+        threshold_sum=int(choice.threshold_sum),
+        top_fraction=choice.top_fraction if result.mode == "top_fraction" else None,
+        floor=int(result.floor),
+        min_pixels=int(choice.min_pixels),
+        min_component=int(choice.min_component),
+        threshold_from="oof",
+    )
+
+
+def score_fields(result: SearchResult, folds: np.ndarray) -> dict[str, Any]:
+    """The ``scores`` section of ``blend.json``: how the OOF choice scored, and how it was
+    reached (the holdout fields are filled later, when there is a holdout)."""
     choice, names, nested = result.choice, result.names, result.nested
     options = nested.option_scores()
     suffix = "+refine" if nested.refined else ""
@@ -129,20 +147,7 @@ def blend_dict(result: SearchResult, folds: np.ndarray, digests: dict) -> dict:
         "search_floor": result.floor / 255.0,
         "n_records": int(len(folds)),
     }
-    return {
-        "configs": {name: int(w) for name, w in zip(names, choice.weights) if w > 0},
-        "threshold_mode": result.mode,
-        "threshold_from": "oof",
-        "threshold_sum": int(choice.threshold_sum),
-        "threshold": result.threshold,
-        "top_fraction": choice.top_fraction if result.mode == "top_fraction" else None,
-        "threshold_floor_sum": result.floor * result.weight_total,
-        "min_pixels": choice.min_pixels,
-        "min_component": choice.min_component,
-        "cost": None,
-        "scores": scores,
-        "digests": digests,
-    }
+    return scores
 
 
 def _check_sources(layout, pool, data_root: Path) -> None:
@@ -181,8 +186,8 @@ def _read_costs(layout, pool, required: bool) -> dict[str, float | None]:
     return costs
 
 
-def _cost_fields(pool, costs: dict, blend: dict, limit: float | None) -> dict:
-    chosen = [costs[name] for name in blend["configs"]]
+def _cost_fields(pool, costs: dict, rule: BlendRule, limit: float | None) -> dict:
+    chosen = [costs[name] for name in rule.weights]
     total = None if any(c is None for c in chosen) else float(sum(chosen))
     return {
         "seconds_per_record": total,
@@ -193,23 +198,25 @@ def _cost_fields(pool, costs: dict, blend: dict, limit: float | None) -> dict:
     }
 
 
-def _holdout_scores(layout, data_root, blend, result, pool, splits, threshold_from) -> None:
-    """Holdout scores of the blend; with ``threshold_from == "holdout"`` also its threshold."""
-    chosen = [o for o in pool if o.name in blend["configs"]]
+def _holdout_scores(
+    layout, data_root, rule: BlendRule, scores: dict, result, pool, splits, threshold_from
+) -> BlendRule:
+    """Fill the holdout scores; returns the rule, with the holdout's threshold when
+    ``threshold_from == "holdout"``."""
+    chosen = [o for o in pool if o.name in rule.weights]
     if any(o.holdout is None for o in chosen) or not chosen[0].holdout_ids:
-        return
+        return rule
     labels = _load_labels(layout, data_root, chosen[0].holdout_ids, splits)
     check = check_holdout(
         [o.holdout for o in chosen],
         labels,
-        _chosen_only(result, blend),
+        _chosen_only(result, rule),
         result.mode,
         result.floor,
         crossfit=threshold_from == "holdout",
     )
-    weight_total = sum(blend["configs"].values())
-    blend["scores"]["holdout_threshold"] = {
-        "best_threshold": check.best_threshold_sum / (255.0 * weight_total),
+    scores["holdout_threshold"] = {
+        "best_threshold": check.best_threshold_sum / (255.0 * rule.weight_total),
         "best_threshold_sum": check.best_threshold_sum,
         "best_top_fraction": check.best_top_fraction,
         "best_dice": check.best_dice,
@@ -230,38 +237,39 @@ def _holdout_scores(layout, data_root, blend, result, pool, splits, threshold_fr
             "; consider --threshold-from holdout" if threshold_from == "oof" else "",
         )
     if threshold_from == "holdout":
-        _use_holdout_threshold(blend, check)
-    blend["scores"]["holdout"] = _holdout_dice(labels, blend, chosen)
+        rule = _use_holdout_threshold(rule, scores, check)
+    scores["holdout"] = holdout_dice(rule, {o.name: o.holdout for o in chosen}, labels)
+    return rule
 
 
-def _chosen_only(result: SearchResult, blend: dict):
-    keep = [result.names.index(name) for name in blend["configs"]]
+def _chosen_only(result: SearchResult, rule: BlendRule):
+    keep = [result.names.index(name) for name in rule.weights]
     return replace(result.choice, weights=result.choice.weights[keep])
 
 
-def _use_holdout_threshold(blend: dict, check) -> None:
-    weight_total = sum(blend["configs"].values())
-    blend["threshold_from"] = "holdout"
-    blend["threshold_sum"] = int(check.best_threshold_sum)
-    blend["threshold"] = check.best_threshold_sum / (255.0 * weight_total)
-    if blend["threshold_mode"] == "top_fraction":
-        blend["top_fraction"] = check.best_top_fraction
+def _use_holdout_threshold(rule: BlendRule, scores: dict, check) -> BlendRule:
     splits = np.array(check.crossfit)
-    blend["scores"]["holdout_crossfit"] = {
+    scores["holdout_crossfit"] = {
         "mean": float(splits.mean()),
         "std": float(splits.std(ddof=1)) if len(splits) > 1 else 0.0,
         "per_split": [float(d) for d in splits],
         "seed": CROSSFIT_SEED,
     }
+    return replace(
+        rule,
+        threshold_from="holdout",
+        threshold_sum=int(check.best_threshold_sum),
+        top_fraction=check.best_top_fraction if rule.mode == "top_fraction" else None,
+    )
 
 
 def _digests(layout, pool) -> dict:
     return {
         "splits": pool[0].summary.get("splits_digest"),
         "sources": {o.name: digest_json(o.summary.get("sources")) for o in pool},
-        "oof": {o.name: _digest(layout.oof_npy(o.name)) for o in pool},
+        "oof": {o.name: member_digest(layout.oof_npy(o.name)) for o in pool},
         "holdout": {
-            o.name: _digest(layout.holdout_npy(o.name)) for o in pool if o.holdout is not None
+            o.name: member_digest(layout.holdout_npy(o.name)) for o in pool if o.holdout is not None
         },
     }
 
@@ -359,23 +367,27 @@ def _labels_copy(layout, reader: LabelReader, n_rows: int, chunk: int = 256) -> 
         return np.load(handle.name, mmap_mode="r")
 
 
-def _holdout_dice(labels: np.ndarray, blend: dict, chosen: list, batch: int = 256) -> float:
-    """Global dice of the final blend on the holdout, through :func:`apply_blend` as submit does.
+def holdout_dice(
+    rule: BlendRule, codes: dict[str, np.ndarray], labels: np.ndarray, batch: int = 256
+) -> float:
+    """Global dice of the rule on a set, applied batch by batch as ``ek submit`` applies it:
+    the threshold from the whole set's histogram, then :meth:`BlendRule.apply` per batch.
 
     Honest with ``threshold_from == "oof"`` (no choice looked at the holdout).
     """
     batches = [slice(lo, lo + batch) for lo in range(0, len(labels), batch)]
-    threshold = None
-    if blend["threshold_mode"] == "top_fraction":
-        counts = np.sum(
-            [blend_histogram(blend, {o.name: o.holdout[b] for o in chosen}) for b in batches],
-            axis=0,
-        )
-        threshold = fraction_threshold(counts, blend["top_fraction"], floor_sum(blend))
+    histogram = None
+    if rule.mode == "top_fraction":
+        histogram = np.sum([rule.histogram(_rows(codes, b)) for b in batches], axis=0)
+    threshold = rule.threshold_for(histogram)
     tp = n_pred = 0
     for b in batches:
-        predicted = apply_blend(blend, {o.name: o.holdout[b] for o in chosen}, threshold)
+        predicted = rule.apply(_rows(codes, b), threshold)
         tp += int(np.count_nonzero(predicted & (labels[b] > 0)))
         n_pred += int(np.count_nonzero(predicted))
     n_true = int(np.count_nonzero(labels))
     return dice_from_counts(tp, n_pred - tp, n_true - tp)
+
+
+def _rows(codes: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+    return {name: np.asarray(member[rows]) for name, member in codes.items()}

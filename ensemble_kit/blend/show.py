@@ -2,7 +2,7 @@
 
 A pool or holdout record gets the row that :mod:`.gallery` draws (ash false colour, label,
 blended probability, TP/FP/FN mask) computed from its stored uint8 codes with
-:func:`~ensemble_kit.blend.apply.apply_blend`; its dice contribution needs the set totals that
+:meth:`~ensemble_kit.blend.rule.BlendRule.apply`; its dice contribution needs the set totals that
 ``ek blend --oof`` wrote to ``folds/blend/gallery/meta.json``. A test record gets its false
 colour only: ``ek submit`` keeps no test-set probabilities. Nothing is predicted or trained.
 """
@@ -20,7 +20,6 @@ from ..errors import EkError
 from ..files import digest_file
 from ..layout import Layout, record_dir
 from ..oof import read_oof
-from .apply import verify_blend
 from .gallery import (
     GALLERY_DIR,
     META_JSON,
@@ -31,6 +30,8 @@ from .gallery import (
     set_threshold,
     write_png,
 )
+from .rule import BlendRule
+from .verify import verify_blend
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,9 @@ def _locate(layout: Layout, record_id: str, data_root: Path | None) -> tuple[str
     )
 
 
-def _set_panel(layout: Layout, blend: dict, record_id: str, set_name: str) -> Panel:
+def _set_panel(layout: Layout, rule: BlendRule, record_id: str, set_name: str) -> Panel:
     """The panel of a pool or holdout record, without images or label."""
-    chosen = [read_oof(layout, name) for name in blend["configs"]]
+    chosen = [read_oof(layout, name) for name in rule.weights]
     first = chosen[0]
     if set_name == "oof":
         ids, source = first.ids, layout.oof_ids(first.name)
@@ -115,8 +116,8 @@ def _set_panel(layout: Layout, blend: dict, record_id: str, set_name: str) -> Pa
     if record_id not in ids:
         raise EkError(f"record {record_id}: in {layout.splits_csv} but not in {source}")
     i = ids.index(record_id)
-    threshold = set_threshold(blend, codes) if set_name == "holdout" else None
-    probability, predicted = blend_record(blend, {n: c[i] for n, c in codes.items()}, threshold)
+    threshold = set_threshold(rule, codes) if set_name == "holdout" else rule.threshold_sum
+    probability, predicted = blend_record(rule, {n: c[i] for n, c in codes.items()}, threshold)
     fold = int(first.folds[i]) if set_name == "oof" else HOLDOUT_FOLD
     panel = Panel(record_id, set_name, fold, None, None, probability, predicted)
     panel.denominator = _stored_denominator(layout, set_name)

@@ -14,14 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..levels import component_levels, descending_order, min_pixel_levels
-from .apply import fraction_threshold
 from .kernels import _best_per_set, _pair_histograms, fold_histograms, weighted_sum
+from .rule import fraction_threshold
 from .sets import FoldSets
 
 if TYPE_CHECKING:  # annotations only: ``ek submit`` loads this module, but no candidate code
     from .candidates import Candidates
-
-MODES = ("value", "top_fraction")
 
 
 @dataclass
@@ -139,7 +137,7 @@ def choose_threshold(
 def applied_threshold(choice: Choice, fold: int, mode: str, lowest: int, fold_pixels: int) -> int:
     """The threshold on ``S`` a choice applies to one fold, in ``value`` or ``top_fraction`` mode.
 
-    ``top_fraction`` applies :func:`~.apply.fraction_threshold` to the fold, the rule
+    ``top_fraction`` applies :func:`~.rule.fraction_threshold` to the fold, the rule
     holdout and submission apply too.
     """
     if mode == "value":

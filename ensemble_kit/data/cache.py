@@ -40,6 +40,7 @@ from ..config import InputSpec
 from ..errors import EkError
 from ..files import digest_json, write_json
 from ..layout import Layout, record_dir
+from ..oof import from_codes, to_codes
 from .records import (
     MASK_FILE,
     N_FRAMES,
@@ -89,7 +90,7 @@ def input_dtype(spec: InputSpec) -> np.dtype:
 def decode_inputs(raw: np.ndarray) -> np.ndarray:
     """Cached inputs back to float32 values."""
     if raw.dtype == np.uint8:
-        return raw.astype(np.float32) / 255.0
+        return from_codes(raw)
     return raw.astype(np.float32)
 
 
@@ -234,7 +235,7 @@ class _InputFiller:
             values = build_input(folder, self.spec, self.stats)
             if values.shape != out.shape[1:]:
                 raise EkError(f"{folder}: input shape {values.shape} differs from {out.shape[1:]}")
-            out[row] = np.rint(values * 255.0) if out.dtype == np.uint8 else values
+            out[row] = to_codes(values) if out.dtype == np.uint8 else values
 
 
 def _fill_labels(arrays: dict[str, np.ndarray], rows: range, folders: list[Path]) -> None:
@@ -244,7 +245,7 @@ def _fill_labels(arrays: dict[str, np.ndarray], rows: range, folders: list[Path]
             raise EkError(f"{folder / MASK_FILE}: shape {mask.shape} differs from the others")
         soft = load_soft_label(folder)
         arrays["labels"][row] = mask
-        arrays["soft"][row] = mask * 255 if soft is None else np.rint(soft * 255.0)
+        arrays["soft"][row] = mask * 255 if soft is None else to_codes(soft)
 
 
 def _run_chunk(task: tuple) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..blend.rule import BlendRule
 from ..config import config_from_dict
 from ..errors import EkError
 from ..layout import bundle_files, bundle_model
@@ -47,11 +48,12 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
-def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, dict]:
+def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, BlendRule]:
     """Every traced fold model of every config with non-zero weight in the bundle's blend.
 
     Returns:
-        ``(ensemble, blend)``: the models on ``device`` in eval mode, and ``blend.json``.
+        ``(ensemble, rule)``: the models on ``device`` in eval mode, and ``blend.json``'s
+        :class:`~ensemble_kit.blend.rule.BlendRule`.
 
     Raises:
         EkError: a file is missing or unreadable, the bundle is not TorchScript, or the blend
@@ -66,10 +68,12 @@ def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, dic
             "needs TorchScript (ek export --format torchscript)"
         )
     _warn_if_older_torch(manifest.get("torch"))
-    blend = read_json(files["blend"], "run `ek blend --oof`, then `ek export`")
+    if not files["blend"].is_file():
+        raise EkError(f"{files['blend']}: missing; run `ek blend --oof`, then `ek export`")
+    rule = BlendRule.load(files["blend"])
     configs, stats, sides = {}, {}, {}
     models: dict[str, list[torch.nn.Module]] = {}
-    for name in blend.get("configs", {}):
+    for name in rule.weights:
         entry = manifest.get("configs", {}).get(name)
         if entry is None:
             raise EkError(
@@ -84,7 +88,7 @@ def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, dic
         models[name] = [
             _load_traced(bundle_model(folder, name, k), device) for k in range(manifest["n_folds"])
         ]
-    return Ensemble(configs, models, stats, sides), blend
+    return Ensemble(configs, models, stats, sides), rule
 
 
 def _warn_if_older_torch(exported_with: str | None) -> None:
@@ -135,10 +139,10 @@ def predict_bundle(
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
-    ensemble, blend = load_bundle(folder, torch_device)
+    ensemble, rule = load_bundle(folder, torch_device)
     load_seconds = time.perf_counter() - started
     result = predict_submission(
-        ensemble, blend, Path(data_root), split, Path(out), batch_size, torch_device
+        ensemble, rule, Path(data_root), split, Path(out), batch_size, torch_device
     )
     result.update(
         device=str(torch_device),

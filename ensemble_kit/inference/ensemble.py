@@ -7,7 +7,7 @@ Every fold model runs the config's TTA on its own and the fold models' probabili
 averaged in fold order with the float32 ``np.mean`` that built ``holdout.npy``, then stored
 as uint8 codes. So ``ek submit --split validation`` reproduces ``holdout.npy`` code for code,
 and the blend, threshold and postprocessing chosen by ``ek blend`` apply unchanged
-(:func:`ensemble_kit.blend.apply.apply_blend` is the one code path).
+(:meth:`ensemble_kit.blend.rule.BlendRule.apply` is the one code path).
 
 The models come in already built, so nothing here imports what Kaggle's image lacks (timm,
 segmentation_models_pytorch, huggingface_hub, scikit-learn, matplotlib).
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..blend.apply import apply_blend, blend_histogram, top_fraction_threshold
+from ..blend.rule import BlendRule
 from ..config import Config, InputSpec
 from ..data.cache import input_dtype
 from ..data.loader import to_float
@@ -34,7 +34,7 @@ from ..data.records import build_input, list_records
 from ..errors import EkError
 from ..files import atomic_path
 from ..layout import record_dir
-from ..oof import to_uint8
+from ..oof import to_codes
 from .rle import encode
 from .submission import check_submission, write_submission
 from .tta import predict_inputs
@@ -92,7 +92,7 @@ def quantise_input(values: np.ndarray, spec: InputSpec) -> np.ndarray:
     """A record's float32 input as the input cache stores it: uint8 ``round(x * 255)`` where
     values lie in [0, 1], float16 otherwise (:func:`ensemble_kit.data.cache.input_dtype`)."""
     if input_dtype(spec) == np.uint8:
-        return np.rint(values * 255.0).astype(np.uint8)
+        return to_codes(values)
     return values.astype(np.float16)
 
 
@@ -116,7 +116,7 @@ def fold_mean_codes(models: Sequence[torch.nn.Module], config: Config, x: torch.
     """uint8 codes ``(B, H, W)`` of the mean of the fold models' probabilities, computed as
     ``holdout.npy`` is: each model with the config's TTA on its own, then ``np.mean`` in fold
     order."""
-    return to_uint8(np.mean([predict_inputs([model], config, x) for model in models], axis=0))
+    return to_codes(np.mean([predict_inputs([model], config, x) for model in models], axis=0))
 
 
 def predict_codes(
@@ -152,7 +152,7 @@ def predict_codes(
 
 def predict_submission(
     ensemble: Ensemble,
-    blend: dict,
+    rule: BlendRule,
     data_root: Path,
     split: str,
     out: Path,
@@ -166,12 +166,13 @@ def predict_submission(
     it replaces ``out``, so a failed run never leaves a half-written or invalid file.
 
     Returns:
-        ``{"ids", "records", "seconds", "records_per_second", "seconds_by_stage", "check"}``.
+        ``{"ids", "threshold_sum", "records", "seconds", "records_per_second",
+        "seconds_by_stage", "check"}``; ``threshold_sum`` is the threshold applied.
     """
     started, timer = time.perf_counter(), Timer()
     device = device or torch.device("cpu")
     batches = predict_codes(ensemble, data_root, split, batch_size, device, timer, progress)
-    ids, rles, shape = blend_batches(blend, batches, timer)
+    ids, rles, shape, threshold = blend_batches(rule, batches, timer)
     out = Path(out)
     with atomic_path(out) as tmp:
         write_submission(tmp, ids, rles)
@@ -179,6 +180,7 @@ def predict_submission(
     seconds = time.perf_counter() - started
     return {
         "ids": ids,
+        "threshold_sum": threshold,
         "records": len(ids),
         "seconds": seconds,
         "records_per_second": len(ids) / max(seconds, 1e-9),
@@ -188,36 +190,42 @@ def predict_submission(
 
 
 def blend_batches(
-    blend: dict, batches: Iterable, timer: Timer
-) -> tuple[list[str], list[str], tuple[int, ...]]:
-    """Threshold, postprocess and encode batch by batch; top-fraction mode first collects the
-    blend sums of the whole split in a temporary memmap to find its threshold."""
-    if blend["threshold_mode"] == "top_fraction":
-        return _blend_top_fraction(blend, batches, timer)
+    rule: BlendRule, batches: Iterable, timer: Timer
+) -> tuple[list[str], list[str], tuple[int, ...], int]:
+    """Threshold, postprocess and encode batch by batch (:meth:`BlendRule.apply`);
+    ``top_fraction`` mode first stores the whole split's codes in a temporary file, to take
+    the threshold from the split's histogram.
+
+    Returns:
+        ``(ids, rles, mask shape, the threshold sum applied)``.
+    """
+    if rule.mode == "top_fraction":
+        return _blend_top_fraction(rule, batches, timer)
     ids: list[str] = []
     rles: list[str] = []
     shape: tuple[int, ...] = (256, 256)
+    threshold = rule.threshold_for()
     for batch_ids, codes in batches:
         clock = time.perf_counter()
-        masks = apply_blend(blend, codes)
+        masks = rule.apply(codes, threshold)
         ids += batch_ids
         rles += [encode(mask) for mask in masks]
         shape = masks.shape[1:]
         timer.add("encode", clock)
-    return ids, rles, shape
+    return ids, rles, shape, threshold
 
 
-def _blend_top_fraction(blend: dict, batches: Iterable, timer: Timer):
-    weights = blend["configs"]
+def _blend_top_fraction(rule: BlendRule, batches: Iterable, timer: Timer):
+    members = rule.members
     ids: list[str] = []
     shape: tuple[int, ...] = (256, 256)
     with tempfile.TemporaryDirectory(prefix="ek-submit-") as scratch:
-        paths = {name: Path(scratch) / f"{i}.u8" for i, name in enumerate(weights)}
+        paths = {name: Path(scratch) / f"{i}.u8" for i, name in enumerate(members)}
         handles = {name: open(path, "wb") for name, path in paths.items()}
         for batch_ids, codes in batches:
             ids += batch_ids
-            shape = codes[next(iter(weights))].shape[1:]
-            for name in weights:
+            shape = codes[members[0]].shape[1:]
+            for name in members:
                 handles[name].write(np.ascontiguousarray(codes[name]).tobytes())
         for handle in handles.values():
             handle.close()
@@ -225,20 +233,18 @@ def _blend_top_fraction(blend: dict, batches: Iterable, timer: Timer):
             n: np.memmap(p, np.uint8, "r", shape=(len(ids), *shape)) for n, p in paths.items()
         }
         step = TOP_FRACTION_CHUNK
-        histogram = np.zeros(255 * sum(weights.values()) + 1, dtype=np.int64)
+        histogram = np.zeros(255 * rule.weight_total + 1, dtype=np.int64)
         for start in range(0, len(ids), step):
-            histogram += blend_histogram(
-                blend, {n: stored[n][start : start + step] for n in weights}
-            )
-        threshold = top_fraction_threshold(histogram, blend["top_fraction"])
+            histogram += rule.histogram({n: stored[n][start : start + step] for n in members})
+        threshold = rule.threshold_for(histogram)
         rles = []
         for start in range(0, len(ids), step):
             clock = time.perf_counter()
-            chunk = {n: np.asarray(stored[n][start : start + step]) for n in weights}
-            rles += [encode(mask) for mask in apply_blend(blend, chunk, threshold_sum=threshold)]
+            chunk = {n: np.asarray(stored[n][start : start + step]) for n in members}
+            rles += [encode(mask) for mask in rule.apply(chunk, threshold)]
             timer.add("encode", clock)
         del stored
-    return ids, rles, shape
+    return ids, rles, shape, threshold
 
 
 def _log_progress(loader: DataLoader) -> Iterator:

@@ -13,7 +13,6 @@ compared with its eager original on sample inputs, failing loudly beyond toleran
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import warnings
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..blend.rule import BlendRule
 from ..config import Config, load_config, resolved_dict
 from ..data.cache import band_stats
 from ..data.splits import read_meta
@@ -178,7 +178,7 @@ def _export_onnx(model, inputs: torch.Tensor, path: Path) -> float:
 
 def _blended_names(layout: Layout) -> list[str]:
     if layout.blend_json.is_file():
-        return list(json.loads(layout.blend_json.read_text())["configs"])
+        return BlendRule.load(layout.blend_json).members
     names = [n for n in layout.config_names() if layout.summary(n).is_file()]
     if not names:
         raise EkError(f"{layout.workdir}: no finished configs to export; run `ek cv` first")

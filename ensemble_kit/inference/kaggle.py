@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..blend.apply import verify_blend
+from ..blend.verify import verify_blend
 from ..data.records import list_records
 from ..data.splits import read_meta
 from ..errors import EkError
@@ -100,8 +100,8 @@ def build_kaggle_bundle(request: KaggleRequest) -> dict:
     _check_names(request.slug, request.title)
     out = Path(request.out)
     _check_out(out)
-    blend = verify_blend(request.layout)
-    manifest = export_models(request.layout, "torchscript", list(blend["configs"]), out_dir=out)
+    rule = verify_blend(request.layout)
+    manifest = export_models(request.layout, "torchscript", rule.members, out_dir=out)
     for old in out.glob(f"{DIST}-*.whl"):
         old.unlink()
     wheel = build_wheel(out)

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__
-from ..blend.apply import verify_blend
+from ..blend.rule import BlendRule
+from ..blend.verify import verify_blend
 from ..config import load_config, tta_list
 from ..data.cache import band_stats
 from ..data.records import has_labels, load_mask
@@ -51,12 +52,12 @@ class SubmitRequest:
     exported: bool = False
 
 
-def load_ensemble(layout: Layout, blend: dict, device: torch.device) -> Ensemble:
+def load_ensemble(layout: Layout, rule: BlendRule, device: torch.device) -> Ensemble:
     """Every fold checkpoint of every blended config, loaded once (no network: the
     architecture is built without pretrained weights)."""
     configs, models, stats = {}, {}, {}
     meta = read_meta(layout)
-    for name in blend["configs"]:
+    for name in rule.weights:
         config = load_config(layout.config_dir(name) / "config.yaml")
         configs[name] = config
         models[name] = [
@@ -83,18 +84,18 @@ def load_exported_ensemble(layout: Layout, device: torch.device) -> Ensemble:
 def run_submit(request: SubmitRequest) -> dict:
     """Predict a split, validate the CSV, write it atomically; returns the provenance."""
     layout = request.layout
-    blend = verify_blend(layout)
+    rule = verify_blend(layout)
     data_root = Path(request.data_root or read_meta(layout)["data_root"])
     device = resolve_device(request.device)
     started = time.perf_counter()
     if request.exported:
         ensemble = load_exported_ensemble(layout, device)
     else:
-        ensemble = load_ensemble(layout, blend, device)
+        ensemble = load_ensemble(layout, rule, device)
     progress = functools.partial(tqdm, desc=f"predict {request.split}", unit="batch", leave=False)
     result = predict_submission(
         ensemble,
-        blend,
+        rule,
         data_root,
         request.split,
         Path(request.out),
@@ -103,7 +104,7 @@ def run_submit(request: SubmitRequest) -> dict:
         progress,
     )
     ids = result["ids"]
-    provenance = _provenance(layout, blend, ensemble, request, result, started)
+    provenance = _provenance(layout, rule, ensemble, request, result, started)
     if request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
         provenance["dice"] = _dice_against_masks(request.out, data_root, request.split, ids)
     write_json(Path(request.out).with_suffix(".json"), provenance)
@@ -123,7 +124,7 @@ def _dice_against_masks(path: Path, data_root: Path, split: str, ids: list[str])
     return dice_from_counts(tp, n_pred - tp, n_true - tp)
 
 
-def _provenance(layout, blend, ensemble, request, result, started) -> dict:
+def _provenance(layout, rule: BlendRule, ensemble, request, result, started) -> dict:
     total = time.perf_counter() - started
     return {
         "submission": str(request.out),
@@ -132,16 +133,18 @@ def _provenance(layout, blend, ensemble, request, result, started) -> dict:
         "blend_json_digest": digest_file(layout.blend_json),
         "configs": {
             n: {
-                "weight": blend["configs"][n],
+                "weight": rule.weights[n],
                 "folds": len(ensemble.models[n]),
                 "tta": list(tta_list(c)),
                 "tta_merge": c.tta_merge,
             }
             for n, c in ensemble.configs.items()
         },
-        "threshold": blend.get("threshold"),
-        "min_pixels": blend.get("min_pixels"),
-        "min_component": blend.get("min_component"),
+        "rule": rule.to_dict(),
+        "threshold_sum_applied": result["threshold_sum"],
+        "threshold": result["threshold_sum"] / (255.0 * rule.weight_total),
+        "min_pixels": rule.min_pixels,
+        "min_component": rule.min_component,
         "exported": request.exported,
         "version": __version__,
         "seconds": total,

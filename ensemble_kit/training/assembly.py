@@ -21,8 +21,8 @@ from ..data.splits import HOLDOUT_FOLD
 from ..files import digest_file, write_json
 from ..layout import Layout, fold_files
 from ..metrics import best_from_counts, dice_from_counts, threshold_sweep
-from ..oof import ArrayWriter, missing_folds, to_uint8, write_ids
-from ..report import plot_training_curves
+from ..oof import ArrayWriter, missing_folds, to_codes, write_ids
+from .curves import plot_training_curves
 from .provenance import summary_sources
 from .status import where_running
 
@@ -93,7 +93,7 @@ def _assemble_holdout(layout: Layout, name: str, n_folds: int, n_rows: int, side
         for start in range(0, n_rows, ROW_CHUNK):
             chunk = slice(start, min(start + ROW_CHUNK, n_rows))
             mean = np.mean([p[chunk].astype(np.float32) for p in parts], axis=0)
-            writer.write(chunk, to_uint8(mean))
+            writer.write(chunk, to_codes(mean))
 
 
 def _dice_of(

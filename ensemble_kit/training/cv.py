@@ -34,7 +34,7 @@ from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files
 from ..models import check_pretrained_weights
-from ..oof import ArrayWriter, to_uint8
+from ..oof import ArrayWriter, to_codes
 from ..runtime import resolve_device
 from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
@@ -326,7 +326,7 @@ def _write_parts(config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySe
     clock = {"seconds": 0.0, "records": 0}
     with ArrayWriter(fold_files(fold_dir)["oof_part"], (len(val), side, side)) as writer:
         for rows, probs in _timed(predict_set([model], config, val, device, batch), clock):
-            writer.write(rows, to_uint8(probs))
+            writer.write(rows, to_codes(probs))
     if len(holdout):
         with atomic_path(fold_files(fold_dir)["holdout_part"]) as tmp:
             out = np.lib.format.open_memmap(

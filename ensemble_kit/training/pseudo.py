@@ -39,7 +39,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from ..blend.apply import blend_sums, verify_blend
+from ..blend.rule import BlendRule
+from ..blend.verify import verify_blend
 from ..config import Config, InputSpec, load_config
 from ..data.cache import ensure_inputs
 from ..data.loader import ArraySet, to_float
@@ -50,7 +51,7 @@ from ..files import digest_file, write_json
 from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files, pseudo_files
-from ..oof import read_ids, to_uint8, write_ids
+from ..oof import read_ids, to_codes, write_ids
 from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,14 @@ def run_pseudo(request: PseudoRequest) -> dict:
     """Write the pseudo-label set (or reuse an identical one); returns its manifest."""
     layout, name = request.layout, check_name(request.name)
     frames = check_frames(tuple(request.frames))
-    blend = verify_blend(layout)
+    rule = verify_blend(layout)
     splits, meta = ensure_splits(layout, request.data_root, None)
     data_root = Path(request.data_root or meta["data_root"])
-    source = _source(layout, blend, frames)
+    source = _source(layout, rule, frames)
     existing = _existing_manifest(layout, name, source)
     if existing is not None:
         return existing
-    configs = {c: load_config(layout.config_dir(c) / "config.yaml") for c in blend["configs"]}
+    configs = {c: load_config(layout.config_dir(c) / "config.yaml") for c in rule.weights}
     windows, clamped = windows_of(configs, frames)
     pool = splits[splits["fold"] != HOLDOUT_FOLD].reset_index(drop=True)
     pool["label_row"] = np.arange(len(pool))
@@ -149,7 +150,7 @@ def run_pseudo(request: PseudoRequest) -> dict:
     tmp.mkdir(parents=True)
     try:
         device = resolve_device(request.device)
-        models = _predict_all(layout, data_root, blend, configs, pool, frames, device, tmp)
+        models = _predict_all(layout, data_root, rule, configs, pool, frames, device, tmp)
         manifest = {
             "name": name,
             **source,
@@ -169,13 +170,13 @@ def run_pseudo(request: PseudoRequest) -> dict:
     return manifest
 
 
-def _source(layout: Layout, blend: dict, frames: tuple[int, ...]) -> dict:
+def _source(layout: Layout, rule: BlendRule, frames: tuple[int, ...]) -> dict:
     """What identifies a pseudo-label set: the blend it came from, the frames, the splits."""
     return {
         "blend_digest": digest_file(layout.blend_json),
         "frames": list(frames),
         "splits_digest": digest_file(layout.splits_csv),
-        "weights": dict(blend["configs"]),
+        "weights": dict(rule.weights),
     }
 
 
@@ -193,7 +194,7 @@ def _existing_manifest(layout: Layout, name: str, source: dict) -> dict | None:
     )
 
 
-def _predict_all(layout, data_root, blend, configs, pool, frames, device, folder) -> dict:
+def _predict_all(layout, data_root, rule, configs, pool, frames, device, folder) -> dict:
     """Fill ``labels.npy`` fold by fold; returns the models of each fold (provenance)."""
     labels, models_of = None, {}
     for fold in sorted(pool["fold"].unique()):
@@ -216,7 +217,7 @@ def _predict_all(layout, data_root, blend, configs, pool, frames, device, folder
                     dtype=np.uint8,
                     shape=(len(pool), len(frames), side, side),
                 )
-            _predict_frame(blend, configs, models, sets, records, labels, f, device)
+            _predict_frame(rule, configs, models, sets, records, labels, f, device)
             log.info("pseudo: fold %d frame %d done", fold, target)
     assert labels is not None  # the pool has records, so one frame was written
     labels.flush()
@@ -224,9 +225,9 @@ def _predict_all(layout, data_root, blend, configs, pool, frames, device, folder
     return models_of
 
 
-def _predict_frame(blend, configs, models, sets, records, labels, f, device) -> None:
+def _predict_frame(rule, configs, models, sets, records, labels, f, device) -> None:
     """Blend codes of one fold's records at one target frame, written to ``labels[:, f]``."""
-    total = sum(blend["configs"].values())
+    total = rule.weight_total
     batch = max(1, min(cfg.train.batch_size for cfg in configs.values()))
     rows = records["label_row"].to_numpy()
     for start in tqdm(range(0, len(rows), batch), desc="pseudo", unit="batch", leave=False):
@@ -235,8 +236,8 @@ def _predict_frame(blend, configs, models, sets, records, labels, f, device) -> 
         for name, config in configs.items():
             inputs, _ = sets[name].read(members)
             x = to_float(torch.from_numpy(inputs).to(device))
-            codes[name] = to_uint8(predict_inputs(models[name], config, x))
-        sums = blend_sums(blend, codes)
+            codes[name] = to_codes(predict_inputs(models[name], config, x))
+        sums = rule.sums(codes)
         labels[rows[members], f] = ((sums + total // 2) // total).astype(np.uint8)
 
 

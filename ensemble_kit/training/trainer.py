@@ -27,6 +27,7 @@ from ..geometry import shift_label
 from ..layout import fold_files
 from ..metrics import best_threshold
 from ..models import build_model
+from ..oof import to_codes
 from ..runtime import Runtime, resolve_runtime
 from .augment import Augmenter
 from .averaging import average_top_k, keep_top_k
@@ -271,7 +272,7 @@ def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
         probs = torch.sigmoid(logits.float())
         if trainer.config.label.shift_correct:
             probs = shift_label(probs, 0.5, 0.5)
-        codes.append(torch.round(probs[:, 0] * 255).to(torch.uint8).cpu().numpy())
+        codes.append(to_codes(probs[:, 0]).cpu().numpy())
         targets.append(labels.numpy().astype(np.uint8))
     threads = torch.get_num_threads()
     threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))

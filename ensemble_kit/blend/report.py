@@ -1,7 +1,7 @@
-"""Plots and text tables: the ``ek blend`` report and ``ek cv`` training curves.
+"""The ``ek blend`` report: four plots and a text table of the chosen rule and its scores.
 
-matplotlib is imported inside the functions (Agg backend), so importing this module is
-cheap. Every file is written atomically.
+matplotlib is imported inside the functions (:func:`~ensemble_kit.plots.pyplot`), so importing
+this module is cheap. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -10,45 +10,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_path, write_text
+from ..files import write_text
+from ..plots import pyplot as _pyplot
+from ..plots import save_figure as _save
+from .rule import BlendFile
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    plt = _pyplot()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def write_blend_report(report_dir: Path, blend: dict, curves: dict) -> list[Path]:
+def write_blend_report(report_dir: Path, blend: BlendFile, curves: dict) -> list[Path]:
     """Write the blend report: four PNG plots and ``report.txt``.
 
     Args:
         report_dir: Output folder (``layout.blend_report_dir``).
-        blend: The blend.json dict.
+        blend: The rule and its scores, as written to ``blend.json``.
         curves: Name -> (threshold probabilities, dice), each config and ``"blend"``.
 
     Returns:
         The written paths.
     """
     report_dir = Path(report_dir)
-    scores = blend["scores"]
+    rule, scores = blend.rule, blend.scores
     paths = [
-        plot_threshold_curves(curves, blend["threshold"], report_dir / "thresholds.png"),
+        plot_threshold_curves(curves, rule.threshold, report_dir / "thresholds.png"),
         plot_selection_path(scores["selection_path"], report_dir / "selection.png"),
-        plot_min_pixels(
-            scores["min_pixels_curve"], blend["min_pixels"], report_dir / "min_pixels.png"
-        ),
+        plot_min_pixels(scores["min_pixels_curve"], rule.min_pixels, report_dir / "min_pixels.png"),
         plot_fold_scores(scores, report_dir / "folds.png"),
     ]
     text = report_dir / "report.txt"
@@ -114,28 +98,26 @@ def plot_fold_scores(scores: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def format_blend_table(blend: dict) -> str:
+def format_blend_table(blend: BlendFile) -> str:
     """A short text summary of a blend: choice, then one row per config and the blend."""
-    s = blend["scores"]
-    weights = ", ".join(f"{n} x{w}" for n, w in blend["configs"].items())
-    fraction = (
-        "" if blend["top_fraction"] is None else f" (top {blend['top_fraction']:.5%} of pixels)"
-    )
+    rule, s = blend.rule, blend.scores
+    weights = ", ".join(f"{n} x{w}" for n, w in rule.weights.items())
+    fraction = "" if rule.top_fraction is None else f" (top {rule.top_fraction:.5%} of pixels)"
     holdout = "-" if s["holdout"] is None else f"{s['holdout']:.4f}"
-    source = blend.get("threshold_from", "oof")
+    source = rule.threshold_from
     lines = [
         f"weights: {weights}",
-        f"threshold: {blend['threshold']:.4f} [{blend['threshold_mode']}, from {source}]"
-        f"{fraction}, sum >= {blend['threshold_sum']}",
-        f"min_pixels: {blend['min_pixels']}  min_component: {blend['min_component']}",
-        _cost_line(blend.get("cost")),
+        f"threshold: {rule.threshold:.4f} [{rule.mode}, from {source}]"
+        f"{fraction}, sum >= {rule.threshold_sum}",
+        f"min_pixels: {rule.min_pixels}  min_component: {rule.min_component}",
+        _cost_line(blend.cost),
         "",
         f"{'':24s} {'OOF':>8s} {'nested':>8s} {'thr':>6s}",
     ]
     for name, c in s["per_config"].items():
         lines.append(f"{name:24s} {c['dice']:8.4f} {c['nested']:8.4f} {c['threshold']:6.3f}")
     nested = s["nested"]
-    oof_threshold = s.get("oof_threshold", blend["threshold"])
+    oof_threshold = s.get("oof_threshold", rule.threshold)
     lines.append(
         f"{'blend':24s} {s['blend_oof']:8.4f} {nested['pooled']:8.4f} {oof_threshold:6.3f}"
     )
@@ -188,35 +170,3 @@ def _holdout_lines(scores: dict, source: str) -> list[str]:
             f"(min {min(crossfit['per_split']):.4f}, max {max(crossfit['per_split']):.4f})"
         )
     return lines
-
-
-def plot_training_curves(metrics: dict, path: Path) -> Path:
-    """Loss and dice per epoch of every fold, saved as one PNG (for ``ek cv``).
-
-    Args:
-        metrics: fold -> DataFrame with columns epoch, train_loss, val_loss, val_dice, lr,
-            seconds.
-        path: Output PNG.
-
-    Returns:
-        ``path``.
-    """
-    plt = _pyplot()
-    fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for fold, frame in sorted(metrics.items()):
-        line = loss_ax.plot(frame["epoch"], frame["train_loss"], label=f"fold {fold} train")[0]
-        loss_ax.plot(
-            frame["epoch"],
-            frame["val_loss"],
-            linestyle="--",
-            color=line.get_color(),
-            label=f"fold {fold} val",
-        )
-        dice_ax.plot(
-            frame["epoch"], frame["val_dice"], color=line.get_color(), label=f"fold {fold}"
-        )
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
-    dice_ax.set(xlabel="epoch", ylabel="validation dice", title="Dice")
-    for ax in (loss_ax, dice_ax):
-        ax.legend(fontsize="x-small")
-    return _save(fig, Path(path))
