@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from ensemble_kit.blend.rule import BlendRule
 from ensemble_kit.cli import main
 from ensemble_kit.config import InputSpec, config_from_dict, dump_config
 from ensemble_kit.data.cache import ensure_inputs
@@ -16,7 +17,7 @@ from ensemble_kit.data.loader import ArraySet, to_float
 from ensemble_kit.data.splits import make_splits, read_splits
 from ensemble_kit.data.synth import write_synthetic
 from ensemble_kit.errors import EkError
-from ensemble_kit.files import write_json, write_text
+from ensemble_kit.files import write_text
 from ensemble_kit.inference.checkpoints import load_fold_model
 from ensemble_kit.inference.tta import predict_inputs
 from ensemble_kit.layout import Layout, fold_files
@@ -95,7 +96,7 @@ def first_round(tmp_path_factory):
             path = fold_files(layout.fold_dir(name, fold))["best"]
             path.parent.mkdir(parents=True)
             torch.save({"model": state, "epoch": 1, "dice": 0.0}, path)
-    write_json(layout.blend_json, {"configs": {"a": 2, "b": 1}, "digests": {}})
+    BlendRule({"a": 2, "b": 1}).save(layout.blend_json)
     manifest = run_pseudo(PseudoRequest(layout, root, TARGETS, "p", "cpu"))
     return layout, root, configs, manifest
 

@@ -23,8 +23,6 @@ def verify_blend(layout) -> BlendRule:
     path = layout.blend_json
     blend = BlendFile.load(path)
     digests = blend.digests
-    if not digests:
-        raise EkError(f"{path}: without digests; rerun ek blend --oof")
     files = [(layout.oof_npy(n), d) for n, d in digests.get("oof", {}).items()]
     files += [(layout.holdout_npy(n), d) for n, d in digests.get("holdout", {}).items()]
     for name in digests.get("oof", {}):
