@@ -87,6 +87,9 @@ class EkGroup(click.Group):
 def main(verbose: bool) -> None:
     """ensemble-kit: K-fold training, OOF blending and Kaggle submissions for segmentation."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    from .runtime import set_process_threads
+
+    set_process_threads()  # the process edge: torch and numba thread counts
 
 
 @main.command()
@@ -279,7 +282,7 @@ def blend(
         max_seconds_per_record=max_seconds_per_record,
         threshold_from=threshold_from,
     )
-    report = layout.blend_report_dir / "report.txt"
+    report = layout.blend_report_txt
     if report.is_file():
         click.echo(report.read_text().rstrip())
     click.echo(f"wrote {layout.blend_json} (weights {result['configs']})")

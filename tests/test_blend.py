@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ensemble_kit import blend, metrics, postprocess
-from ensemble_kit.blend.kernels import _best_per_set
+from ensemble_kit.blend.kernels import best_per_set
 from ensemble_kit.errors import EkError
 from ensemble_kit.layout import Layout
 from ensemble_kit.oof import to_uint8
@@ -48,7 +48,7 @@ def test_best_per_set_matches_reference():
     excluded = blend.FoldSets.nested(4).excluded  # all, each fold out, each pair out
     assert len(excluded) == 1 + 4 + 6
     for lowest in (0, 7, 39):
-        dice, thresholds = _best_per_set(hist, positives, lowest, excluded)
+        dice, thresholds = best_per_set(hist, positives, lowest, excluded)
         ref_dice, ref_thresholds = blend.best_per_set_reference(hist, positives, lowest, excluded)
         np.testing.assert_array_equal(thresholds, ref_thresholds)
         np.testing.assert_allclose(dice, ref_dice, rtol=0, atol=1e-15)
