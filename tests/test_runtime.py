@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from ensemble_kit import runtime
-from ensemble_kit.cli import main
+from ensemble_kit.cli import EkCommand, main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ensemble_kit"
 TWO_CPUS = pytest.mark.skipif(
@@ -103,3 +103,18 @@ def test_only_runtime_sets_thread_counts():
         if path.name != "runtime.py" and setters.search(path.read_text())
     ]
     assert found == []
+
+
+def test_every_command_sets_the_counts_but_its_help_does_not_import_torch():
+    assert all(isinstance(command, EkCommand) for command in main.commands.values())
+    script = (
+        "import sys\n"
+        "from ensemble_kit.cli import main\n"
+        "try:\n"
+        "    main(['status', '--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules, 'numba' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == "False False", done.stderr
