@@ -70,8 +70,24 @@ def parse_ints(option: str, texts: tuple[str, ...]) -> tuple[int, ...]:
         raise EkError(f"{option}: expected whole numbers, got {' '.join(words)!r}") from None
 
 
+class EkCommand(click.Command):
+    """A command that sets the process's thread counts before it runs.
+
+    Not in the group callback: that runs before a subcommand parses ``--help``, and
+    ``ek <command> --help`` would then import torch.
+    """
+
+    def invoke(self, ctx: click.Context):
+        from .runtime import set_process_threads
+
+        set_process_threads()  # the process edge: torch and numba thread counts
+        return super().invoke(ctx)
+
+
 class EkGroup(click.Group):
     """Shows :class:`EkError` as one line on stderr with exit code 2."""
+
+    command_class = EkCommand
 
     def invoke(self, ctx: click.Context):
         try:
@@ -279,7 +295,7 @@ def blend(
         max_seconds_per_record=max_seconds_per_record,
         threshold_from=threshold_from,
     )
-    report = layout.blend_report_dir / "report.txt"
+    report = layout.blend_report_txt
     if report.is_file():
         click.echo(report.read_text().rstrip())
     click.echo(f"wrote {layout.blend_json} (weights {result.rule.weights})")

@@ -5,7 +5,11 @@ A run writes under a *workdir* (``folds/`` by default, relative to the current d
     folds/
       splits.csv            record_id,split,fold   (fold -1: holdout)
       splits.json           how the splits were made (data root, K, seed, digest)
-      cache/                memory-mappable inputs, one folder per (split, input-spec digest)
+      cache/                memory-mappable caches, each a folder of meta.json, ids.csv,
+                            sources.npy and one <array>.npy per array:
+        <split>-<digest>/   inputs of a split, per input-spec digest
+        <split>-labels/     labels and soft labels of a split
+        stats-<key>.json    per-band statistics of the training pool
       <config name>/
         config.yaml         the resolved config
         fold_<i>/           best.pt, last.pt, metrics.csv, config.yaml, DONE,
@@ -19,7 +23,7 @@ A run writes under a *workdir* (``folds/`` by default, relative to the current d
         curves.png
       pseudo/<name>/        `ek pseudo`: labels.npy uint8 (N, F, H, W), ids.csv, manifest.json
       blend.json            weights, threshold, postprocessing, scores, digests
-      blend/                report (plots, table)
+      blend/                report (plots, report.txt), gallery; show/<record>.png (`ek show`)
       export/               `ek export`: <config>.fold_<i>.pt, manifest.json, blend.json
     submissions/
       submission.csv, submission.json
@@ -58,6 +62,12 @@ class Layout:
     def cache_entry(self, split: str, spec_digest: str) -> Path:
         return self.cache_dir / f"{split}-{spec_digest}"
 
+    def labels_cache(self, split: str) -> Path:
+        return self.cache_dir / f"{split}-labels"
+
+    def band_stats_json(self, key: str) -> Path:
+        return self.cache_dir / f"stats-{key}.json"
+
     def config_dir(self, name: str) -> Path:
         return self.workdir / name
 
@@ -65,7 +75,10 @@ class Layout:
         """Names of configs that have a folder under the workdir (sorted)."""
         if not self.workdir.is_dir():
             return []
-        return sorted(p.name for p in self.workdir.iterdir() if (p / "config.yaml").is_file())
+        return sorted(p.name for p in self.workdir.iterdir() if self.config_yaml(p.name).is_file())
+
+    def config_yaml(self, name: str) -> Path:
+        return self.config_dir(name) / "config.yaml"
 
     def fold_dir(self, name: str, fold: int) -> Path:
         return self.config_dir(name) / f"fold_{fold}"
@@ -100,13 +113,40 @@ class Layout:
         return self.workdir / "blend"
 
     @property
+    def blend_report_txt(self) -> Path:
+        return self.blend_report_dir / "report.txt"
+
+    def show_png(self, record_id: str) -> Path:
+        """Where ``ek show`` writes one record's gallery row without ``--out``."""
+        return self.blend_report_dir / "show" / f"{record_id}.png"
+
+    @property
     def export_dir(self) -> Path:
         return self.workdir / "export"
 
 
-def record_dir(data_root: Path, split: str, record_id: str) -> Path:
+def split_dir(data_root: Path | str, split: str) -> Path:
+    """Folder of one split's records in the Kaggle layout: ``<data_root>/<split>/``."""
+    return Path(data_root) / split
+
+
+def record_dir(data_root: Path | str, split: str, record_id: str) -> Path:
     """Folder of one Kaggle record: ``<data_root>/<split>/<record_id>/``."""
-    return Path(data_root) / split / str(record_id)
+    return split_dir(data_root, split) / str(record_id)
+
+
+def cache_files(entry: Path) -> dict[str, Path]:
+    """The files of a cache entry besides its arrays (at :func:`cache_array`)."""
+    return {
+        "meta": entry / "meta.json",
+        "ids": entry / "ids.csv",
+        "sources": entry / "sources.npy",
+    }
+
+
+def cache_array(entry: Path, name: str) -> Path:
+    """One array of a cache entry (``inputs``, ``labels``, ``soft``)."""
+    return entry / f"{name}.npy"
 
 
 def fold_files(fold_dir: Path, top_k: int = 0) -> dict[str, Path]:

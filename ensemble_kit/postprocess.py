@@ -26,7 +26,8 @@ STRUCTURE_8 = np.ones((3, 3), dtype=bool)
 
 
 @njit(cache=True)
-def _find(parent: np.ndarray, x: int) -> int:
+def find_root(parent: np.ndarray, x: int) -> int:
+    """Root of ``x`` in the union-find forest ``parent``, halving the path on the way."""
     while parent[x] != x:
         parent[x] = parent[parent[x]]
         x = parent[x]
@@ -35,7 +36,7 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 @njit(cache=True)
 def _union(parent: np.ndarray, a: int, b: int) -> int:
-    ra, rb = _find(parent, a), _find(parent, b)
+    ra, rb = find_root(parent, a), find_root(parent, b)
     if ra < rb:
         parent[rb] = ra
         return ra
@@ -100,7 +101,7 @@ def _compact_labels(out, parent, provisional, foreground) -> int:
     width = out.shape[1]
     for p in foreground:
         r, c = p // width, p % width
-        root = _find(parent, out[r, c])
+        root = find_root(parent, out[r, c])
         if final[root] == 0:
             count += 1
             final[root] = count

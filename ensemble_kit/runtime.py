@@ -1,9 +1,30 @@
-"""How a config runs on a device: which device, AMP dtype, memory format, compile."""
+"""How a process and a config run: CPU thread counts; device, AMP dtype, memory format, compile.
+
+Thread counts are set at the process edge, as nnU-Net's entry points do: every process start
+(an ``ek`` command, a fold process of ``--jobs N``, a Ray task) calls
+:func:`set_process_threads`, and the count is set again only through the helpers here:
+:func:`fixed_threads` around each fold run in-process (``--jobs 1``) and
+:func:`torch_threads_kept` around a numba parallel kernel in training.
+
+Why torch and numba together: on CPU, torch's float sums depend on its thread count, so a
+fold writes the same bytes only on a fixed count. Numba's OpenMP layer, when it starts (at
+a process's first numba parallel call or ``numba.set_num_threads``), sets the OpenMP thread
+count, which torch shares, to the size of numba's pool: measured, a torch op,
+``torch.set_num_threads(1)``, one numba parallel call, then ``torch.get_num_threads() == 2``.
+A fold then wrote different bytes depending on what ran before it in the process. So
+:func:`set_process_threads` sets numba first (starting its layer) and torch after it; where
+numba may start later (a fold trained in a process that did not pass through the edge),
+:func:`torch_threads_kept` restores torch's count after the kernel.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numba
 import torch
 
 from .config import Config
@@ -54,3 +75,51 @@ def resolve_runtime(config: Config, device: torch.device) -> Runtime:
     return Runtime(
         device, amp_dtype(config.train.amp, device), bool(channels_last), config.train.compile
     )
+
+
+def default_threads(jobs: int = 1) -> int:
+    """CPU threads of one of ``jobs`` folds side by side: ``OMP_NUM_THREADS`` for one job when
+    set, else the usable CPUs split evenly."""
+    if jobs == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // jobs)
+
+
+def set_process_threads(threads: int | None = None) -> int:
+    """At a process start: torch and numba on ``threads`` CPU threads.
+
+    Args:
+        threads: The count; None: :func:`default_threads`. Numba gets at most the pool it
+            started with (``NUMBA_NUM_THREADS``).
+
+    Returns:
+        The count torch now uses.
+    """
+    threads = threads or default_threads()
+    # numba first: starting its OpenMP layer resets torch's count (see the module docstring)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    torch.set_num_threads(threads)
+    return threads
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[int]:
+    """Torch and numba on ``threads`` (None: :func:`default_threads`) for one fold, then back
+    to the counts before it (a fold run in a process that goes on after it)."""
+    saved = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        yield set_process_threads(threads)
+    finally:
+        numba.set_num_threads(saved[1])
+        torch.set_num_threads(saved[0])
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Around a numba parallel kernel: torch's thread count afterwards is the one before."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ import pytest
 from ensemble_kit import metrics, postprocess
 from ensemble_kit.blend.candidates import build_candidates
 from ensemble_kit.blend.ensemble_search import search
-from ensemble_kit.blend.kernels import _best_per_set, best_per_set_reference
+from ensemble_kit.blend.kernels import best_per_set, best_per_set_reference
 from ensemble_kit.blend.rule import BlendRule, top_fraction_threshold
 from ensemble_kit.blend.run import rule_of, run_blend
 from ensemble_kit.blend.scorer import Scorer
@@ -57,7 +57,7 @@ def test_best_per_set_matches_reference():
     excluded = FoldSets.nested(4).excluded  # all, each fold out, each pair out
     assert len(excluded) == 1 + 4 + 6
     for lowest in (0, 7, 39):
-        dice, thresholds = _best_per_set(hist, positives, lowest, excluded)
+        dice, thresholds = best_per_set(hist, positives, lowest, excluded)
         ref_dice, ref_thresholds = best_per_set_reference(hist, positives, lowest, excluded)
         np.testing.assert_array_equal(thresholds, ref_thresholds)
         np.testing.assert_allclose(dice, ref_dice, rtol=0, atol=1e-15)

@@ -31,7 +31,7 @@ def test_scan_chunk_matches_reference(n_pixels):
     stack, labels = _stack(n_pixels=n_pixels)
     hist = np.empty((*stack.shape[:2], 256, 2), np.int64)
     flags = np.empty((stack.shape[1], n_pixels + (-n_pixels) % 8), np.uint8)
-    kernels._scan_chunk(stack, labels, 40, hist, flags)
+    kernels.scan_chunk(stack, labels, 40, hist, flags)
     want_hist, want_flags = kernels.scan_chunk_reference(stack, labels, 40)
     np.testing.assert_array_equal(hist, want_hist)
     np.testing.assert_array_equal(flags[:, :n_pixels], want_flags)
@@ -41,7 +41,7 @@ def test_gather_chunk_matches_reference():
     stack, labels = _stack(n_pixels=64)
     flags = (stack.max(axis=0) >= 40).astype(np.uint8)
     starts = np.concatenate([[0], np.cumsum(flags.sum(axis=1))]).astype(np.int64)
-    got = kernels._gather_chunk(stack, labels, flags, starts)
+    got = kernels.gather_chunk(stack, labels, flags, starts)
     for a, b in zip(got, kernels.gather_chunk_reference(stack, labels, flags)):
         np.testing.assert_array_equal(a, b)
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ensemble_kit import levels
 from ensemble_kit import postprocess as pp
+from ensemble_kit.blend import levels
 
 
 def _masks(seed, n=6, shape=(23, 31)):

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .. import levels
 from ..metrics import N_CODES
-from .kernels import _gather_chunk, _scan_chunk
+from . import levels
+from .kernels import gather_chunk, scan_chunk
 
 DEFAULT_FLOOR = 13  # uint8 code of p = 0.05: blend thresholds below 5 % are not searched
 CHUNK_IMAGES = 64
@@ -88,12 +88,12 @@ def build_candidates(
             for c in range(len(oofs)):
                 reader.read(c, lo, hi, chunk[c])
             reader.read(len(oofs), lo, hi, label_chunk)
-            _scan_chunk(chunk, label_chunk, floor, chunk_hist, flags)
+            scan_chunk(chunk, label_chunk, floor, chunk_hist, flags)
             flags[:, pixels:] = 0
             for k in np.unique(folds[lo:hi]):
                 hist[:, k] += chunk_hist[:, folds[lo:hi] == k].sum(axis=1)
             starts = np.concatenate([[0], np.cumsum(flags.sum(axis=1))]).astype(np.int64)
-            values, sparse_labels, positions = _gather_chunk(chunk, label_chunk, flags, starts)
+            values, sparse_labels, positions = gather_chunk(chunk, label_chunk, flags, starts)
             positives = chunk_hist[0, :, :, 1].sum(axis=1)
             parts.append((values, sparse_labels, positions, starts[1:] - starts[:-1], positives))
     return _assemble(parts, folds, hist, floor, (height, width))

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import EkError
 from ..metrics import N_CODES, dice_from_counts, sweep_from_histogram
 from .candidates import DEFAULT_FLOOR, Candidates, build_candidates
-from .kernels import _best_per_set
+from .kernels import best_per_set
 from .nested import Nested, nested_search
 from .scorer import Scorer
 from .selection import Budget
@@ -150,7 +150,7 @@ def per_config_scores(cands: Candidates, names: list[str]) -> dict[str, dict]:
     assert cands.config_histograms is not None  # dense per-config counts, not regrouped
     for name, hist in zip(names, cands.config_histograms):
         sets = FoldSets.nested(len(hist), depth=1)
-        dice, thresholds = _best_per_set(hist, hist[:, :, 1].sum(axis=1), 0, sets.excluded)
+        dice, thresholds = best_per_set(hist, hist[:, :, 1].sum(axis=1), 0, sets.excluded)
         nested = np.array([_counts_at(hist[k], thresholds[k + 1]) for k in range(len(hist))])
         scores[name] = {
             "dice": float(dice[0]),

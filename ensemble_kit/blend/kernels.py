@@ -24,8 +24,13 @@ def weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return sums
 
 
+def weighted_sum_reference(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Numpy reference of :func:`weighted_sum`."""
+    return (np.asarray(weights, np.int64)[:, None] * values).sum(axis=0).astype(np.int32)
+
+
 @njit(cache=True)
-def _best_per_set(hist, fold_positives, lowest, excluded):
+def best_per_set(hist, fold_positives, lowest, excluded):
     """Best threshold ``>= lowest`` of every set of folds.
 
     Args:
@@ -66,7 +71,7 @@ def _best_per_set(hist, fold_positives, lowest, excluded):
 
 
 def best_per_set_reference(hist, fold_positives, lowest, excluded):
-    """Numpy reference of :func:`_best_per_set`."""
+    """Numpy reference of :func:`best_per_set`."""
     dice, thresholds = [], []
     for row in excluded:
         keep = ~np.isin(np.arange(len(fold_positives)), row[row >= 0])
@@ -80,7 +85,7 @@ def best_per_set_reference(hist, fold_positives, lowest, excluded):
 
 
 @njit(cache=True, parallel=True)
-def _score_moves(
+def score_moves(
     bases,
     values,
     move_base,
@@ -111,7 +116,31 @@ def _score_moves(
             base, config, sign = bases[move_base[m]], move_config[m], move_sign[m]
             for p in range(labels.shape[0]):
                 hist[pixel_fold[p], base[p] + sign * values[config, p], labels[p]] += 1
-            dice[m], thresholds[m] = _best_per_set(hist, fold_positives, move_lowest[m], excluded)
+            dice[m], thresholds[m] = best_per_set(hist, fold_positives, move_lowest[m], excluded)
+    return dice, thresholds
+
+
+def score_moves_reference(
+    bases,
+    values,
+    move_base,
+    move_config,
+    move_sign,
+    move_lowest,
+    labels,
+    pixel_fold,
+    fold_positives,
+    excluded,
+    n_values,
+):
+    """Numpy reference of :func:`score_moves` (no scratch): ``(dice, thresholds)``."""
+    scores = []
+    for m in range(len(move_base)):
+        sums = bases[move_base[m]].astype(np.int64) + move_sign[m] * values[move_config[m]]
+        hist = fold_histograms_reference(sums, labels, pixel_fold, len(fold_positives), n_values)
+        scores.append(best_per_set_reference(hist, fold_positives, move_lowest[m], excluded))
+    dice = np.array([d for d, _ in scores]).reshape(len(move_base), len(excluded))
+    thresholds = np.array([t for _, t in scores], np.int64).reshape(dice.shape)
     return dice, thresholds
 
 
@@ -125,8 +154,16 @@ def fold_histograms(levels, labels, pixel_fold, n_folds, n_values):
     return hist
 
 
+def fold_histograms_reference(levels, labels, pixel_fold, n_folds, n_values):
+    """Numpy reference of :func:`fold_histograms`."""
+    kept = levels >= 0
+    cells = (pixel_fold[kept].astype(np.int64) * n_values + levels[kept]) * 2 + labels[kept]
+    counts = np.bincount(cells, minlength=n_folds * n_values * 2)
+    return counts.reshape(n_folds, n_values, 2).astype(np.int64)
+
+
 @njit(cache=True, parallel=True)
-def _pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, n_values):
+def pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, n_values):
     """Per (min-pixel, min-component) pair, per-fold counts of (level, label).
 
     The level of a pixel is ``min(sum, cuts[a, image], taus[b, pixel])``: the highest
@@ -145,11 +182,32 @@ def _pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds,
     return hist
 
 
+def pair_histograms_reference(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, n_values):
+    """Numpy reference of :func:`pair_histograms`."""
+    image = np.repeat(np.arange(len(image_start) - 1), np.diff(image_start))
+    return np.array(
+        [
+            [
+                fold_histograms_reference(
+                    np.minimum(np.minimum(sums, cut[image]), tau),
+                    labels,
+                    pixel_fold,
+                    n_folds,
+                    n_values,
+                )
+                for tau in taus
+            ]
+            for cut in cuts
+        ],
+        dtype=np.int64,
+    ).reshape(len(cuts), len(taus), n_folds, n_values, 2)
+
+
 SUB_HISTOGRAMS = 8  # interleaved counters: repeated codes do not wait on one another
 
 
 @njit(cache=True, parallel=True)
-def _scan_chunk(
+def scan_chunk(
     stack: np.ndarray, labels: np.ndarray, floor: int, hist: np.ndarray, flags: np.ndarray
 ) -> None:
     """Dense pass over a chunk ``(C, B, HW)``: per-image histograms and candidate flags.
@@ -189,7 +247,7 @@ def _scan_chunk(
 
 
 def scan_chunk_reference(stack: np.ndarray, labels: np.ndarray, floor: int):
-    """Numpy reference of :func:`_scan_chunk`: ``(hist (C, B, 256, 2), flags (B, HW))``."""
+    """Numpy reference of :func:`scan_chunk`: ``(hist (C, B, 256, 2), flags (B, HW))``."""
     n_configs, n_images, _ = stack.shape
     hist = np.zeros((n_configs, n_images, N_CODES, 2), dtype=np.int64)
     positive = labels.astype(bool)
@@ -200,7 +258,7 @@ def scan_chunk_reference(stack: np.ndarray, labels: np.ndarray, floor: int):
 
 
 @njit(cache=True, parallel=True)
-def _gather_chunk(stack, labels, flags, starts):
+def gather_chunk(stack, labels, flags, starts):
     """Values, labels and positions of the flagged pixels of a chunk, in (image, raster) order.
 
     ``flags`` is uint8 ``(B, HW)`` with ``HW`` a multiple of 8: eight flags are tested at
@@ -228,7 +286,7 @@ def _gather_chunk(stack, labels, flags, starts):
 
 
 def gather_chunk_reference(stack, labels, flags):
-    """Numpy reference of :func:`_gather_chunk` (``flags`` without padding)."""
+    """Numpy reference of :func:`gather_chunk` (``flags`` without padding)."""
     image, position = np.nonzero(flags)
     return (
         stack[:, image, position],

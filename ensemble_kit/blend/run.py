@@ -278,7 +278,7 @@ def _read_pool(layout, configs: list[str] | None) -> list:
     if configs is None:
         workdir = layout.workdir
         names = (
-            sorted(p.name for p in workdir.iterdir() if (p / "summary.json").is_file())
+            sorted(p.name for p in workdir.iterdir() if layout.summary(p.name).is_file())
             if workdir.is_dir()
             else []
         )

@@ -6,7 +6,7 @@ import numba
 import numpy as np
 
 from .candidates import Candidates
-from .kernels import _score_moves, weighted_sum
+from .kernels import score_moves, weighted_sum
 from .sets import FoldSets
 
 
@@ -77,7 +77,7 @@ class Scorer:
         move_config, move_sign = (np.array(col, dtype=np.int64) for col in list(zip(*moves))[1:])
         totals = np.array([sum(key) for key in keys], dtype=np.int64)
         n_values = 255 * int(totals.max()) + 1
-        dice, thresholds = _score_moves(
+        dice, thresholds = score_moves(
             base_sums,
             cands.values,
             move_base,

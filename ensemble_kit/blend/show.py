@@ -77,7 +77,7 @@ def show_record(
         panel.label = load_mask(record_dir(data_root, split, record_id))
     load_images(panel, record_dir(data_root, split, record_id), frames)
     pixels, drawn = draw_panel(panel)
-    path = write_png(out or layout.blend_report_dir / "show" / f"{record_id}.png", pixels)
+    path = write_png(out or layout.show_png(record_id), pixels)
     return Shown(Path(path), panel, drawn)
 
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..levels import component_levels, descending_order, min_pixel_levels
-from .kernels import _best_per_set, _pair_histograms, fold_histograms, weighted_sum
+from .kernels import best_per_set, fold_histograms, pair_histograms, weighted_sum
+from .levels import component_levels, descending_order, min_pixel_levels
 from .rule import fraction_threshold
 from .sets import FoldSets
 
@@ -57,7 +57,7 @@ def threshold_tables(
     lowest, n_values = cands.floor * total, 255 * total + 1
     order = descending_order(sums, cands.image_start)
     cuts = np.stack([min_pixel_levels(sums, cands.image_start, order, n) for n in pixel_grid])
-    hists = _pair_histograms(
+    hists = pair_histograms(
         sums,
         cands.image_start,
         cuts,
@@ -70,7 +70,7 @@ def threshold_tables(
     shape = (len(pixel_grid), len(component_grid), len(sets))
     dice, thresholds = np.zeros(shape), np.zeros(shape, dtype=np.int64)
     for i, j in np.ndindex(*shape[:2]):
-        dice[i, j], thresholds[i, j] = _best_per_set(
+        dice[i, j], thresholds[i, j] = best_per_set(
             hists[i, j], cands.fold_positives, lowest, sets.excluded
         )
     sums_hist = fold_histograms(sums, cands.labels, cands.pixel_fold, cands.n_folds, n_values).sum(

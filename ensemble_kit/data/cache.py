@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..config import InputSpec
 from ..errors import EkError
 from ..files import digest_json, write_json
-from ..layout import Layout, record_dir
+from ..layout import Layout, cache_array, cache_files, record_dir, split_dir
 from ..oof import from_codes, to_codes
 from .records import (
     MASK_FILE,
@@ -109,7 +109,7 @@ def ensure_inputs(
     sources = read_sources(data_root, split, input_files(spec))
     ids = sources.ids
     if not ids:
-        raise EkError(f"{Path(data_root) / split}: no records")
+        raise EkError(f"{split_dir(data_root, split)}: no records")
     stats = band_stats(layout, data_root, spec) if spec.channels == "bands" else None
     path = layout.cache_entry(split, spec_digest(spec, data_root, split, ids))
     key = digest_json([sources.fingerprint, stats])
@@ -127,8 +127,8 @@ def ensure_labels(
     """Open the label cache of a split (records with masks), building it when missing or stale."""
     sources = read_sources(data_root, split, LABEL_FILES, labelled_only=True)
     if not sources.ids:
-        raise EkError(f"{Path(data_root) / split}: no records with {MASK_FILE}")
-    path = layout.cache_dir / f"{split}-labels"
+        raise EkError(f"{split_dir(data_root, split)}: no records with {MASK_FILE}")
+    path = layout.labels_cache(split)
     key = sources.fingerprint
     if not _is_current(path, key, sources):
         side = load_mask(record_dir(data_root, split, sources.ids[0])).shape[0]
@@ -191,15 +191,16 @@ def load_labels(
 
 
 def open_entry(path: Path) -> CacheEntry:
-    meta = json.loads((path / "meta.json").read_text())
-    ids = pd.read_csv(path / "ids.csv", dtype={"record_id": str})["record_id"].tolist()
-    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+    files = cache_files(path)
+    meta = json.loads(files["meta"].read_text())
+    ids = pd.read_csv(files["ids"], dtype={"record_id": str})["record_id"].tolist()
+    arrays = {name: np.load(cache_array(path, name), mmap_mode="r") for name in meta["arrays"]}
     return CacheEntry(path=path, ids=ids, arrays=arrays, sources=meta.get("sources"))
 
 
 def _meta(path: Path) -> dict:
     try:
-        return json.loads((path / "meta.json").read_text())
+        return json.loads(cache_files(path)["meta"].read_text())
     except (OSError, ValueError):
         return {}
 
@@ -214,7 +215,7 @@ def band_stats(layout: Layout, data_root: Path, spec: InputSpec) -> dict:
     files = tuple(band_file(b) for b in spec.bands)
     fingerprint = records_fingerprint(data_root, "train", sample, files)
     key = digest_json([str(Path(data_root).resolve()), list(spec.bands), sample, fingerprint])
-    path = layout.cache_dir / f"stats-{key}.json"
+    path = layout.band_stats_json(key)
     if path.is_file():
         return json.loads(path.read_text())
     folders = [record_dir(data_root, "train", rid) for rid in sample]
@@ -250,7 +251,7 @@ def _fill_labels(arrays: dict[str, np.ndarray], rows: range, folders: list[Path]
 
 def _run_chunk(task: tuple) -> int:
     tmp, specs, filler, start, folders = task
-    arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in specs}
+    arrays = {name: np.load(cache_array(tmp, name), mmap_mode="r+") for name in specs}
     filler(arrays, range(start, start + len(folders)), folders)
     for array in arrays.values():
         array.flush()
@@ -274,22 +275,23 @@ def _build(
     try:
         for name, (shape, dtype) in specs.items():
             np.lib.format.open_memmap(
-                tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape
+                cache_array(tmp, name), mode="w+", dtype=dtype, shape=shape
             ).flush()
         tasks = [
             (tmp, list(specs), filler, start, folders[start : start + CHUNK])
             for start in range(0, len(folders), CHUNK)
         ]
         _run_tasks(tasks, workers, label, total=len(folders))
-        pd.DataFrame({"record_id": sources.ids}).to_csv(tmp / "ids.csv", index=False)
-        np.save(tmp / "sources.npy", sources.table)
+        files = cache_files(tmp)
+        pd.DataFrame({"record_id": sources.ids}).to_csv(files["ids"], index=False)
+        np.save(files["sources"], sources.table)
         meta = {
             "arrays": list(specs),
             "ids": digest_json(sources.ids),
             "key": key,
             "sources": sources.record(),
         }
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        files["meta"].write_text(json.dumps(meta))
         _install(tmp, path, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

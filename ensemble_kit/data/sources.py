@@ -18,6 +18,7 @@ import pandas as pd
 from ..config import InputSpec
 from ..errors import EkError
 from ..files import digest_bytes, digest_json
+from ..layout import cache_files, split_dir
 from .records import INDIVIDUAL_FILE, MASK_FILE, band_file, list_records
 
 LABEL_FILES = (MASK_FILE, INDIVIDUAL_FILE)
@@ -57,7 +58,7 @@ def read_sources(
     """Stat ``files`` in every record folder of a split (with ``labelled_only``, only the
     records that have the first of ``files``): the fingerprint of a cache entry."""
     ids = list_records(data_root, split)
-    table = _stat_table(Path(data_root) / split, ids, files)
+    table = _stat_table(split_dir(data_root, split), ids, files)
     if labelled_only:
         keep = table[:, 0, 0] >= 0
         ids, table = [rid for rid, k in zip(ids, keep) if k], table[keep]
@@ -67,8 +68,9 @@ def read_sources(
 def describe_change(path: Path, sources: Sources) -> str:
     """Which of ``sources`` differ from those the entry at ``path`` was built from."""
     try:
-        old_ids = pd.read_csv(path / "ids.csv", dtype={"record_id": str})["record_id"].tolist()
-        old_table = np.load(path / "sources.npy")
+        files = cache_files(path)
+        old_ids = pd.read_csv(files["ids"], dtype={"record_id": str})["record_id"].tolist()
+        old_table = np.load(files["sources"])
     except (OSError, ValueError):
         return "its sources changed"
     if old_ids != sources.ids:

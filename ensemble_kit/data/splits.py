@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..errors import EkError
 from ..files import digest_file, digest_json, write_json
-from ..layout import Layout
+from ..layout import Layout, split_dir
 from ..oof import read_ids, write_ids
 from .cache import LabelReader
 from .records import has_labels, list_records
@@ -102,7 +102,7 @@ def make_splits(
 
 
 def _holdout(data_root: Path, pool: tuple[str, ...]) -> pd.DataFrame:
-    if "validation" in pool or not (data_root / "validation").is_dir():
+    if "validation" in pool or not split_dir(data_root, "validation").is_dir():
         return pd.DataFrame(columns=["record_id", "split", "fold"])
     ids = [
         rid

@@ -83,7 +83,7 @@ def export_models(
         "configs": {},
     }
     for name in names:
-        config = load_config(layout.config_dir(name) / "config.yaml")
+        config = load_config(layout.config_yaml(name))
         size = side or _label_side(layout, name)
         worst = max(
             _export_fold(layout, config, k, fmt, size, out_dir) for k in range(meta["n_folds"])

@@ -58,7 +58,7 @@ def load_ensemble(layout: Layout, rule: BlendRule, device: torch.device) -> Ense
     configs, models, stats = {}, {}, {}
     meta = read_meta(layout)
     for name in rule.weights:
-        config = load_config(layout.config_dir(name) / "config.yaml")
+        config = load_config(layout.config_yaml(name))
         configs[name] = config
         models[name] = [
             load_fold_model(config, layout.fold_dir(name, k), device)

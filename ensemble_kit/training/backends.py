@@ -6,8 +6,9 @@ itself (``run_jobs(jobs, fold_fn, backend, options)``), so this module knows not
 ``cv``. A job only needs a ``str()`` that names it (``tiny fold 0``).
 
 Determinism: on CPU, torch's float sums depend on the number of threads, so every fold runs
-on a fixed thread count (:func:`_fixed_threads`) and writes the same bytes on every backend
-and in any process for the same ``cpus_per_job``.
+on a fixed thread count (:func:`~ensemble_kit.runtime.fixed_threads`; each fold process and
+Ray task starts with :func:`~ensemble_kit.runtime.set_process_threads`) and writes the same
+bytes on every backend and in any process for the same ``cpus_per_job``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numba
 import torch
 
 from ..errors import EkError
 from ..registry import BACKENDS
+from ..runtime import default_threads, fixed_threads, set_process_threads
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class BackendOptions:
     Attributes:
         jobs: Local backend: folds side by side, each in its own process.
         cpus_per_job: CPU threads of one fold (torch and numba; Ray: also the task's CPU
-            request). Default: local, :func:`default_threads`; Ray, 1.
+            request). Default: local, :func:`~ensemble_kit.runtime.default_threads`; Ray, 1.
         gpus_per_job: Ray: GPUs per task (fractions share a GPU). Default: 1 when the
             cluster has GPUs and ``use_gpus``, else 0.
         use_gpus: Whether folds may use GPUs (false for ``--device cpu``).
@@ -112,37 +113,9 @@ def run_jobs(
 def timed_fold(fold_fn: FoldFn, job: Any, threads: int | None) -> tuple[dict | None, float, str]:
     """Run one job here: ``(summary, seconds, host name)``, with ``threads`` CPU threads."""
     started = time.perf_counter()
-    with _fixed_threads(threads or default_threads(1)), _test_kill_armed(job):
+    with fixed_threads(threads), _test_kill_armed(job):
         summary = fold_fn(job)
     return summary, time.perf_counter() - started, socket.gethostname()
-
-
-def default_threads(jobs: int) -> int:
-    """CPU threads of one of ``jobs`` folds side by side: ``OMP_NUM_THREADS`` for one job when
-    set, else the usable CPUs split evenly."""
-    if jobs == 1 and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // jobs)
-
-
-@contextlib.contextmanager
-def _fixed_threads(threads: int) -> Iterator[None]:
-    """Torch and numba on the same thread count for the whole fold.
-
-    Numba's OpenMP layer sets the process's OpenMP thread count at each parallel call, which
-    silently changes torch's too (measured: ``torch.set_num_threads(1)``, one numba call,
-    then ``torch.get_num_threads() == 2``), and with it the float sums of training: the same
-    fold then wrote different bytes depending on what ran before it in the process.
-    """
-    saved = torch.get_num_threads(), numba.get_num_threads()
-    torch.set_num_threads(threads)
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        numba.set_num_threads(saved[1])
-        torch.set_num_threads(saved[0])
 
 
 @BACKENDS.register("local")
@@ -239,6 +212,7 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
 def _child(pipe, fold_fn: FoldFn, job: Any, threads: int, level: int) -> None:
     """Body of a fold process: run the job, send ``("ok", result)`` or ``("error", text)``."""
     logging.basicConfig(level=level, format=f"[{job}] %(message)s")
+    set_process_threads(threads)
     try:
         summary, seconds, node = timed_fold(fold_fn, job, threads)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which names the fold
@@ -299,7 +273,7 @@ def _run_ray_tasks(ray, jobs: Sequence, fold_fn: FoldFn, options: BackendOptions
     gpus = options.gpus_per_job
     if gpus is None:
         gpus = 1 if options.use_gpus and ray.cluster_resources().get("GPU", 0) else 0
-    task = ray.remote(timed_fold).options(
+    task = ray.remote(_ray_task).options(
         num_cpus=cpus, num_gpus=gpus, max_retries=options.max_retries, retry_exceptions=False
     )
     index_of = {task.remote(fold_fn, job, cpus): i for i, job in enumerate(jobs)}
@@ -317,6 +291,12 @@ def _run_ray_tasks(ray, jobs: Sequence, fold_fn: FoldFn, options: BackendOptions
     if failures:
         raise FoldsFailed(failures, [results[i] for i in sorted(results)])
     return [results[i].summary for i in range(len(jobs))]
+
+
+def _ray_task(fold_fn: FoldFn, job: Any, threads: int) -> tuple[dict | None, float, str]:
+    """Body of a Ray task: the process edge of a fold on a Ray worker."""
+    set_process_threads(threads)
+    return timed_fold(fold_fn, job, threads)
 
 
 def _ray_cause(err: Exception) -> str:

@@ -189,7 +189,7 @@ def _check_unique_names(configs: list[Config], paths) -> None:
 
 def _claim_config_dir(layout: Layout, config: Config) -> None:
     """Write the resolved config once; refuse a changed config over existing fold models."""
-    path = layout.config_dir(config.name) / "config.yaml"
+    path = layout.config_yaml(config.name)
     if path.is_file():
         saved = load_config(path)
         if config_digest(saved) != config_digest(config):

@@ -28,7 +28,7 @@ from ..layout import fold_files
 from ..metrics import best_threshold
 from ..models import build_model
 from ..oof import to_codes
-from ..runtime import Runtime, resolve_runtime
+from ..runtime import Runtime, resolve_runtime, torch_threads_kept
 from .augment import Augmenter
 from .averaging import average_top_k, keep_top_k
 from .losses import build_loss, smooth_labels
@@ -274,12 +274,8 @@ def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
             probs = shift_label(probs, 0.5, 0.5)
         codes.append(to_codes(probs[:, 0]).cpu().numpy())
         targets.append(labels.numpy().astype(np.uint8))
-    threads = torch.get_num_threads()
-    threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))
-    # numba's OpenMP layer, started by the first parallel kernel of a process, sets the
-    # OpenMP thread count that torch shares to numba's own: keep torch's, so a fold trains
-    # the same whether or not another fold ran before it in this process
-    torch.set_num_threads(threads)
+    with torch_threads_kept():  # a numba parallel kernel (see ensemble_kit.runtime)
+        threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))
     return total / max(count, 1), dice, threshold
 
 

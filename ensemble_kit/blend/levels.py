@@ -7,7 +7,7 @@ then predicted at threshold ``t`` exactly when ``level >= t``, so one histogram 
 scores every threshold at once.
 
 Each numba kernel has a numpy reference (``*_reference``) that the tests compare against;
-the references reuse the dense kernels' references in :mod:`.postprocess`.
+the references reuse the dense kernels' references in :mod:`~ensemble_kit.postprocess`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .postprocess import (
+from ..postprocess import (
     EIGHT_NEIGHBOURS,
-    _find,
     apply_min_pixels_reference,
+    find_root,
     remove_small_components_reference,
 )
 
@@ -125,7 +125,7 @@ def component_levels(values, image_start, order, neighbours, min_sizes):
 @njit(cache=True)
 def _grow(p, q, current, min_sizes, parent, size, reached, next_member, tail, level):
     """Merge the components of ``p`` and ``q`` (``p == q``: just check ``p``'s own size)."""
-    a, b = _find(parent, p), _find(parent, q)
+    a, b = find_root(parent, p), find_root(parent, q)
     total = size[a] + (size[b] if a != b else 0)
     now = 0
     while now < min_sizes.shape[0] and min_sizes[now] <= total:

@@ -1,0 +1,84 @@
+"""The blend search's numba kernels against their numpy references, on random data."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from ensemble_kit.blend import kernels
+from ensemble_kit.blend.sets import FoldSets
+
+SEEDS = [0, 1, 2, 3]
+N_FOLDS = 3
+
+
+def candidates(rng, n_configs=4, n_pixels=600):
+    """Member codes, labels and folds of random candidate pixels, and each fold's positives
+    (the labelled pixels plus some that the candidates dropped)."""
+    values = rng.integers(0, 256, (n_configs, n_pixels)).astype(np.uint8)
+    labels = (rng.random(n_pixels) < 0.3).astype(np.uint8)
+    pixel_fold = rng.integers(0, N_FOLDS, n_pixels).astype(np.int8)
+    positives = np.bincount(pixel_fold, weights=labels, minlength=N_FOLDS).astype(np.int64)
+    return values, labels, pixel_fold, positives + rng.integers(0, 5, N_FOLDS)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_weighted_sum_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    values, *_ = candidates(rng)
+    weights = rng.integers(0, 5, len(values)).astype(np.int64)
+    got = kernels.weighted_sum(values, weights)
+    want = kernels.weighted_sum_reference(values, weights)
+    assert got.dtype == want.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fold_histograms_match_reference(seed):
+    rng = np.random.default_rng(seed)
+    _, labels, pixel_fold, _ = candidates(rng)
+    levels = rng.integers(-1, 40, len(labels))  # -1: dropped by postprocessing
+    got = kernels.fold_histograms(levels, labels, pixel_fold, N_FOLDS, 40)
+    want = kernels.fold_histograms_reference(levels, labels, pixel_fold, N_FOLDS, 40)
+    assert want.sum() == (levels >= 0).sum()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pair_histograms_match_reference(seed):
+    rng = np.random.default_rng(seed)
+    values, labels, pixel_fold, _ = candidates(rng)
+    sums = kernels.weighted_sum_reference(values, np.array([1, 2, 0, 1])).astype(np.int64)
+    n_values = 4 * 255 + 1
+    sizes = rng.multinomial(len(sums), np.full(7, 1 / 7))
+    image_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    cuts = rng.integers(-1, n_values, (3, len(sizes)))
+    taus = np.where(rng.random((2, len(sums))) < 0.5, sums, rng.integers(-1, n_values, len(sums)))
+    args = (sums, image_start, cuts, taus, labels, pixel_fold, N_FOLDS, n_values)
+    got = kernels.pair_histograms(*args)
+    want = kernels.pair_histograms_reference(*args)
+    assert want.shape == (3, 2, N_FOLDS, n_values, 2)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_score_moves_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    values, labels, pixel_fold, positives = candidates(rng)
+    base_weights = np.array([[1, 0, 2, 0], [0, 1, 1, 1]], np.int64)
+    bases = np.stack([kernels.weighted_sum_reference(values, w) for w in base_weights])
+    # (base, config, sign): adding any config, removing one the base holds
+    moves = [(b, c, 1) for b in range(2) for c in range(4)]
+    moves += [(b, c, -1) for b in range(2) for c in range(4) if base_weights[b, c]]
+    move_base, move_config, move_sign = (np.array(col, np.int64) for col in zip(*moves))
+    totals = base_weights.sum(axis=1)[move_base] + move_sign
+    n_values = 255 * int(totals.max()) + 1
+    args = (bases, values, move_base, move_config, move_sign, 20 * totals, labels, pixel_fold)
+    sets = FoldSets.nested(N_FOLDS).excluded
+    scratch = np.zeros((numba.get_num_threads(), N_FOLDS * n_values * 2), np.int64)
+    dice, thresholds = kernels.score_moves(*args, positives, sets, n_values, scratch)
+    want_dice, want_thresholds = kernels.score_moves_reference(*args, positives, sets, n_values)
+    assert dice.shape == (len(moves), len(sets))
+    np.testing.assert_array_equal(thresholds, want_thresholds)
+    np.testing.assert_array_equal(dice, want_dice)
