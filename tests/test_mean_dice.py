@@ -20,7 +20,11 @@ from ensemble_kit.blend.selection import best_prefix_weights, greedy_paths
 from ensemble_kit.blend.sets import FoldSets
 from ensemble_kit.errors import EkError
 from ensemble_kit.oof import to_uint8
-from ensemble_kit.postprocess import apply_min_pixels_reference, remove_small_components_reference
+from ensemble_kit.postprocess import (
+    apply_min_pixels_reference,
+    remove_small_components_batch,
+    remove_small_components_reference,
+)
 
 INT64_MAX = np.iinfo(np.int64).max
 THREADS = numba.get_num_threads()
@@ -117,9 +121,7 @@ def _dense_pair_scores(oofs, labels, weights, rules, empty_score):
         masks = apply_min_pixels_reference(sums >= threshold, min_pixels)
         for i in range(len(masks)):
             mask = remove_small_components_reference(masks[i], min_component)
-            scores[i, c] = f1_score(
-                labels[i, c].ravel(), mask.ravel(), zero_division=empty_score
-            )
+            scores[i, c] = f1_score(labels[i, c].ravel(), mask.ravel(), zero_division=empty_score)
     return scores
 
 
@@ -145,21 +147,32 @@ def test_choices_score_what_dense_masks_score_with_sklearn(seed, empty_score):
             assert held == pytest.approx(scores[folds == k].mean(), abs=1e-8)
 
 
+def _dense_best(sums, truth, lowest, grids):
+    """Best mean over images of one class's per-image dice (1 when both empty) over every
+    (threshold, min-pixels, min-component), from dense masks in plain numpy."""
+    best = -1.0
+    for t in [*np.unique(sums[sums >= lowest]), sums.max() + 1]:
+        raw = sums >= t
+        counts = raw.sum(axis=(1, 2))
+        for m in grids[1]:
+            kept = remove_small_components_batch(raw, m) if m > 1 else raw
+            for n in grids[0]:
+                masks = kept & (counts >= n)[:, None, None]  # min-pixels, then components
+                tp = (masks & (truth > 0)).sum(axis=(1, 2))
+                denominator = masks.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
+                dice = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)
+                best = max(best, dice.mean())
+    return best
+
+
 def test_choice_is_the_best_of_every_dense_rule():
-    oofs, labels, folds = _problem(5, n=9)
+    oofs, labels, folds = _problem(5, n=6, side=10)
     classes = class_candidates(oofs, labels, folds)
-    weights = np.array([1, 1, 1])
     grids = ((0, 4, 40), (0, 3))
-    choice = choose_per_class(mean_dice_tables(classes, weights, *grids), FoldSets.nested(3), 0)
-    rows = np.tile(weights, (2, 1))
-    lowest = classes[0].floor * 3
+    choice = choose_per_class(mean_dice_tables(classes, [2, 1, 1], *grids), FoldSets.nested(3), 0)
     for c in range(2):
-        best = -1.0
-        sums = sum(w * oof[:, c].astype(np.int64) for w, oof in zip(weights, oofs))
-        for t in [*np.unique(sums[sums >= lowest]), 255 * 3 + 1]:
-            for n, m in np.ndindex(2, 2):
-                rules = [(int(t), grids[0][n], grids[1][m])] * 2
-                best = max(best, _dense_pair_scores(oofs, labels, rows, rules, 1.0)[:, c].mean())
+        sums = sum(w * oof[:, c].astype(np.int64) for w, oof in zip([2, 1, 1], oofs))
+        best = _dense_best(sums, labels[:, c], classes[0].floor * 4, grids)
         assert choice.classes[c].dice == pytest.approx(best, abs=1e-8)
 
 
