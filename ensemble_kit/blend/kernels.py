@@ -409,10 +409,13 @@ def best_mean_per_set(fold_sums, lowest, n_folds, excluded):
     for c in range(n_classes):
         groups = fold_sums[:, c * n_folds : (c + 1) * n_folds]
         for a in range(n_caps):
+            every_fold = np.zeros(n_thresholds, dtype=np.int64)
+            for k in range(n_folds):
+                every_fold += groups[a, k]
             for s in range(n_sets):
                 top, top_t = np.int64(-1), 0
                 for t in range(n_thresholds - 1, lowest - 1, -1):
-                    total = groups[a, :, t].sum()
+                    total = every_fold[t]
                     for e in range(excluded.shape[1]):
                         if excluded[s, e] >= 0:
                             total -= groups[a, excluded[s, e], t]
