@@ -47,7 +47,7 @@ def make_classes(n_images: int, n_classes: int, shape: tuple[int, int], seed: in
             r, c = rng.integers(0, shape[0] - 16), rng.integers(0, shape[1] - 40)
             labels[i, r : r + rng.integers(2, 16), c : c + rng.integers(4, 40)] = 1
         oofs = []
-        for k in range(3):
+        for _ in range(3):
             noise = rng.standard_exponential(labels.shape, dtype=np.float32) * 0.01
             signal = labels * rng.uniform(0.3, 0.9, (n_images, 1, 1)).astype(np.float32)
             oofs.append(np.rint(np.clip(noise + signal, 0, 1) * 255).astype(np.uint8))

@@ -15,6 +15,7 @@ from ensemble_kit.blend.mean_dice import (
     heldout_sum,
     mean_dice_tables,
     mean_of,
+    nested_mean_dice,
 )
 from ensemble_kit.blend.selection import best_prefix_weights, greedy_paths
 from ensemble_kit.blend.sets import FoldSets
@@ -235,3 +236,19 @@ def test_a_holdout_of_one_fold_is_searched_as_set_zero():
 def test_empty_score_outside_zero_one_is_an_error(bad):
     with pytest.raises(EkError, match="empty_score"):
         empty_fixed(bad)
+
+
+def test_nested_estimate_scores_each_fold_with_the_choice_made_without_it():
+    oofs, labels, folds = _problem(6)
+    classes = class_candidates(oofs, labels, folds)
+    sets = FoldSets.nested(3)
+    tables = mean_dice_tables(classes, [1, 1, 1], (0, 5), (0,))
+    choices = [choose_per_class(tables, sets, s) for s in range(len(sets))]
+    pooled, per_fold = nested_mean_dice(choices, sets, tables.fold_images)
+    weights = np.ones((2, 3), dtype=np.int64)
+    scores = np.zeros(labels.shape[:2])
+    for k in range(3):
+        rules = _rules(choices[sets.index(k)])
+        scores[folds == k] = _dense_pair_scores(oofs, labels, weights, rules, 1.0)[folds == k]
+        assert per_fold[k] == pytest.approx(scores[folds == k].mean(), abs=1e-8)
+    assert pooled == pytest.approx(scores.mean(), abs=1e-8)

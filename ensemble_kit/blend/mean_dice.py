@@ -330,3 +330,23 @@ def heldout_sum(choice: MeanDiceChoice, fold: int) -> int:
     (:func:`mean_of`), this is the nested estimate of mean dice.
     """
     return sum(int(c.fold_sums[fold]) for c in choice.classes)
+
+
+def nested_mean_dice(
+    choices: list[MeanDiceChoice], sets: FoldSets, fold_images: np.ndarray
+) -> tuple[float, list[float]]:
+    """The nested estimate: on each fold ``k``, the choice made on the set without ``k``.
+
+    Args:
+        choices: The choice on each set of ``sets`` (index ``s`` made on set ``s``).
+        sets: The sets of folds (:meth:`FoldSets.nested`).
+        fold_images: int ``(K,)`` images per fold (:attr:`MeanDiceTables.fold_images`).
+
+    Returns:
+        ``(pooled, per_fold)``: the mean dice over every pair of every fold, each pair scored
+        by a choice that did not see it, and the same per fold.
+    """
+    n_classes = len(choices[0].classes)
+    sums = [heldout_sum(choices[sets.index(k)], k) for k in range(sets.n_folds)]
+    per_fold = [float(mean_of(total, n_classes * fold_images[k])) for k, total in enumerate(sums)]
+    return float(mean_of(sum(sums), n_classes * int(np.sum(fold_images)))), per_fold
