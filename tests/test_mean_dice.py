@@ -17,7 +17,7 @@ from ensemble_kit.blend.mean_dice import (
     mean_of,
     nested_mean_dice,
 )
-from ensemble_kit.blend.selection import best_prefix_weights, greedy_paths
+from ensemble_kit.blend.selection import best_prefix_weights, greedy_paths, refine_weights
 from ensemble_kit.blend.sets import FoldSets
 from ensemble_kit.errors import EkError
 from ensemble_kit.oof import to_uint8
@@ -252,3 +252,14 @@ def test_nested_estimate_scores_each_fold_with_the_choice_made_without_it():
         scores[folds == k] = _dense_pair_scores(oofs, labels, weights, rules, 1.0)[folds == k]
         assert per_fold[k] == pytest.approx(scores[folds == k].mean(), abs=1e-8)
     assert pooled == pytest.approx(scores.mean(), abs=1e-8)
+
+
+def test_refinement_on_the_mean_dice_scorer_never_lowers_a_sets_score():
+    oofs, labels, folds = _problem(7)
+    scorer = MeanDiceScorer(class_candidates(oofs, labels, folds), pixel_grid=(5,))
+    start = np.array([1, 0, 1], dtype=np.int64)
+    refined = refine_weights(scorer, [start] * len(scorer.sets))
+    before = scorer.score(start)[0]
+    after = [scorer.score(w)[0][s] for s, w in enumerate(refined)]
+    assert all(a >= b - 1e-12 for a, b in zip(after, before))
+    assert any(a > b + 1e-9 for a, b in zip(after, before))  # the search found something
