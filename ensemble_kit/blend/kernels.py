@@ -293,3 +293,378 @@ def gather_chunk_reference(stack, labels, flags):
         (labels[image, position] != 0).astype(np.uint8),
         position.astype(np.int32),
     )
+
+
+# ---- mean Dice over (image, class) pairs ------------------------------------------------
+# A pair's dice is held as a fixed-point integer, round(dice * MEAN_DICE_SCALE): sums over
+# pairs are then exact, whatever order they are added in, so a kernel and its reference
+# agree bit for bit and ties between thresholds are real ties (the mean is off the true
+# one by at most 2**-33).
+MEAN_DICE_SCALE = 1 << 32
+
+
+@njit(cache=True)
+def fixed_dice(tp, predicted, positives):
+    """``round(2 tp / (predicted + positives) * MEAN_DICE_SCALE)``, half up (denominator > 0)."""
+    denominator = predicted + positives
+    return (4 * tp * MEAN_DICE_SCALE + denominator) // (2 * denominator)
+
+
+@njit(cache=True)
+def _sorted_keys(levels, labels, lo, hi, lowest, buffer):
+    """``level * 2 + label`` of pixels ``lo:hi`` with ``level >= lowest``, descending, in
+    ``buffer``; returns how many."""
+    count = 0
+    for p in range(lo, hi):
+        if levels[p] >= lowest:
+            buffer[count] = levels[p] * 2 + labels[p]
+            count += 1
+    buffer[:count] = np.sort(buffer[:count])[::-1]
+    return count
+
+
+@njit(cache=True)
+def _walk_pair(keys, count, positives, cap, lowest, n_values, empty_fixed, delta):
+    """Add one pair's fixed-point dice at every threshold ``t`` to ``delta`` as differences:
+    the dice at ``t`` is ``sum(delta[t:])``.
+
+    ``keys[:count]`` are the pair's :func:`_sorted_keys`. The pair predicts a pixel at ``t``
+    iff ``min(level, cap) >= t``; as ``t`` falls, its counts change only at those values.
+    """
+    previous = empty_fixed if positives == 0 else 0  # nothing predicted
+    delta[n_values] += previous
+    tp, predicted, j = 0, 0, 0
+    while j < count:
+        level = min(keys[j] >> 1, cap)
+        if level < lowest:
+            break
+        while j < count and min(keys[j] >> 1, cap) >= level:
+            predicted += 1
+            tp += keys[j] & 1
+            j += 1
+        dice = fixed_dice(tp, predicted, positives)
+        delta[level] += dice - previous
+        previous = dice
+
+
+@njit(cache=True, parallel=True)
+def mean_dice_fold_sums(
+    levels,
+    labels,
+    pair_start,
+    pair_positives,
+    pair_group,
+    caps,
+    n_groups,
+    lowest,
+    n_values,
+    empty_fixed,
+    n_workers,
+):
+    """Per group, the fixed-point dice summed over its pairs at every threshold, as differences.
+
+    Args:
+        levels: int64 ``(P,)``: a pixel is predicted at ``t`` iff ``level >= t`` (-1: never).
+        labels: uint8 ``(P,)``.
+        pair_start: int64 ``(N + 1,)``: pair ``i`` owns pixels ``pair_start[i]:[i + 1]``.
+        pair_positives: int64 ``(N,)`` every positive of each pair, dropped pixels included.
+        pair_group: int64 ``(N,)`` group of each pair (its fold, or class * K + fold).
+        caps: int64 ``(A, N)``: under cap row ``a`` pair ``i`` predicts nothing at
+            ``t > caps[a, i]`` (min-pixels; the int64 maximum: no cap).
+        n_groups: Number of groups.
+        lowest: Smallest threshold scored (>= 0); ``n_values`` predicts nothing.
+        n_values: ``255 * sum(weights) + 1``.
+        empty_fixed: Fixed-point score of a pair empty on both sides.
+        n_workers: Parallel chunks (``numba.get_num_threads()``).
+
+    Returns:
+        int64 ``(A, n_groups, n_values + 1)``; the sums at every threshold are its suffix
+        sums along the last axis (:func:`suffix_sums`).
+    """
+    n_caps, n_pairs = caps.shape
+    n_chunks = max(1, min(n_pairs, n_workers))
+    partial = np.zeros((n_chunks, n_caps, n_groups, n_values + 1), dtype=np.int64)
+    longest = np.max(np.diff(pair_start)) if n_pairs else 0
+    for chunk in prange(n_chunks):
+        buffer = np.empty(longest, dtype=np.int64)
+        for i in range(chunk * n_pairs // n_chunks, (chunk + 1) * n_pairs // n_chunks):
+            count = _sorted_keys(levels, labels, pair_start[i], pair_start[i + 1], lowest, buffer)
+            for a in range(n_caps):
+                delta = partial[chunk, a, pair_group[i]]
+                _walk_pair(
+                    buffer,
+                    count,
+                    pair_positives[i],
+                    caps[a, i],
+                    lowest,
+                    n_values,
+                    empty_fixed,
+                    delta,
+                )
+    return partial.sum(axis=0)
+
+
+def suffix_sums(delta: np.ndarray) -> np.ndarray:
+    """``out[..., t] = delta[..., t:].sum(-1)``: the sums at every threshold of differences."""
+    return np.cumsum(delta[..., ::-1], axis=-1)[..., ::-1]
+
+
+def mean_dice_fold_sums_reference(
+    levels,
+    labels,
+    pair_start,
+    pair_positives,
+    pair_group,
+    caps,
+    n_groups,
+    lowest,
+    n_values,
+    empty_fixed,
+):
+    """Plain per-pair reference of :func:`mean_dice_fold_sums`, already summed (no
+    differences): each pair's predicted and true-positive counts at every threshold from
+    cumulative counts of its levels, then its dice."""
+    sums = np.zeros((caps.shape[0], n_groups, n_values + 1), dtype=np.int64)
+    for i in range(len(pair_start) - 1):
+        lo, hi = pair_start[i], pair_start[i + 1]
+        positives = int(pair_positives[i])
+        for a in range(caps.shape[0]):
+            kept = np.minimum(levels[lo:hi], caps[a, i])
+            kept, hits = kept[kept >= 0], labels[lo:hi][kept >= 0]
+            predicted = suffix_sums(np.bincount(kept, minlength=n_values + 1))
+            tp = suffix_sums(np.bincount(kept, weights=hits, minlength=n_values + 1))
+            tp = tp.astype(np.int64)
+            denominator = np.maximum(predicted + positives, 1)
+            dice = np.where(
+                predicted > 0,
+                (4 * tp * MEAN_DICE_SCALE + denominator) // (2 * denominator),
+                empty_fixed if positives == 0 else 0,
+            )
+            sums[a, pair_group[i], lowest:] += dice[lowest:]
+    return sums
+
+
+@njit(cache=True)
+def best_mean_per_set(fold_sums, lowest, n_folds, excluded):
+    """Per class and set of folds, the best (cap, threshold ``>= lowest``) of fold sums.
+
+    Args:
+        fold_sums: int64 ``(A, C * K, T)`` summed fixed-point dice per cap, (class, fold)
+            group and threshold (suffix sums of :func:`mean_dice_fold_sums`).
+        lowest: Smallest threshold searched.
+        n_folds: K.
+        excluded: int64 ``(n_sets, E)``: the folds each set leaves out, -1 for none.
+
+    Returns:
+        ``(sums, thresholds, caps)``, each int64 ``(C, n_sets)``: ties go to the smallest
+        threshold, then to the first cap.
+    """
+    n_caps, n_groups, n_thresholds = fold_sums.shape
+    n_classes, n_sets = n_groups // n_folds, excluded.shape[0]
+    best = np.full((n_classes, n_sets), -1, dtype=np.int64)
+    best_t = np.zeros((n_classes, n_sets), dtype=np.int64)
+    best_cap = np.zeros((n_classes, n_sets), dtype=np.int64)
+    for c in range(n_classes):
+        groups = fold_sums[:, c * n_folds : (c + 1) * n_folds]
+        for a in range(n_caps):
+            every_fold = np.zeros(n_thresholds, dtype=np.int64)
+            for k in range(n_folds):
+                every_fold += groups[a, k]
+            for s in range(n_sets):
+                top, top_t = np.int64(-1), 0
+                for t in range(n_thresholds - 1, lowest - 1, -1):
+                    total = every_fold[t]
+                    for e in range(excluded.shape[1]):
+                        if excluded[s, e] >= 0:
+                            total -= groups[a, excluded[s, e], t]
+                    if total >= top:  # scanning down, so ties go to the smallest threshold
+                        top, top_t = total, t
+                if top > best[c, s]:
+                    best[c, s], best_t[c, s], best_cap[c, s] = top, top_t, a
+    return best, best_t, best_cap
+
+
+def best_mean_per_set_reference(fold_sums, lowest, n_folds, excluded):
+    """Numpy reference of :func:`best_mean_per_set`."""
+    n_caps, n_groups, _ = fold_sums.shape
+    shape = (n_groups // n_folds, len(excluded))
+    best, best_t, best_cap = (np.zeros(shape, dtype=np.int64) for _ in range(3))
+    for c, s in np.ndindex(*shape):
+        keep = ~np.isin(np.arange(n_folds), excluded[s][excluded[s] >= 0])
+        totals = fold_sums[:, c * n_folds + np.flatnonzero(keep)].sum(axis=1)[:, lowest:]
+        per_cap = totals.max(axis=1)
+        a = int(np.argmax(per_cap))  # the first cap reaching the best
+        best[c, s], best_t[c, s], best_cap[c, s] = per_cap[a], lowest + np.argmax(totals[a]), a
+    return best, best_t, best_cap
+
+
+@njit(cache=True)
+def _move_keys(base, values, config, sign, labels, lo, hi, lowest, buffer):
+    """:func:`_sorted_keys` of the blend sums ``base + sign * values[config]``."""
+    count = 0
+    for p in range(lo, hi):
+        level = base[p] + sign * values[config, p]
+        if level >= lowest:
+            buffer[count] = level * 2 + labels[p]
+            count += 1
+    buffer[:count] = np.sort(buffer[:count])[::-1]
+    return count
+
+
+@njit(cache=True)
+def _min_pixel_cap(keys, count, min_pixels):
+    """The ``min_pixels``-th largest level of a pair's sorted keys; -1 if it has fewer."""
+    if min_pixels <= 0:
+        return np.iinfo(np.int64).max
+    return keys[min_pixels - 1] >> 1 if count >= min_pixels else -1
+
+
+@njit(cache=True)
+def _move_fold_sums(
+    base, values, config, sign, lowest, pairs, min_pixels, n_values, empty_fixed, delta, buffer
+):
+    """Suffix-summed :func:`mean_dice_fold_sums` of one move into ``delta`` ``(A, G, T)``."""
+    labels, pair_start, pair_positives, pair_group = pairs
+    delta[:] = 0
+    for i in range(pair_group.shape[0]):
+        count = _move_keys(
+            base, values, config, sign, labels, pair_start[i], pair_start[i + 1], lowest, buffer
+        )
+        for a in range(min_pixels.shape[0]):
+            cap = _min_pixel_cap(buffer, count, min_pixels[a])
+            _walk_pair(
+                buffer,
+                count,
+                pair_positives[i],
+                cap,
+                lowest,
+                n_values,
+                empty_fixed,
+                delta[a, pair_group[i]],
+            )
+    for a in range(delta.shape[0]):
+        for g in range(delta.shape[1]):
+            for t in range(n_values - 1, -1, -1):
+                delta[a, g, t] += delta[a, g, t + 1]
+
+
+@njit(cache=True, parallel=True)
+def score_mean_dice_moves(
+    bases,
+    values,
+    move_base,
+    move_config,
+    move_sign,
+    move_lowest,
+    pairs,
+    min_pixels,
+    n_groups,
+    n_folds,
+    excluded,
+    n_values,
+    empty_fixed,
+    n_workers,
+):
+    """Best per-class mean dice of every move ``bases[b] + sign * values[config]`` on every set.
+
+    Args:
+        bases: int32 ``(B, P)`` blend sums of the candidate pixels of every pair.
+        values: uint8 ``(n_configs, P)``.
+        move_base, move_config, move_sign, move_lowest: int64 ``(M,)`` per move; thresholds
+            of move ``m`` are searched from ``move_lowest[m]`` up.
+        pairs: ``(labels, pair_start, pair_positives, pair_group)`` as in
+            :func:`mean_dice_fold_sums`, the group of a pair ``class * K + fold``.
+        min_pixels: int64 ``(A,)`` min-pixel values searched with the threshold.
+        n_groups: ``C * K``.
+        n_folds: K.
+        excluded: int64 ``(n_sets, E)`` folds each set leaves out.
+        n_values: ``255 * (largest weight total) + 1``.
+        empty_fixed: Fixed-point score of a pair empty on both sides.
+        n_workers: Parallel workers (``numba.get_num_threads()``).
+
+    Returns:
+        ``(sums, thresholds, caps)``: :func:`best_mean_per_set` of each move, int64
+        ``(M, C, n_sets)``; ``caps`` index ``min_pixels``.
+    """
+    n_moves = move_base.shape[0]
+    shape = (n_moves, n_groups // n_folds, excluded.shape[0])
+    sums = np.zeros(shape, dtype=np.int64)
+    thresholds = np.zeros(shape, dtype=np.int64)
+    caps = np.zeros(shape, dtype=np.int64)
+    pair_start = pairs[1]
+    longest = np.max(np.diff(pair_start)) if pair_start.shape[0] > 1 else 0
+    for worker in prange(n_workers):
+        delta = np.empty((min_pixels.shape[0], n_groups, n_values + 1), dtype=np.int64)
+        buffer = np.empty(longest, dtype=np.int64)
+        for m in range(worker, n_moves, n_workers):
+            _move_fold_sums(
+                bases[move_base[m]],
+                values,
+                move_config[m],
+                move_sign[m],
+                move_lowest[m],
+                pairs,
+                min_pixels,
+                n_values,
+                empty_fixed,
+                delta,
+                buffer,
+            )
+            sums[m], thresholds[m], caps[m] = best_mean_per_set(
+                delta, move_lowest[m], n_folds, excluded
+            )
+    return sums, thresholds, caps
+
+
+def score_mean_dice_moves_reference(
+    bases,
+    values,
+    move_base,
+    move_config,
+    move_sign,
+    move_lowest,
+    pairs,
+    min_pixels,
+    n_groups,
+    n_folds,
+    excluded,
+    n_values,
+    empty_fixed,
+):
+    """Numpy reference of :func:`score_mean_dice_moves`, a plain loop over moves and pairs."""
+    labels, pair_start, pair_positives, pair_group = pairs
+    results = []
+    for m in range(len(move_base)):
+        level = bases[move_base[m]].astype(np.int64) + move_sign[m] * values[move_config[m]]
+        caps = np.array([_caps_reference(level, pair_start, n) for n in min_pixels])
+        fold_sums = mean_dice_fold_sums_reference(
+            level,
+            labels,
+            pair_start,
+            pair_positives,
+            pair_group,
+            caps.reshape(len(min_pixels), -1),
+            n_groups,
+            int(move_lowest[m]),
+            n_values,
+            empty_fixed,
+        )
+        results.append(
+            best_mean_per_set_reference(fold_sums, int(move_lowest[m]), n_folds, excluded)
+        )
+    return tuple(
+        np.array([r[i] for r in results]).reshape(
+            len(move_base), n_groups // n_folds, len(excluded)
+        )
+        for i in range(3)
+    )
+
+
+def _caps_reference(level, pair_start, min_pixels):
+    if min_pixels <= 0:
+        return np.full(len(pair_start) - 1, np.iinfo(np.int64).max)
+    caps = []
+    for lo, hi in zip(pair_start[:-1], pair_start[1:]):
+        ranked = np.sort(level[lo:hi])[::-1]
+        caps.append(ranked[min_pixels - 1] if len(ranked) >= min_pixels else -1)
+    return np.array(caps, dtype=np.int64)
