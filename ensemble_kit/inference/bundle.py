@@ -35,7 +35,7 @@ from .ensemble import Ensemble, PredictOptions, predict_submission
 
 log = logging.getLogger(__name__)
 PROJECTED_RECORDS = 2000  # about the size of the hidden test set
-TORCH_MIN = "2.1"  # the oldest torch the bundle runs on; setup.cfg's torch>= agrees (tested)
+TORCH_MIN = "2.2"  # the oldest torch the bundle runs on; setup.cfg's torch>= agrees (tested)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -75,7 +75,7 @@ def model_format(name: str, suffix: str):
 @model_format("torchscript", ".pt")
 def _load_torchscript(path: Path, device: torch.device):
     with warnings.catch_warnings():
-        # ek chose TorchScript on purpose (it reads back to torch 2.1); torch >= 2.9 warns that
+        # ek chose TorchScript on purpose (it reads back to torch 2.2); torch >= 2.9 warns that
         # torch.jit is deprecated on every load. docs/explanation/model-formats.md: what next.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
