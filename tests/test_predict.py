@@ -355,3 +355,31 @@ def test_eta_lines_give_rate_and_projection(caplog):
         "predicted 2/4 records",
         "predicted 4/4 records",
     ]
+
+
+def test_cv_oof_prediction_takes_the_precision(monkeypatch):
+    """``ek cv --precision`` reaches the OOF prediction (holdout and submit agree)."""
+    from click.testing import CliRunner
+
+    from ensemble_kit.cli import main
+    from ensemble_kit.data.loader import ArraySet
+    from ensemble_kit.training import cv
+
+    seen = []
+
+    def fake_predict(models, config, x, precision="auto"):
+        seen.append(precision)
+        return np.zeros((len(x), *x.shape[-2:]), np.float32)
+
+    monkeypatch.setattr(cv, "predict_inputs", fake_predict)
+    inputs = np.zeros((3, 3, 8, 8), np.uint8)
+    arrays = ArraySet(
+        ((inputs, np.zeros((3, 8, 8), np.uint8)),), np.c_[np.zeros(3, int), np.arange(3)]
+    )
+    parts = list(
+        cv.predict_set([random_net()], Config(name="t"), arrays, torch.device("cpu"), 2, "fp16")
+    )
+    assert seen == ["fp16", "fp16"] and [p[0] for p in parts] == [slice(0, 2), slice(2, 3)]
+    assert cv.FoldJob(Config(name="t"), None, None, 0, None).precision == "auto"
+    result = CliRunner().invoke(main, ["cv", "--precision", "fp8", "x.yaml"])
+    assert result.exit_code == 2 and "--precision" in result.output
