@@ -246,8 +246,8 @@ def test_hidden_nan_and_unreadable_records_never_abort(blended, tmp_path, caplog
     )
     assert rows[nan_record.name] == expected[nan_record.name]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len([w for w in warnings if nan_record.name in w and "NaN" in w]) == 1
-    assert len([w for w in warnings if broken.name in w and "unreadable" in w]) == 1
+    assert len([w for w in warnings if str(nan_record) in w and "NaN" in w]) == 1
+    assert len([w for w in warnings if str(broken) in w and "unreadable" in w]) == 1
 
 
 def test_submit_takes_a_precision(blended, tmp_path):
