@@ -361,10 +361,15 @@ def table(rows, sizes: Sizes, device: torch.device, seconds: float) -> str:
         "| measurement | rate | unit |",
         "|---|---:|---|",
     ]
-    lines += [f"| {label} | {rate:.1f} | {unit} |" for label, rate, unit in rows]
+    lines += [f"| {label} | {rate_text(rate)} | {unit} |" for label, rate, unit in rows]
     if device.type == "cuda":
         lines += ["", f"{torch.cuda.device_count()} CUDA device(s) visible"]
     return "\n".join(lines)
+
+
+def rate_text(rate: float) -> str:
+    """One decimal, or three significant digits below 1 (a loaded CPU's smoke run)."""
+    return f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
 
 
 def main(argv: list[str] | None = None) -> None:
