@@ -146,6 +146,7 @@ class PredictOptions:
     report_every: int = 0
     budget_seconds: float | None = None
     lenient: bool = False
+    read_workers: int | None = None  # None: 2 reader processes from 64 records, else none
 
 
 class _RecordInputs(Dataset):
@@ -331,7 +332,8 @@ def _predict_shard(ensemble, data_root, split, ids, device, options, timer, eta,
     """Yield the batches of the records ``ids`` predicted on ``device``."""
     folders = [record_dir(data_root, split, rid) for rid in ids]
     dataset = _RecordInputs(folders, ensemble, options.lenient)
-    workers = 0 if len(ids) < 64 else 2
+    workers = options.read_workers
+    workers = (0 if len(ids) < 64 else 2) if workers is None else workers
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=workers)
     plan = memory_plan(options, device, ensemble)
     start, clock = 0, time.perf_counter()
@@ -368,6 +370,7 @@ def predict_codes_on(
                                   progress)  # fmt: skip
         return
     shards = shard_records(ids, len(workers), options.batch_size)
+    options = replace(options, read_workers=0)  # no fork from a process running threads
     queues: list[queue.Queue] = [queue.Queue() for _ in shards]
     with ThreadPoolExecutor(len(shards), thread_name_prefix="ek-predict") as pool:
         for (ensemble, device), shard, out in zip(workers, shards, queues):
