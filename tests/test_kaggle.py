@@ -426,7 +426,9 @@ def test_the_loader_reads_any_registered_format(trained, bundle, tmp_path):
         x = torch.rand(2, config.input.in_channels, entry["side"], entry["side"])
         for fold in (0, 1):
             model = load_fold_model(config, layout.fold_dir(name, fold), torch.device("cpu"))
-            torch.export.save(torch.export.export(model, (x,)), copy / f"{name}.fold_{fold}.pt2")
+            batch = ({0: torch.export.Dim("batch")},)  # TTA passes hold B x copies images
+            program = torch.export.export(model, (x,), dynamic_shapes=batch)
+            torch.export.save(program, copy / f"{name}.fold_{fold}.pt2")
             (copy / f"{name}.fold_{fold}.pt").unlink()
     exported, _ = load_bundle(copy, torch.device("cpu"))
     traced, _ = load_bundle(bundle[0], torch.device("cpu"))

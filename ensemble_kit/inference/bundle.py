@@ -82,9 +82,21 @@ def _load_torchscript(path: Path, device: torch.device):
         return torch.jit.load(str(path), map_location=device).eval()
 
 
+class CallableModel(torch.nn.Module):
+    """A model given as a function (an ONNX session, an exported program), kept out of
+    ``modules()`` so that ``eval()`` (which exported programs refuse) never reaches it."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.__dict__["function"] = forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.__dict__["function"](x)
+
+
 @model_format("torch_export", ".pt2")
 def _load_torch_export(path: Path, device: torch.device):
-    return torch.export.load(str(path)).module().to(device)
+    return CallableModel(torch.export.load(str(path)).module().to(device))
 
 
 @model_format("onnx", ".onnx")
@@ -99,7 +111,7 @@ def _load_onnx(path: Path, device: torch.device):
         logits = session.run(None, {"x": x.float().cpu().numpy()})[0]
         return torch.from_numpy(logits).to(x.device)
 
-    return forward
+    return CallableModel(forward)
 
 
 def bundle_fix(manifest: dict) -> str:
