@@ -11,14 +11,22 @@ Measures, on synthetic data only (no download: encoder_weights none):
 2. cache -> GPU input samples/s: uint8 cache rows through ``batches`` to the device, decoded
    and augmented (flips, rot90, cutout) as in training;
 3. TTA: 4 flips batched into one forward pass vs one pass per flip (images/s);
-4. ``ek submit`` records/s (2 folds of the resnet34 config, 4-flip TTA, ``--batch-size 16``).
+4. ``ek submit`` records/s (2 folds of the resnet34 config, 4-flip TTA, ``--batch-size 16``);
+5. Kaggle hardware (issue 19): 4-flip inference in fp32, fp16 and bf16 (images/s, largest
+   probability difference from fp32); the records split across every device, one worker
+   each (with one GPU: two workers on it), and the codes that differ from one worker; an
+   injected out-of-memory error halving the batch, and the codes that differ; the batch and
+   TTA chunk that free memory starts from.
 
 Each rate is the best of ``--rounds`` timed runs after a warm-up (the machine may be shared).
+A row that fails prints its error in the table and the run goes on; ``--out`` also writes
+the table to a markdown file. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -38,7 +46,17 @@ from submit import clone_test_records, run  # noqa: E402
 
 from ensemble_kit.config import config_from_dict  # noqa: E402
 from ensemble_kit.data.loader import ArraySet, batches  # noqa: E402
-from ensemble_kit.inference.tta import predict_probs  # noqa: E402
+from ensemble_kit.data.synth import write_synthetic  # noqa: E402
+from ensemble_kit.inference.ensemble import (  # noqa: E402
+    Ensemble,
+    MemoryPlan,
+    PredictOptions,
+    Timer,
+    memory_plan,
+    predict_batch,
+    predict_codes_on,
+)
+from ensemble_kit.inference.tta import predict_inputs, predict_probs  # noqa: E402
 from ensemble_kit.runtime import resolve_runtime  # noqa: E402
 from ensemble_kit.training.trainer import Trainer  # noqa: E402
 
@@ -193,22 +211,145 @@ def submit_rate(sizes: Sizes, device: torch.device) -> float:
         return sizes.submit_records / (time.perf_counter() - started)
 
 
+def precision_rows(sizes: Sizes, device: torch.device, rounds: int) -> list[tuple]:
+    """4-flip inference in fp32, fp16 and bf16: images/s and max |prob - fp32 prob|."""
+    model = smp.Unet(sizes.encoder, encoder_weights=None, in_channels=9, classes=1).to(device)
+    x = torch.rand(sizes.batch, 9, sizes.side, sizes.side, device=device)
+    cfg, rows, reference = config(sizes), [], None
+    for precision in ("fp32", "fp16", "bf16"):
+        probs = predict_inputs([model], cfg, x, precision)
+        reference = probs if reference is None else reference
+        step = lambda p=precision: predict_inputs([model], cfg, x, p)  # noqa: E731
+        rate = best_rate(step, sizes.batch, sizes, device, rounds)
+        diff = float(np.abs(probs - reference).max())
+        rows.append(
+            (f"inference {precision}, 4 flips", rate, f"images/s; max abs prob diff {diff:.2e}")
+        )
+    return rows
+
+
+def kaggle_ensemble(sizes: Sizes, device: torch.device, model=None) -> Ensemble:
+    model = model or smp.Unet(sizes.encoder, encoder_weights=None, in_channels=9, classes=1)
+    cfg = config(sizes)
+    return Ensemble({"g": cfg}, {"g": [model.to(device).eval()]}, {"g": None})
+
+
+def all_codes(batches) -> np.ndarray:
+    return np.concatenate([codes["g"] for _, codes in batches])
+
+
+def split_row(sizes: Sizes, device: torch.device, data: Path) -> tuple:
+    """Records split across every device (with one, two workers on it) vs one worker."""
+    devices = [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    devices = devices if len(devices) > 1 else [device, device]
+    torch.manual_seed(0)
+    model = smp.Unet(sizes.encoder, encoder_weights=None, in_channels=9, classes=1)
+    options = PredictOptions(batch_size=sizes.batch)
+    one = [(kaggle_ensemble(sizes, device, model), device)]
+    many = [(kaggle_ensemble(sizes, d, copy.deepcopy(model)), d) for d in devices]
+    started = time.perf_counter()
+    single = all_codes(predict_codes_on(one, data, "test", options, Timer()))
+    middle = time.perf_counter()
+    split = all_codes(predict_codes_on(many, data, "test", options, Timer()))
+    rate = len(split) / (time.perf_counter() - middle)
+    count = len({str(d) for d in devices})
+    differ = int((single != split).sum())
+    return (
+        f"records split, {count} device{'s' if count > 1 else ''}, {len(devices)} workers",
+        rate,
+        f"records/s (1 worker {len(single) / (middle - started):.1f}); "
+        f"{differ} of {single.size} codes differ from 1 worker",
+    )
+
+
+def oom_row(sizes: Sizes, device: torch.device) -> tuple:
+    """An out-of-memory error injected above 2 records per pass: the batch is halved."""
+    torch.manual_seed(0)
+    inner = smp.Unet(sizes.encoder, encoder_weights=None, in_channels=9, classes=1)
+    guarded = OutOfMemoryAbove(inner, len(FLIPS) * max(1, sizes.batch // 2))
+    x = torch.rand(sizes.batch, 9, sizes.side, sizes.side, device=device)
+    plain = predict_batch(
+        kaggle_ensemble(sizes, device, inner), [x], "auto", MemoryPlan(sizes.batch, len(FLIPS))
+    )
+    plan = MemoryPlan(sizes.batch, len(FLIPS))
+    started = time.perf_counter()
+    halved = predict_batch(kaggle_ensemble(sizes, device, guarded), [x], "auto", plan)
+    rate = sizes.batch / (time.perf_counter() - started)
+    differ = int((plain["g"] != halved["g"]).sum())
+    start = memory_plan(
+        PredictOptions(sizes.batch, memory_safe=True), device, kaggle_ensemble(sizes, device)
+    )
+    return (
+        f"OOM injected, batch {sizes.batch} halved to {plan.batch}",
+        rate,
+        f"images/s; {differ} of {plain['g'].size} codes differ; free memory starts at batch "
+        f"{start.batch}, chunk {start.chunk}",
+    )
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module, limit: int):
+        super().__init__()
+        self.net, self.limit = net, limit
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("out of memory (injected by gpu_check)")
+        return self.net(x)
+
+
+def kaggle_rows(sizes: Sizes, device: torch.device, rounds: int) -> list[tuple]:
+    rows = guarded("inference precision", lambda: precision_rows(sizes, device, rounds))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic(data, n_train=2, n_validation=2, n_test=4 * sizes.batch, size=sizes.side)
+        rows += guarded("records split", lambda: [split_row(sizes, device, data)])
+    rows += guarded("OOM halving", lambda: [oom_row(sizes, device)])
+    return rows
+
+
+def guarded(label: str, make) -> list[tuple]:
+    """The rows ``make()`` returns, or one row with its error: one failure stops nothing."""
+    try:
+        return make()
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        message = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        print(f"gpu_check: {label} failed: {message}", file=sys.stderr)
+        return [(label, float("nan"), f"FAILED {message}")]
+
+
 def measure(sizes: Sizes, device: torch.device, rounds: int) -> list[tuple[str, float, str]]:
     """Every row of the table; ``train.compile`` only on CUDA (inductor on CPU takes minutes)."""
     rows = []
     for compile_model in (False, True) if device.type == "cuda" else (False,):
         suffix = " + compile" if compile_model else ""
         for label, make in (("ek default", ek_train_step), ("plain fp32", plain_train_step)):
-            torch.manual_seed(0)
-            rate = best_rate(make(sizes, device, compile_model), sizes.batch, sizes, device, rounds)
-            rows.append((f"train: {label}{suffix}", rate, "images/s"))
-    rows.append(
-        ("cache -> GPU input + augmentation", input_rate(sizes, device, rounds), "samples/s")
+            name = f"train: {label}{suffix}"
+
+            def train_rate(make=make, compile_model=compile_model, name=name):
+                torch.manual_seed(0)
+                step = make(sizes, device, compile_model)
+                return [(name, best_rate(step, sizes.batch, sizes, device, rounds), "images/s")]
+
+            rows += guarded(name, train_rate)
+    rows += guarded(
+        "cache -> GPU input + augmentation",
+        lambda: [
+            ("cache -> GPU input + augmentation", input_rate(sizes, device, rounds), "samples/s")
+        ],  # fmt: skip
     )
-    for label, rate in tta_rates(sizes, device, rounds).items():
-        rows.append((f"TTA 4 flips, {label}", rate, "images/s"))
-    rows.append(("ek submit (2 folds x 4 flips)", submit_rate(sizes, device), "records/s"))
-    return rows
+    rows += guarded(
+        "TTA 4 flips",
+        lambda: [
+            (f"TTA 4 flips, {k}", v, "images/s")
+            for k, v in tta_rates(sizes, device, rounds).items()
+        ],
+    )
+    rows += guarded(
+        "ek submit (2 folds x 4 flips)",
+        lambda: [("ek submit (2 folds x 4 flips)", submit_rate(sizes, device), "records/s")],
+    )
+    return rows + kaggle_rows(sizes, device, rounds)
 
 
 def table(rows, sizes: Sizes, device: torch.device, seconds: float) -> str:
@@ -220,8 +361,15 @@ def table(rows, sizes: Sizes, device: torch.device, seconds: float) -> str:
         "| measurement | rate | unit |",
         "|---|---:|---|",
     ]
-    lines += [f"| {label} | {rate:.1f} | {unit} |" for label, rate, unit in rows]
+    lines += [f"| {label} | {rate_text(rate)} | {unit} |" for label, rate, unit in rows]
+    if device.type == "cuda":
+        lines += ["", f"{torch.cuda.device_count()} CUDA device(s) visible"]
     return "\n".join(lines)
+
+
+def rate_text(rate: float) -> str:
+    """One decimal, or three significant digits below 1 (a loaded CPU's smoke run)."""
+    return f"{rate:.1f}" if rate >= 1 else f"{rate:.3g}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -229,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs on CPU too")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit(
@@ -239,7 +388,11 @@ def main(argv: list[str] | None = None) -> None:
     sizes = SMOKE if args.smoke else FULL
     started = time.perf_counter()
     rows = measure(sizes, device, 1 if args.smoke else args.rounds)
-    print(table(rows, sizes, device, time.perf_counter() - started))
+    text = table(rows, sizes, device, time.perf_counter() - started)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ DEVICE = click.option(
 )
 
 
+PRECISION = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="Prediction precision (auto: fp16 below sm80, bf16 from sm80, fp32 on CPU).",
+)
+
+
 def data_option(required: bool = False):
     return click.option(
         "--data",
@@ -203,6 +212,7 @@ def prepare(
 @click.option("--gpus-per-job", type=float, default=None, help="Ray: GPUs per fold (0.5 shares).")
 @click.option("--address", default=None, help="Ray: cluster address (default: start a local Ray).")
 @click.option("--seed", default=0, show_default=True, help="Seed of a new splits.csv.")
+@PRECISION
 @click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def cv(workdir: Path, fold_ids: tuple[int, ...], configs, **options) -> None:
     """Train K fold models per config and save out-of-fold probabilities."""
@@ -347,7 +357,10 @@ def show(record_id: str, workdir: Path, data_root: Path | None, out: Path | None
     default=None,
     help="Only validate an existing submission CSV (with --data: against its ids).",
 )
-def submit(data_root, workdir, split, out, batch_size, device, exported, check_file) -> None:
+@PRECISION
+def submit(
+    data_root, workdir, split, out, batch_size, device, exported, check_file, precision
+) -> None:
     """Predict with the blended fold x config ensemble and write a validated submission CSV."""
     if check_file is not None:
         from .inference.submission import check_submission
@@ -357,7 +370,9 @@ def submit(data_root, workdir, split, out, batch_size, device, exported, check_f
         return
     from .inference.submit import SubmitRequest, run_submit
 
-    request = SubmitRequest(Layout(workdir), data_root, split, out, batch_size, device, exported)
+    request = SubmitRequest(
+        Layout(workdir), data_root, split, out, batch_size, device, exported, precision
+    )
     result = run_submit(request)
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result["seconds_by_stage"].items())
     click.echo(

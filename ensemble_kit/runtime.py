@@ -29,7 +29,7 @@ import torch
 
 from .config import Config
 from .errors import EkError
-from .registry import AMP_MODES
+from .registry import AMP_MODES, did_you_mean
 
 AMP_MODES.register("auto")(lambda device: torch.bfloat16 if device.type == "cuda" else None)
 AMP_MODES.register("none")(lambda device: None)
@@ -123,3 +123,55 @@ def torch_threads_kept() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+BF16_CAPABILITY = (8, 0)  # Ampere: the first CUDA GPUs with bf16 arithmetic and cuDNN kernels
+PRECISION_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def choose_precision(precision: str, capability: tuple[int, int] | None) -> torch.dtype | None:
+    """The inference autocast dtype for a device (None: plain fp32).
+
+    Args:
+        precision: ``auto``, ``fp32``, ``fp16`` or ``bf16``; the named ones are taken as is.
+        capability: The CUDA compute capability ``(major, minor)``, None for a CPU.
+
+    Returns:
+        With ``auto``: None on CPU, fp16 below sm80 (T4 is sm75, P100 sm60: no bf16, which
+        torch < 2.4 refuses and later torch emulates slowly), bf16 from sm80 on.
+    """
+    if precision not in PRECISIONS:
+        raise EkError(
+            f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}"
+            + did_you_mean(precision, PRECISIONS)
+        )
+    if precision != "auto":
+        return PRECISION_DTYPES[precision]
+    if capability is None:
+        return None
+    return torch.bfloat16 if tuple(capability) >= BF16_CAPABILITY else torch.float16
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device, None for any other device."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))  # type: ignore[return-value]
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """:func:`choose_precision` for ``device``."""
+    return choose_precision(precision, device_capability(device))
+
+
+def resolve_devices(name: str | None) -> list[torch.device]:
+    """The devices prediction splits its records across, one worker each.
+
+    ``auto`` (or None): every visible CUDA device (both T4s of Kaggle's "T4 x 2"), else the
+    CPU; a comma-separated list (``cuda:0,cuda:1``, ``cpu,cpu``) names them; any other name
+    is one device (:func:`resolve_device`).
+    """
+    if name in (None, "auto") and torch.cuda.is_available():
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    return [resolve_device(part.strip()) for part in (name or "auto").split(",")]

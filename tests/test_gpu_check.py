@@ -25,9 +25,10 @@ def test_refuses_without_cuda(gpu_check):
         gpu_check.main([])
 
 
-def test_smoke_run_prints_every_row(gpu_check, capsys):
-    gpu_check.main(["--smoke", "--device", "cpu"])
+def test_smoke_run_prints_every_row(gpu_check, capsys, tmp_path):
+    gpu_check.main(["--smoke", "--device", "cpu", "--out", str(tmp_path / "gpu.md")])
     table = capsys.readouterr().out
+    assert (tmp_path / "gpu.md").read_text() == table
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     labels = [row.split(" | ")[0][2:] for row in rows[1:]]
     assert labels[:2] == ["train: ek default", "train: plain fp32"]
@@ -36,5 +37,11 @@ def test_smoke_run_prints_every_row(gpu_check, capsys):
         "TTA 4 flips, batched",
         "TTA 4 flips, per flip",
         "ek submit (2 folds x 4 flips)",
+        "inference fp32, 4 flips",
+        "inference fp16, 4 flips",
+        "inference bf16, 4 flips",
+        "records split, 1 device, 2 workers",
+        "OOM injected, batch 2 halved to 1",
     ]
     assert all(float(row.split(" | ")[1]) > 0 for row in rows[1:])
+    assert "; 0 of " in table.split("records split")[1].splitlines()[0]  # CPU: same bytes

@@ -3,6 +3,7 @@ runs it (no network, none of the packages Kaggle's image lacks, ensemble_kit fro
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import segmentation_models_pytorch as smp
@@ -303,9 +305,10 @@ def test_notebook_runs_offline_as_on_kaggle(trained, submitted, bundle, tmp_path
     }
     env.update(
         PYTHONPATH=str(shadow_packages(tmp_path / "shadow")),  # never the repository
-        EK_DATA=str(data),
-        EK_BUNDLE=str(out),
-        EK_OUT=str(working / "submission.csv"),
+        PWD=str(tmp_path),  # where it is launched from: the relative paths below start there
+        EK_DATA="competition",
+        EK_BUNDLE=os.path.relpath(out, tmp_path),
+        EK_OUT="working/submission.csv",
         HF_HUB_OFFLINE="1",
     )
     executed = tmp_path / "executed.ipynb"
@@ -321,6 +324,7 @@ def test_notebook_runs_offline_as_on_kaggle(trained, submitted, bundle, tmp_path
     printed = _outputs(executed)
     assert f"from {working / 'ek-site' / 'ensemble_kit' / '__init__.py'}" in printed
     assert "records/s on cpu" in printed and "2,000 records" in printed
+    assert "devices used: cpu" in printed
     assert "'rows': 8" in printed
     assert (working / "submission.csv").read_bytes() == submitted.read_bytes()
 
@@ -352,3 +356,191 @@ def test_traced_models_refuse_records_of_another_size():
     ensemble.check_side("net", torch.zeros(1, 3, 64, 64))
     with pytest.raises(EkError, match="take 64x64 inputs, but the records are 256x256"):
         ensemble.check_side("net", torch.zeros(1, 3, 256, 256))
+
+
+# --- Kaggle hardware (issue 19) and staged writes (issue 20) --------------------------------
+
+
+def test_kaggle_on_a_full_disk_is_one_line_and_keeps_the_old_folder(trained, bundle, monkeypatch):
+    from ensemble_kit.inference import kaggle
+
+    workdir, _ = trained
+    out, _ = bundle
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "x.whl"))
+
+    monkeypatch.setattr(kaggle, "build_wheel", full)
+    result = ek("kaggle", "--workdir", workdir, "--out", out, "--slug", "tiny-contrails",
+                "--title", "Tiny contrails test", "--device", "cpu", check=False)  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == f"ek: error: {out / 'x.whl'}: no space left on device"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    leftovers = [p.name for p in out.parent.rglob("*") if ".tmp" in p.name or "staging" in p.name]
+    assert leftovers == []
+
+
+def test_manifest_states_the_oldest_torch_as_setup_cfg_and_readme_do(bundle):
+    from ensemble_kit.inference.bundle import TORCH_MIN
+
+    out, _ = bundle
+    repo = Path(__file__).resolve().parents[1]
+    assert json.loads((out / "manifest.json").read_text())["torch_min"] == TORCH_MIN
+    assert f"torch>={TORCH_MIN}\n" in (repo / "setup.cfg").read_text()
+    assert f"torch {TORCH_MIN}" in (repo / "README.md").read_text()
+
+
+def test_errors_inside_a_kaggle_bundle_name_ek_kaggle(bundle, tmp_path):
+    from ensemble_kit.errors import EkError
+    from ensemble_kit.inference.bundle import load_bundle
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle[0], copy)
+    (copy / "net.fold_1.pt").unlink()
+    with pytest.raises(EkError, match=r"net.fold_1.pt: missing; rerun `ek kaggle`"):
+        load_bundle(copy, torch.device("cpu"))
+    (copy / "net.fold_1.pt").write_bytes(b"not a model")
+    with pytest.raises(EkError, match=r"net.fold_1.pt: unreadable model .*rerun `ek kaggle`"):
+        load_bundle(copy, torch.device("cpu"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "tflite"}))
+    with pytest.raises(EkError, match=r"format 'tflite'.*torchscript.*onnx.*rerun `ek kaggle`"):
+        load_bundle(copy, torch.device("cpu"))
+
+
+def test_the_loader_reads_any_registered_format(trained, bundle, tmp_path):
+    """The manifest's format picks the loader (a registry): here the fold models re-exported
+    with ``torch.export`` predict the same codes as the TorchScript ones."""
+    from ensemble_kit.inference.bundle import load_bundle
+    from ensemble_kit.inference.ensemble import MemoryPlan, predict_batch
+
+    workdir, _ = trained
+    layout = Layout(workdir)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format": "torch_export"}))
+    for name, entry in manifest["configs"].items():
+        config = load_config(layout.config_dir(name) / "config.yaml")
+        x = torch.rand(2, config.input.in_channels, entry["side"], entry["side"])
+        for fold in (0, 1):
+            model = load_fold_model(config, layout.fold_dir(name, fold), torch.device("cpu"))
+            batch = ({0: torch.export.Dim("batch")},)  # TTA passes hold B x copies images
+            program = torch.export.export(model, (x,), dynamic_shapes=batch)
+            torch.export.save(program, copy / f"{name}.fold_{fold}.pt2")
+            (copy / f"{name}.fold_{fold}.pt").unlink()
+    exported, _ = load_bundle(copy, torch.device("cpu"))
+    traced, _ = load_bundle(bundle[0], torch.device("cpu"))
+    x = [torch.rand(3, 3, 64, 64), torch.rand(3, 9, 64, 64)]
+    by_spec = [x[0] if s.channels == "ash" else x[1] for s in traced.specs]
+    got = predict_batch(exported, by_spec, "fp32", MemoryPlan(3))
+    expected = predict_batch(traced, by_spec, "fp32", MemoryPlan(3))
+    for name in expected:
+        assert np.abs(got[name].astype(int) - expected[name]).max() <= 1
+
+
+def run_first_cells(bundle_dir: Path, env: dict, cwd: Path) -> dict:
+    """The notebook's parameter and check cells, executed as Kaggle would (their globals)."""
+    import nbformat
+
+    notebook = nbformat.read(bundle_dir / "inference.ipynb", as_version=4)
+    cells = {cell.id: cell.source for cell in notebook.cells}
+    scope: dict = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        exec(cells["parameters"], scope)
+        exec(cells["checks"], scope)
+    return scope
+
+
+def test_first_cell_checks_say_the_fix_in_one_line(trained, bundle, tmp_path):
+    _, root = trained
+    out, _ = bundle
+    env = {"EK_DATA": str(root), "EK_BUNDLE": str(out), "EK_OUT": str(tmp_path / "s.csv")}
+    assert run_first_cells(out, env, tmp_path)["WHEEL"] == out / wheel_name()
+    cases = [
+        ({"EK_DATA": str(tmp_path / "none")}, "no competition data; Add Input > Competitions"),
+        ({"EK_BUNDLE": str(tmp_path)}, "no ek bundle; Add Input > Datasets > tiny-contrails"),
+    ]
+    for change, message in cases:
+        with pytest.raises(SystemExit, match=f"^ek: error: .*{message}"):
+            run_first_cells(out, {**env, **change}, tmp_path)
+    copy = tmp_path / "bundle"
+    shutil.copytree(out, copy)
+    (copy / wheel_name()).rename(copy / "ensemble_kit-0.0.1-py3-none-any.whl")
+    with pytest.raises(SystemExit, match="wheel .* not found .*rerun `ek kaggle`"):
+        run_first_cells(copy, {**env, "EK_BUNDLE": str(copy)}, tmp_path)
+    (copy / "ensemble_kit-0.0.1-py3-none-any.whl").rename(copy / wheel_name())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "torch_min": "99.0"}))
+    with pytest.raises(SystemExit, match="older than 99.0; Settings > Environment"):
+        run_first_cells(copy, {**env, "EK_BUNDLE": str(copy)}, tmp_path)
+
+
+def test_relative_paths_are_taken_from_where_the_notebook_was_launched(bundle, tmp_path):
+    out, _ = bundle
+    launched = tmp_path / "launch"
+    (launched / "data" / "test").mkdir(parents=True)
+    shutil.copytree(out, launched / "submissions" / "kaggle")
+    elsewhere = tmp_path / "notebook-folder"
+    elsewhere.mkdir()
+    env = {"PWD": str(launched), "EK_DATA": "data", "EK_BUNDLE": "submissions/kaggle",
+           "EK_OUT": "out/submission.csv"}  # fmt: skip
+    scope = run_first_cells(launched / "submissions" / "kaggle", env, elsewhere)
+    assert scope["BUNDLE"] == launched / "submissions" / "kaggle"
+    assert scope["DATA"] == launched / "data"
+    assert scope["SITE"] == launched / "out" / "ek-site"
+
+
+OLD_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+OLD_TORCH_VENV = Path.home() / ".cache" / "ek-oldtorch"
+
+
+def old_torch_python(version: str) -> Path:
+    """A cached venv with torch ``version``.* (CPU) and numpy < 2 (what old torch wheels need);
+    the test is skipped when the package index cannot be reached to build it."""
+    import socket
+
+    venv = OLD_TORCH_VENV / f"torch-{version}"
+    python = venv / "bin" / "python"
+    if (venv / "complete").is_file():
+        return python
+    for host in ("download.pytorch.org", "pypi.org"):
+        try:
+            socket.create_connection((host, 443), timeout=10).close()
+        except OSError as err:
+            pytest.skip(f"package index {host} unreachable ({err}): cannot build {venv}")
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--isolated", "--quiet"]
+    subprocess.run(pip + [f"torch=={version}.*", "--index-url", OLD_TORCH_INDEX], check=True)
+    subprocess.run(pip + ["numpy<2", "pandas", "numba", "pyyaml", "tqdm"], check=True)
+    (venv / "complete").write_text(version)
+    return python
+
+
+@pytest.mark.slow
+def test_notebook_under_the_oldest_torch_writes_the_same_csv(trained, submitted, bundle, tmp_path):
+    """The notebook's code cells, run as one script by torch ``TORCH_MIN``'s Python."""
+    import nbformat
+
+    from ensemble_kit.inference.bundle import TORCH_MIN
+
+    _, root = trained
+    out, _ = bundle
+    python = old_torch_python(TORCH_MIN)
+    notebook = nbformat.read(out / "inference.ipynb", as_version=4)
+    script = tmp_path / "notebook.py"
+    script.write_text("\n\n".join(c.source for c in notebook.cells if c.cell_type == "code"))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PWD=str(tmp_path), EK_DATA=str(root), EK_BUNDLE=str(out),
+               EK_OUT=str(tmp_path / "working" / "submission.csv"), HF_HUB_OFFLINE="1")  # fmt: skip
+    (tmp_path / "working").mkdir()
+    run = subprocess.run([str(python), str(script)], env=env, cwd=tmp_path, capture_output=True,
+                         text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"torch {TORCH_MIN}" in run.stdout
+    assert (tmp_path / "working" / "submission.csv").read_bytes() == submitted.read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 
@@ -197,3 +198,111 @@ def test_export_fails_loudly_when_outputs_differ(blended, monkeypatch):
     monkeypatch.setattr(export, "parity", lambda *a: 0.5)
     result = ek("export", "--workdir", workdir, check=False)
     assert result.exit_code == 2 and "differs from eager" in result.output
+
+
+# --- Kaggle hardware and hidden data (issue 19) ---------------------------------------------
+
+
+def predict_csv(layout: Layout, root, out, devices=("cpu",), options=None) -> bytes:
+    """The CSV of the test split predicted with one worker per named device."""
+    from ensemble_kit.inference.ensemble import PredictOptions, predict_submission
+
+    blend = json.loads(layout.blend_json.read_text())
+    workers = [(load_ensemble(layout, blend, torch.device(d)), torch.device(d)) for d in devices]
+    predict_submission(workers[0][0], blend, root, "test", out, 3,
+                       options=options or PredictOptions(), workers=workers)  # fmt: skip
+    return out.read_bytes()
+
+
+def test_two_cpu_workers_write_the_one_worker_csv(blended, tmp_path, caplog):
+    workdir, root = blended
+    layout = Layout(workdir)
+    one = predict_csv(layout, root, tmp_path / "one.csv")
+    with caplog.at_level("INFO"):
+        two = predict_csv(layout, root, tmp_path / "two.csv", devices=("cpu", "cpu"))
+    assert two == one
+    assert "predicted 8/8 records" in caplog.text and "records/s" in caplog.text
+
+
+def test_rows_follow_sample_submission(blended, tmp_path):
+    workdir, root = blended
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    sample = pd.read_csv(data / "sample_submission.csv", dtype=str, keep_default_na=False)
+    shuffled = sample.iloc[::-1]
+    shuffled.to_csv(data / "sample_submission.csv", index=False)
+    out = tmp_path / "s.csv"
+    ek("submit", "--workdir", workdir, "--data", data, "--out", out)
+    written = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert written["record_id"].tolist() == shuffled["record_id"].tolist()
+
+
+def test_hidden_nan_and_unreadable_records_never_abort(blended, tmp_path, caplog):
+    """Lenient (the notebook's): a NaN pixel is filled by its frame's median, an unreadable
+    record is an empty mask; each warns once, naming the record."""
+    from ensemble_kit.inference.ensemble import PredictOptions
+
+    workdir, root = blended
+    layout = Layout(workdir)
+    data, repaired = tmp_path / "data", tmp_path / "repaired"
+    shutil.copytree(root, data)
+    nan_record, broken = sorted((data / "test").iterdir())[:2]
+    band = np.load(nan_record / "band_14.npy")
+    band[3, 5, 4] = np.nan
+    np.save(nan_record / "band_14.npy", band)
+    (broken / "band_11.npy").write_bytes(b"\x93NUMPY broken")
+    shutil.copytree(data, repaired)
+    fixed = band.copy()
+    fixed[3, 5, 4] = np.median(np.delete(band[:, :, 4].ravel(), 3 * band.shape[1] + 5))
+    np.save(repaired / "test" / nan_record.name / "band_14.npy", fixed)
+    lenient = PredictOptions(lenient=True)
+    with caplog.at_level("WARNING"):
+        got = predict_csv(layout, data, tmp_path / "s.csv", options=lenient)
+    rows = dict(line.split(",") for line in got.decode().splitlines()[1:])
+    assert rows[broken.name] == "-"
+    expected = dict(
+        line.split(",")
+        for line in predict_csv(layout, repaired, tmp_path / "r.csv", options=lenient)
+        .decode()
+        .splitlines()[1:]
+    )
+    assert rows[nan_record.name] == expected[nan_record.name]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([w for w in warnings if str(nan_record) in w and "NaN" in w]) == 1
+    assert len([w for w in warnings if str(broken) in w and "unreadable" in w]) == 1
+
+
+def test_submit_takes_a_precision(blended, tmp_path):
+    workdir, root = blended
+    out = tmp_path / "fp32.csv"
+    ek("submit", "--workdir", workdir, "--data", root, "--out", out, "--precision", "fp32")
+    assert json.loads(out.with_suffix(".json").read_text())["precision"] == "fp32"
+    result = ek("submit", "--workdir", workdir, "--precision", "fp8", check=False)
+    assert result.exit_code == 2 and "--precision" in result.output
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/manifest.json")
+
+
+def debris(folder) -> list[str]:
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if ".tmp" in p.name or ".staging-" in p.name or ".old-" in p.name
+    )
+
+
+def test_export_on_a_full_disk_is_one_line_and_keeps_the_old_bundle(blended, monkeypatch):
+    from ensemble_kit.inference import export
+
+    workdir, _ = blended
+    layout = Layout(workdir)
+    ek("export", "--workdir", workdir)
+    before = {p.name: p.read_bytes() for p in layout.export_dir.iterdir()}
+    monkeypatch.setattr(export, "write_json", no_space)
+    result = ek("export", "--workdir", workdir, check=False)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == "ek: error: /full/disk/manifest.json: no space left on device"
+    assert {p.name: p.read_bytes() for p in layout.export_dir.iterdir()} == before
+    assert debris(workdir) == []

@@ -55,20 +55,44 @@ def _load_npy(path: Path, expected_ndim: int, dtype_kind: str) -> np.ndarray:
     return array
 
 
-def load_band(folder: Path, band: int) -> np.ndarray:
-    """One band, float32 ``(H, W, 8)``; rejects wrong shapes and NaN/inf values."""
+class NonFiniteBand(EkError):
+    """A band file holds NaN or infinite values (refused unless asked to repair them)."""
+
+
+def load_band(folder: Path, band: int, repair: bool = False) -> np.ndarray:
+    """One band, float32 ``(H, W, 8)``; rejects wrong shapes, and NaN/inf values unless
+    ``repair`` (inference only: :func:`fill_nonfinite`)."""
     path = Path(folder) / band_file(band)
     array = _load_npy(path, 3, "f")
     if array.shape[2] != N_FRAMES or array.shape[0] != array.shape[1]:
         raise EkError(f"{path}: expected (H, W, {N_FRAMES}), found {array.shape}")
     if not np.isfinite(array).all():
-        raise EkError(f"{path}: contains NaN or infinite values")
+        if not repair:
+            raise NonFiniteBand(f"{path}: contains NaN or infinite values")
+        array = fill_nonfinite(array, path)
     return array.astype(np.float32, copy=False)
 
 
-def load_bands(folder: Path, bands: tuple[int, ...], frames: tuple[int, ...]) -> np.ndarray:
+def fill_nonfinite(array: np.ndarray, path: Path) -> np.ndarray:
+    """Each frame's NaN pixels set to the median of its finite pixels, +inf/-inf to their
+    maximum/minimum; a frame with no finite pixel is an :class:`EkError`."""
+    filled = np.array(array, dtype=np.float32)
+    for frame in range(filled.shape[2]):
+        plane = filled[:, :, frame]
+        finite = plane[np.isfinite(plane)]
+        if finite.size == 0:
+            raise EkError(f"{path}: frame {frame} has no finite pixel")
+        plane[np.isnan(plane)] = np.median(finite)
+        plane[np.isposinf(plane)] = finite.max()
+        plane[np.isneginf(plane)] = finite.min()
+    return filled
+
+
+def load_bands(
+    folder: Path, bands: tuple[int, ...], frames: tuple[int, ...], repair: bool = False
+) -> np.ndarray:
     """Selected bands and frames, float32 ``(len(bands), len(frames), H, W)``."""
-    stack = [load_band(folder, band)[:, :, list(frames)] for band in bands]
+    stack = [load_band(folder, band, repair)[:, :, list(frames)] for band in bands]
     shapes = {a.shape for a in stack}
     if len(shapes) > 1:
         raise EkError(f"{folder}: bands disagree in shape {sorted(shapes)}")
@@ -107,19 +131,22 @@ def normalise_bands(bands: np.ndarray, spec: InputSpec, stats: dict) -> np.ndarr
     return np.clip((bands - low) / np.maximum(high - low, 1e-6), 0.0, 1.0)
 
 
-def build_input(folder: Path, spec: InputSpec, stats: dict | None = None) -> np.ndarray:
+def build_input(
+    folder: Path, spec: InputSpec, stats: dict | None = None, repair: bool = False
+) -> np.ndarray:
     """The model input of one record, float32 ``(C, H, W)``, channels frame-major.
 
     For frames ``(f0, f1, ...)`` the channels are ``[f0: c0, c1, ...], [f1: ...]``, so that a
-    temporal model can split them back into frames.
+    temporal model can split them back into frames. ``repair``: see :func:`load_band`.
     """
     if spec.channels == "ash":
-        b11, b14, b15 = load_bands(folder, (11, 14, 15), spec.frames)
+        b11, b14, b15 = load_bands(folder, (11, 14, 15), spec.frames, repair)
         per_channel = ash_false_color(b11, b14, b15)  # (3, F, H, W)
     else:
         if stats is None:
             raise EkError(f"{folder}: band normalisation needs pool statistics")
-        per_channel = normalise_bands(load_bands(folder, spec.bands, spec.frames), spec, stats)
+        bands = load_bands(folder, spec.bands, spec.frames, repair)
+        per_channel = normalise_bands(bands, spec, stats)
     n_channels, n_frames, height, width = per_channel.shape
     return per_channel.transpose(1, 0, 2, 3).reshape(n_frames * n_channels, height, width)
 

@@ -13,6 +13,7 @@ compared with its eager original on sample inputs, failing loudly beyond toleran
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import warnings
@@ -28,7 +29,9 @@ from ..data.splits import read_meta
 from ..errors import EkError
 from ..files import atomic_path, write_json
 from ..layout import Layout, bundle_files, bundle_model
+from .bundle import MODEL_FORMATS, TORCH_MIN
 from .checkpoints import load_fold_model
+from .staged import staged_folder
 
 log = logging.getLogger(__name__)
 FORMATS = ("torchscript", "onnx")
@@ -63,6 +66,9 @@ def export_models(
 ) -> dict:
     """Trace every fold model of the named (default: blended) configs; returns the manifest.
 
+    The bundle is built in a staged folder and swapped in whole (:mod:`.staged`): a failure
+    leaves the previous bundle as it was and no ``.tmp`` files; a full disk is one line.
+
     Args:
         layout: The workdir with the trained folds (and ``blend.json``).
         fmt: ``torchscript`` or ``onnx``.
@@ -73,13 +79,21 @@ def export_models(
     """
     if fmt not in FORMATS:
         raise EkError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    out_dir = Path(out_dir or layout.export_dir)
+    with staged_folder(Path(out_dir or layout.export_dir)) as staging:
+        return write_bundle(layout, fmt, names, side, staging)
+
+
+def write_bundle(
+    layout: Layout, fmt: str, names: list[str] | None, side: int | None, out_dir: Path
+) -> dict:
+    """:func:`export_models` into ``out_dir`` as it is (the caller stages it)."""
     names = names or _blended_names(layout)
     meta = read_meta(layout)
     manifest: dict = {
         "format": fmt,
         "n_folds": meta["n_folds"],
         "torch": torch.__version__,
+        "torch_min": TORCH_MIN,
         "configs": {},
     }
     for name in names:
@@ -141,9 +155,14 @@ def _export_fold(
             f"{config.name} fold {fold}: traced model differs from eager by {diff:.2e} "
             f"(> {TOLERANCE}); not exported"
         )
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation, chosen
+        torch.jit.save(traced, buffer)
+    # Written by Python, not torch's C++ writer: a full disk is an OSError, not an abort.
     with atomic_path(path) as tmp:
-        torch.jit.save(traced, str(tmp))
-    reloaded = torch.jit.load(str(path))
+        tmp.write_bytes(buffer.getvalue())
+    reloaded = MODEL_FORMATS["torchscript"].load(path, torch.device("cpu"))
     diff = max(diff, parity(model, reloaded, inputs))
     log.info("%s fold %d: exported, max |diff| %.2e", config.name, fold, diff)
     return diff

@@ -32,10 +32,11 @@ from ..data.splits import read_meta
 from ..errors import EkError
 from ..files import write_json, write_text
 from ..layout import DEFAULT_KAGGLE_DIR, Layout, bundle_files
-from .bundle import predict_bundle
-from .export import export_models
+from .bundle import TORCH_MIN, predict_bundle
+from .export import write_bundle
 from .notebook import notebook_json
-from .wheel import DIST, build_wheel
+from .staged import staged_folder
+from .wheel import build_wheel
 
 log = logging.getLogger(__name__)
 PLACEHOLDER_USER = "KAGGLE_USERNAME"
@@ -93,29 +94,40 @@ def build_kaggle_bundle(request: KaggleRequest) -> dict:
         ``{"out", "manifest", "wheel", "measured"}``; ``measured`` is a
         :func:`.bundle.predict_bundle` result, or ``{"skipped": reason}``.
 
+    The folder is built staged and swapped in whole (:mod:`.staged`): a failure or a full
+    disk (one line) leaves an earlier folder as it was, with no ``.tmp`` files in it.
+
     Raises:
         EkError: bad slug or title, ``out`` holds something else, ``blend.json`` missing or
-            stale, a model fails its parity check.
+            stale, a model fails its parity check, the disk is full.
     """
     _check_names(request.slug, request.title)
     out = Path(request.out)
     _check_out(out)
     rule = verify_blend(request.layout)
-    manifest = export_models(request.layout, "torchscript", rule.members, out_dir=out)
-    for old in out.glob(f"{DIST}-*.whl"):
-        old.unlink()
-    wheel = build_wheel(out)
-    manifest.update(ensemble_kit_version=__version__, wheel=wheel.name, slug=request.slug)
-    files = bundle_files(out)
+    user = _user_of(bundle_files(out)["metadata"])
+    with staged_folder(out) as staging:
+        manifest = write_dataset(request, rule.members, user, staging)
+    measured = measure_bundle(out, request.layout, request.device)
+    return {"out": out, "manifest": manifest, "wheel": out / manifest["wheel"],
+            "measured": measured}  # fmt: skip
+
+
+def write_dataset(request: KaggleRequest, names: list[str], user: str, folder: Path) -> dict:
+    """Every file of the dataset, written into ``folder`` (staged by the caller)."""
+    manifest = write_bundle(request.layout, "torchscript", names, None, folder)
+    wheel = build_wheel(folder)
+    manifest.update(
+        ensemble_kit_version=__version__, wheel=wheel.name, slug=request.slug, torch_min=TORCH_MIN
+    )
+    files = bundle_files(folder)
     write_json(files["manifest"], manifest)
-    user = _user_of(files["metadata"])
     write_json(files["metadata"], dataset_metadata(request.slug, request.title, user))
     write_text(
         files["notebook"], notebook_json(request.slug, request.title, wheel.name, __version__)
     )
     write_text(files["readme"], bundle_readme(request.slug, request.title, wheel.name, manifest))
-    measured = measure_bundle(out, request.layout, request.device)
-    return {"out": out, "manifest": manifest, "wheel": wheel, "measured": measured}
+    return manifest
 
 
 def dataset_metadata(slug: str, title: str, user: str = PLACEHOLDER_USER) -> dict:

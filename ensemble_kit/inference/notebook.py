@@ -15,18 +15,53 @@ KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_OUT = "/kaggle/working/submission.csv"
 SITE_FOLDER = "ek-site"  # where the wheel is installed, beside the submission
 PARAMETERS = """# Parameters: Kaggle's paths; the environment variables EK_DATA, EK_BUNDLE
-# and EK_OUT override them (to run this very notebook elsewhere).
+# and EK_OUT override them (to run this very notebook elsewhere; a relative one is taken
+# from the folder the notebook was launched from, not the notebook's own folder).
 import os
 from pathlib import Path
 
-DATA = Path(os.environ.get("EK_DATA", "{data}"))
-BUNDLE = Path(os.environ.get("EK_BUNDLE", "{input}/{slug}"))
-OUT = Path(os.environ.get("EK_OUT", "{out}"))
+LAUNCHED_FROM = Path(os.environ.get("PWD") or os.getcwd())
+DATA = LAUNCHED_FROM / os.environ.get("EK_DATA", "{data}")
+BUNDLE = LAUNCHED_FROM / os.environ.get("EK_BUNDLE", "{input}/{slug}")
+OUT = LAUNCHED_FROM / os.environ.get("EK_OUT", "{out}")
 SPLIT = "test"
-DEVICE = "auto"  # cuda when the notebook has a GPU, else cpu
-BATCH_SIZE = 16
-WHEEL = BUNDLE / "{wheel}"
+DEVICE = "auto"  # every visible GPU (one worker each), else the CPU
+PRECISION = "auto"  # fp16 on T4/P100 (no bf16), bf16 from A100 on, fp32 on CPU
+BATCH_SIZE = 16  # at most: on a GPU it starts from free memory and halves on OOM
+TIME_BUDGET_HOURS = 8.5  # over it, TTA copies and then the last members are dropped
 SITE = OUT.parent / "{site}"  # the wheel is installed here, in the working directory"""
+CHECKS = """# First checks, each with its fix: data, dataset, wheel, torch.
+import json
+import re
+
+import torch
+
+
+def fail(message):
+    raise SystemExit("ek: error: " + message)
+
+
+if not (DATA / SPLIT).is_dir():
+    fail(f"{{DATA / SPLIT}}: no competition data; Add Input > Competitions > the contrails data")
+if not (BUNDLE / "manifest.json").is_file():
+    fail(f"{{BUNDLE}}: no ek bundle; Add Input > Datasets > {slug} (written by `ek kaggle`)")
+MANIFEST = json.loads((BUNDLE / "manifest.json").read_text())
+WHEELS = sorted(BUNDLE.glob("ensemble_kit-*.whl"))
+if MANIFEST.get("wheel") not in [wheel.name for wheel in WHEELS]:
+    found = ", ".join(wheel.name for wheel in WHEELS) or "none"
+    named = MANIFEST.get("wheel")
+    fail(f"{{BUNDLE}}: wheel {{named}} not found ({{found}}); rerun `ek kaggle`, upload it again")
+WHEEL = BUNDLE / MANIFEST["wheel"]
+
+
+def major_minor(version):
+    return tuple(int(part) for part in re.findall(r"\\d+", version)[:2])
+
+
+if major_minor(torch.__version__) < major_minor(MANIFEST["torch_min"]):
+    oldest = MANIFEST["torch_min"]
+    fail(f"torch {{torch.__version__}} is older than {{oldest}}; Settings > Environment: latest")
+print("data, bundle, wheel and torch", torch.__version__, "checked")"""
 INSTALL = """# Install the bundle's ensemble_kit offline, then import it from there (first).
 import subprocess
 import sys
@@ -45,7 +80,11 @@ import logging
 from ensemble_kit.inference.bundle import predict_bundle, throughput_line
 
 logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
-result = predict_bundle(BUNDLE, DATA, OUT, split=SPLIT, device=DEVICE, batch_size=BATCH_SIZE)"""
+result = predict_bundle(
+    BUNDLE, DATA, OUT, split=SPLIT, device=DEVICE, batch_size=BATCH_SIZE,
+    precision=PRECISION, time_budget_hours=TIME_BUDGET_HOURS,
+)
+print("devices used:", result["device"])"""
 CHECK = """# Validate the CSV with the checker of `ek submit --check`: header, ids, every RLE.
 from ensemble_kit.inference.submission import check_submission
 
@@ -64,12 +103,12 @@ the `{slug}` dataset, then run all cells."""
 def notebook(slug: str, title: str, wheel: str, version: str) -> dict:
     """The notebook as an nbformat 4 dict (``json.dump`` it to an ``.ipynb``)."""
     parameters = PARAMETERS.format(
-        data=COMPETITION_DATA, input=KAGGLE_INPUT, slug=slug, out=KAGGLE_OUT, wheel=wheel,
-        site=SITE_FOLDER,
+        data=COMPETITION_DATA, input=KAGGLE_INPUT, slug=slug, out=KAGGLE_OUT, site=SITE_FOLDER
     )  # fmt: skip
     cells = [
         _cell("markdown", "intro", INTRO.format(title=title, slug=slug, version=version)),
         _cell("code", "parameters", parameters, tags=["parameters"]),
+        _cell("code", "checks", CHECKS.format(slug=slug)),
         _cell("code", "install", INSTALL),
         _cell("code", "predict", PREDICT),
         _cell("code", "check", CHECK),

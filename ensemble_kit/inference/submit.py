@@ -32,10 +32,10 @@ from ..errors import EkError
 from ..files import digest_file, write_json
 from ..layout import DEFAULT_SUBMISSION, Layout, bundle_files, record_dir
 from ..metrics import dice_from_counts
-from ..runtime import resolve_device
+from ..runtime import resolve_devices
 from .bundle import load_bundle
 from .checkpoints import load_fold_model
-from .ensemble import Ensemble, predict_submission
+from .ensemble import Ensemble, PredictOptions, predict_submission
 from .rle import decode
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class SubmitRequest:
     batch_size: int = 16
     device: str | None = None
     exported: bool = False
+    precision: str = "auto"
 
 
 def load_ensemble(layout: Layout, rule: BlendRule, device: torch.device) -> Ensemble:
@@ -69,7 +70,7 @@ def load_ensemble(layout: Layout, rule: BlendRule, device: torch.device) -> Ense
             if config.input.channels == "bands"
             else None
         )
-    return Ensemble(configs, models, stats)
+    return Ensemble(configs, models, stats, weights=dict(rule.weights))
 
 
 def load_exported_ensemble(layout: Layout, device: torch.device) -> Ensemble:
@@ -86,13 +87,16 @@ def run_submit(request: SubmitRequest) -> dict:
     layout = request.layout
     rule = verify_blend(layout)
     data_root = Path(request.data_root or read_meta(layout)["data_root"])
-    device = resolve_device(request.device)
+    devices = resolve_devices(request.device)
     started = time.perf_counter()
     if request.exported:
-        ensemble = load_exported_ensemble(layout, device)
+        workers = [(load_exported_ensemble(layout, device), device) for device in devices]
     else:
-        ensemble = load_ensemble(layout, rule, device)
+        workers = [(load_ensemble(layout, rule, device), device) for device in devices]
+    if len(workers) > 1:
+        log.info("predicting on %s, one worker each", ", ".join(map(str, devices)))
     progress = functools.partial(tqdm, desc=f"predict {request.split}", unit="batch", leave=False)
+    ensemble = workers[0][0]
     result = predict_submission(
         ensemble,
         rule,
@@ -100,8 +104,9 @@ def run_submit(request: SubmitRequest) -> dict:
         request.split,
         Path(request.out),
         request.batch_size,
-        device,
-        progress,
+        progress=progress,
+        options=PredictOptions(precision=request.precision),
+        workers=workers,
     )
     ids = result["ids"]
     provenance = _provenance(layout, rule, ensemble, request, result, started)
@@ -146,6 +151,7 @@ def _provenance(layout, rule: BlendRule, ensemble, request, result, started) -> 
         "min_pixels": rule.min_pixels,
         "min_component": rule.min_component,
         "exported": request.exported,
+        "precision": request.precision,
         "version": __version__,
         "seconds": total,
         "records_per_second": result["records"] / max(total, 1e-9),

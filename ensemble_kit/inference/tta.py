@@ -27,7 +27,7 @@ from ..config import Config, tta_list
 from ..errors import EkError
 from ..geometry import dihedral, dihedral_inverse, shift_label
 from ..registry import TTA, TTA_MERGES, TTA_NAMES
-from ..runtime import amp_dtype, resolve_runtime
+from ..runtime import amp_dtype, inference_dtype
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +83,51 @@ def predict_probs(
     return total / len(models)
 
 
-def predict_inputs(models: Sequence[nn.Module], config: Config, x: torch.Tensor) -> np.ndarray:
+class NonFiniteLogits(EkError):
+    """A model gave inf or NaN logits under fp16 autocast (bf16-trained weights can overflow)."""
+
+
+def predict_inputs(
+    models: Sequence[nn.Module],
+    config: Config,
+    x: torch.Tensor,
+    precision: str = "auto",
+    chunk: int | None = None,
+) -> np.ndarray:
     """Probabilities ``(B, H, W)`` of float inputs on the models' device: the config's TTA and
     merge, mean over models, the half-pixel correction undone — the one path OOF and
-    submission share."""
-    runtime = resolve_runtime(config, x.device)
-    with torch.autocast(
-        x.device.type,
-        dtype=runtime.amp_dtype or torch.float32,
-        enabled=runtime.amp_dtype is not None,
-    ):
-        probs = predict_probs(
-            models, x, tta_list(config), config.tta_merge, config.tta_chunk
-        ).float()
+    submission share.
+
+    Args:
+        models: The fold models.
+        config: Their config (TTA, merge, chunk, label shift).
+        x: Float inputs ``(B, C, H, W)``.
+        precision: ``auto`` (from the device: fp32 on CPU, fp16 below sm80, bf16 from sm80
+            on), ``fp32``, ``fp16`` or ``bf16`` (:func:`ensemble_kit.runtime.choose_precision`).
+            A batch whose fp16 logits hold inf or NaN is redone in fp32, with a warning.
+        chunk: TTA copies per forward pass (default: the config's ``tta_chunk``).
+    """
+    dtype = inference_dtype(precision, x.device)
+    try:
+        probs = _predict_at(models, config, x, dtype, chunk)
+    except NonFiniteLogits:
+        log.warning("fp16 gave inf/NaN logits on a batch of %d records; redone in fp32", len(x))
+        probs = _predict_at(models, config, x, None, chunk)
     if config.label.shift_correct:
         probs = shift_label(probs, 0.5, 0.5)
     return probs[:, 0].cpu().numpy()
+
+
+def _predict_at(
+    models: Sequence[nn.Module],
+    config: Config,
+    x: torch.Tensor,
+    dtype: torch.dtype | None,
+    chunk: int | None,
+) -> torch.Tensor:
+    size = config.tta_chunk if chunk is None else chunk
+    with _autocast_dtype(x.device, dtype):
+        return predict_probs(models, x, tta_list(config), config.tta_merge, size).float()
 
 
 def auto_chunk(model: nn.Module, x: torch.Tensor, copies: int) -> int:
@@ -149,7 +178,10 @@ def _run_copies(
                 if len(part) > 1
                 else tta_transform(x, part[0])
             )
-            for name, logits in zip(part, model(batch).float().split(len(x))):
+            raw = model(batch)
+            if raw.dtype == torch.float16 and not bool(torch.isfinite(raw).all()):
+                raise NonFiniteLogits("fp16 logits hold inf or NaN; predict with precision fp32")
+            for name, logits in zip(part, raw.float().split(len(x))):
                 yield tta_inverse(logits, name)
 
 
@@ -178,8 +210,18 @@ def _check_name(name: str) -> str:
 def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
     if amp is None:
         return contextlib.nullcontext()
-    dtype = amp_dtype(amp, device)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return _autocast_dtype(device, amp_dtype(amp, device))
+
+
+def _autocast_dtype(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype``, or autocast off (also inside a caller's autocast) for None.
+
+    Off is spelled without a dtype: torch 2.0 refuses ``torch.autocast("cpu",
+    dtype=torch.float32, enabled=False)`` ("AutocastCPU only support Bfloat16").
+    """
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager

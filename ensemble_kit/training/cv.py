@@ -63,6 +63,7 @@ class CvRequest:
     cpus_per_job: int | None = None
     gpus_per_job: float | None = None
     address: str | None = None
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class FoldJob:
     data_root: Path
     fold: int
     device: str | None
+    precision: str = "auto"  # of the OOF and holdout prediction (runtime.choose_precision)
 
     def __str__(self) -> str:
         return f"{self.config.name} fold {self.fold}"
@@ -105,7 +107,9 @@ def run_cv(
         if not 0 <= fold < meta["n_folds"]:
             raise EkError(f"--fold {fold}: folds are 0..{meta['n_folds'] - 1}")
     jobs = [
-        FoldJob(c, request.layout, data_root, f, request.device) for c in configs for f in folds
+        FoldJob(c, request.layout, data_root, f, request.device, request.precision)
+        for c in configs
+        for f in folds
     ]
     for config in configs:
         _claim_config_dir(request.layout, config)
@@ -256,12 +260,13 @@ def predict_set(
     arrays: ArraySet,
     device: torch.device,
     batch_size: int,
+    precision: str = "auto",
 ):
     """Yield ``(rows, probabilities float32 (B, H, W))`` for an ArraySet."""
     start = 0
     for inputs, _ in batches(arrays, batch_size):
         x = to_float(inputs.to(device))
-        yield slice(start, start + len(x)), predict_inputs(models, config, x)
+        yield slice(start, start + len(x)), predict_inputs(models, config, x, precision)
         start += len(x)
 
 
@@ -311,28 +316,32 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
             "%s fold %d: another process took the fold over; not writing it", config.name, fold
         )
         return None
-    summary.update(_write_parts(config, fold_dir, val, holdout, device))
+    summary.update(_write_parts(config, fold_dir, val, holdout, device, job.precision))
     summary["seconds_total"] = time.perf_counter() - started
     summary["sources"] = fold_sources(caches, splits)
     write_done(fold_dir, summary)
     return summary
 
 
-def _write_parts(config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySet, device) -> dict:
+def _write_parts(
+    config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySet, device, precision: str
+) -> dict:
     """Predict the fold's OOF and holdout parts; returns the measured prediction cost."""
     model = load_fold_model(config, fold_dir, device)
     batch = max(1, config.train.batch_size)
     side = val.sources[0][0].shape[-1]
     clock = {"seconds": 0.0, "records": 0}
     with ArrayWriter(fold_files(fold_dir)["oof_part"], (len(val), side, side)) as writer:
-        for rows, probs in _timed(predict_set([model], config, val, device, batch), clock):
+        parts = predict_set([model], config, val, device, batch, precision)
+        for rows, probs in _timed(parts, clock):
             writer.write(rows, to_codes(probs))
     if len(holdout):
         with atomic_path(fold_files(fold_dir)["holdout_part"]) as tmp:
             out = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.float32, shape=(len(holdout), side, side)
             )
-            for rows, probs in _timed(predict_set([model], config, holdout, device, batch), clock):
+            parts = predict_set([model], config, holdout, device, batch, precision)
+            for rows, probs in _timed(parts, clock):
                 out[rows] = probs
             out.flush()
             del out
