@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -50,13 +49,13 @@ from ..files import digest_file, write_json
 from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files, pseudo_files
+from ..names import check_name as check_folder_name
 from ..oof import read_ids, to_uint8, write_ids
 from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRAMES = (0, 1, 2, 3, 5, 6, 7)
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -82,10 +81,8 @@ def window_spec(spec: InputSpec, target: int) -> tuple[InputSpec, bool]:
 
 
 def check_name(name: str) -> str:
-    """A pseudo-label set's name: a plain folder name."""
-    if not NAME_PATTERN.match(name or ""):
-        raise EkError(f"--out {name!r}: use letters, digits, '.', '_' or '-' (a folder name)")
-    return name
+    """A pseudo-label set's name: a plain folder name (:func:`ensemble_kit.names.check_name`)."""
+    return check_folder_name(name, "--out")
 
 
 def check_frames(frames: tuple[int, ...]) -> tuple[int, ...]:
