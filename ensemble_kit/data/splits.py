@@ -71,9 +71,25 @@ def data_digest(data_root: Path, splits: tuple[str, ...]) -> str:
 
 
 def make_splits(
-    layout: Layout, data_root: Path, n_folds: int, seed: int = 0, pool_validation: bool = False
+    layout: Layout,
+    data_root: Path,
+    n_folds: int,
+    seed: int = 0,
+    pool_validation: bool = False,
+    force: bool = True,
 ) -> pd.DataFrame:
-    """Build the splits table (``record_id,split,fold``) and write it with its metadata."""
+    """Build the splits table (``record_id,split,fold``) and write it with its metadata.
+
+    With ``force=False`` an existing ``splits.csv`` is an :class:`EkError` (``ek folds``
+    without ``--force``): every config's OOF depends on it.
+    """
+    if layout.splits_csv.is_file() and not force:
+        raise EkError(
+            f"{layout.splits_csv} exists; every config's OOF depends on it "
+            "(use --force to replace it)"
+        )
+    if n_folds < 1:
+        raise EkError(f"--folds {n_folds}: must be at least 1")
     data_root = Path(data_root)
     pool = ("train", "validation") if pool_validation else ("train",)
     records = pd.DataFrame(

@@ -82,7 +82,20 @@ def window_spec(spec: InputSpec, target: int) -> tuple[InputSpec, bool]:
 
 def check_name(name: str) -> str:
     """A pseudo-label set's name: a plain folder name (:func:`ensemble_kit.names.check_name`)."""
-    return check_folder_name(name, "--out")
+    return check_folder_name(name, "--out", reserved=())
+
+
+def pseudo_lines(layout: Layout, name: str, manifest: dict) -> list[str]:
+    """What ``ek pseudo`` prints: each clamped window, then what it wrote."""
+    lines = [
+        f"{entry['config']}: frame {entry['frame']} clamped to {entry['window']}"
+        for entry in manifest["clamped"]
+    ]
+    lines.append(
+        f"wrote {layout.pseudo_dir(name)}: frames {manifest['frames']} of "
+        f"{len(manifest['models'])} fold models (blend {manifest['blend_digest']})"
+    )
+    return lines
 
 
 def check_frames(frames: tuple[int, ...]) -> tuple[int, ...]:
