@@ -168,7 +168,7 @@ def test_full_disk_and_read_only_are_one_line_errors(tmp_path, monkeypatch):
 
     for code, what in ((errno.ENOSPC, "no space left on device"), (errno.EROFS, "read-only")):
 
-        def refuse(out, **kwargs):
+        def refuse(out, code=code, **kwargs):
             raise OSError(code, "refused", str(out / "train"))
 
         monkeypatch.setattr(synth, "write_synthetic", refuse)
