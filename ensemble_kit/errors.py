@@ -26,6 +26,9 @@ USER_ERRNOS = {
     errno.ENOTDIR: "not a folder",
 }
 
+# those of them a write causes: full disk, read-only or unwritable folder
+WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM))
+
 
 def os_error(error: OSError, needed_bytes: int | None = None) -> EkError | None:
     """The one-line :class:`EkError` for an :class:`OSError` a user causes, else None.

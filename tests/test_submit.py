@@ -175,3 +175,40 @@ def test_export_fails_loudly_when_outputs_differ(blended, monkeypatch):
     monkeypatch.setattr(export, "parity", lambda *a: 0.5)
     result = ek("export", "--workdir", workdir, check=False)
     assert result.exit_code == 2 and "differs from eager" in result.output
+
+
+def test_submit_killed_between_csv_and_json_never_pairs_new_csv_with_old_json(
+    blended, tmp_path, monkeypatch
+):
+    import ensemble_kit.files as files
+    from ensemble_kit.files import digest_file
+
+    workdir, root = blended
+    out = tmp_path / "submission.csv"
+    ek("submit", "--workdir", workdir, "--data", root, "--out", out)
+    real_replace = files.os.replace
+
+    def killed_at_the_json(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", killed_at_the_json)
+    ek(
+        "submit",
+        "--workdir",
+        workdir,
+        "--data",
+        root,
+        "--out",
+        out,
+        "--batch-size",
+        "3",
+        check=False,
+    )
+    monkeypatch.undo()
+    assert not out.with_suffix(".json").exists()  # no provenance rather than the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]  # no temp files
+    ek("submit", "--workdir", workdir, "--data", root, "--out", out)
+    provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["csv_digest"] == digest_file(out)

@@ -11,6 +11,7 @@ holdout codes and the blend chosen by ``ek blend`` applies unchanged.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from ..data.cache import band_stats
 from ..data.records import has_labels, load_mask
 from ..data.splits import read_meta
 from ..errors import EkError
-from ..files import digest_file, write_json
+from ..files import atomic_group, digest_file
 from ..layout import DEFAULT_SUBMISSION, Layout, bundle_files, record_dir
 from ..metrics import dice_from_counts
 from ..runtime import resolve_device
@@ -81,8 +82,11 @@ def load_exported_ensemble(layout: Layout, device: torch.device) -> Ensemble:
 
 
 def run_submit(request: SubmitRequest) -> dict:
-    """Predict a split, validate the CSV, write it atomically; returns the provenance."""
-    layout = request.layout
+    """Predict a split, validate the CSV, write it and its JSON as one unit; returns the
+    provenance (which holds the CSV's digest)."""
+    layout, out = request.layout, Path(request.out)
+    if out.is_dir():
+        raise EkError(f"--out {out}: is a folder; give a file name")
     blend = verify_blend(layout)
     data_root = Path(request.data_root or read_meta(layout)["data_root"])
     device = resolve_device(request.device)
@@ -92,21 +96,17 @@ def run_submit(request: SubmitRequest) -> dict:
     else:
         ensemble = load_ensemble(layout, blend, device)
     progress = functools.partial(tqdm, desc=f"predict {request.split}", unit="batch", leave=False)
-    result = predict_submission(
-        ensemble,
-        blend,
-        data_root,
-        request.split,
-        Path(request.out),
-        request.batch_size,
-        device,
-        progress,
-    )
-    ids = result["ids"]
-    provenance = _provenance(layout, blend, ensemble, request, result, started)
-    if request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
-        provenance["dice"] = _dice_against_masks(request.out, data_root, request.split, ids)
-    write_json(Path(request.out).with_suffix(".json"), provenance)
+    with atomic_group(out, out.with_suffix(".json")) as (csv_tmp, json_tmp):
+        result = predict_submission(
+            ensemble, blend, data_root, request.split, csv_tmp, request.batch_size, device, progress
+        )
+        result["check"]["path"] = str(out)
+        provenance = _provenance(layout, blend, ensemble, request, result, started)
+        provenance["csv_digest"] = digest_file(csv_tmp)
+        ids = result["ids"]
+        if request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
+            provenance["dice"] = _dice_against_masks(csv_tmp, data_root, request.split, ids)
+        json_tmp.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return provenance
 
 
