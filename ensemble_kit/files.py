@@ -31,16 +31,17 @@ def umask_mode(base: int = 0o666) -> int:
 
 
 @contextlib.contextmanager
-def user_errors(needed_bytes: int | None = None) -> Iterator[None]:
+def user_errors(path: Path | str | None = None, needed_bytes: int | None = None) -> Iterator[None]:
     """Turn a full disk, read-only folder or missing permission into a one-line
-    :class:`EkError` naming the path (with ``needed_bytes`` shown for a full disk)."""
+    :class:`EkError` naming ``path`` (else the error's file), with ``needed_bytes`` shown for
+    a full disk."""
     try:
         yield
     except OSError as err:
-        error = os_error(err, needed_bytes) if err.errno in WRITE_ERRNOS else None
-        if error is None:
+        if err.errno not in WRITE_ERRNOS:
             raise
-        raise error from None
+        named = OSError(err.errno, err.strerror, str(path) if path else err.filename)
+        raise os_error(named, needed_bytes) or err from None
 
 
 def _temp_beside(path: Path, suffix: str = ".tmp") -> Path:
@@ -57,11 +58,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
     path = Path(path)
-    with user_errors():
+    with user_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_path = _temp_beside(path)
     try:
-        with user_errors():
+        with user_errors(path):
             yield tmp_path
             os.replace(tmp_path, path)
     finally:
@@ -103,13 +104,13 @@ def staged_folder(folder: Path | str) -> Iterator[Path]:
     the staged folder is removed and ``folder`` is untouched.
     """
     folder = Path(folder)
-    with user_errors():
+    with user_errors(folder):
         folder.parent.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
         os.chmod(staged, umask_mode(0o777))
     old = staged.with_name(staged.name.replace(".tmp", ".old"))
     try:
-        with user_errors():
+        with user_errors(folder):
             yield staged
             if folder.exists():
                 os.replace(folder, old)
