@@ -11,6 +11,7 @@ are created with the umask's mode, as an ordinary ``open`` would (``mkstemp`` al
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import WRITE_ERRNOS, os_error
+from .errors import WRITE_ERRNOS, EkError, os_error
 
 
 def umask_mode(base: int = 0o666) -> int:
@@ -118,6 +119,36 @@ def staged_folder(folder: Path | str) -> Iterator[Path]:
     finally:
         shutil.rmtree(staged, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path | str, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block, or refuse in one line.
+
+    The kernel drops the lock when the process ends however it ends, so a killed run never
+    leaves a stale lock. ``path`` keeps the holder's pid for the message.
+
+    Raises:
+        EkError: ``<path>: another <what> is running (pid N); wait for it to finish``.
+    """
+    path = Path(path)
+    with user_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise EkError(
+                f"{path}: another {what} is running (pid {holder}); wait for it to finish"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
 
 def write_text(path: Path | str, text: str) -> None:

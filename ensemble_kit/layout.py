@@ -111,6 +111,10 @@ class Layout:
         return self.workdir / "blend"
 
     @property
+    def blend_lock(self) -> Path:
+        return self.workdir / ".blend.lock"
+
+    @property
     def blend_report_txt(self) -> Path:
         return self.blend_report_dir / "report.txt"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,8 @@ from .. import report
 from ..data.cache import LabelReader
 from ..data.sources import changed_sources
 from ..errors import EkError
-from ..files import digest_json, write_json
+from ..files import atomic_path, digest_json, exclusive_lock, staged_folder
+from ..layout import Layout
 from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
 from .apply import _digest, apply_blend, blend_histogram, floor_sum, fraction_threshold
@@ -58,6 +59,15 @@ def run_blend(
     """
     if steps < 1:
         raise EkError(f"--steps {steps}: the greedy selection needs at least 1 round")
+    with exclusive_lock(layout.blend_lock, "ek blend"):
+        return _run_blend_locked(
+            layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from
+        )
+
+
+def _run_blend_locked(
+    layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from
+) -> dict:
     pool = _read_pool(layout, configs)
     _check_threshold_source(layout, pool[0], threshold_from)
     costs = _read_costs(layout, pool, required=max_seconds_per_record is not None)
@@ -85,13 +95,62 @@ def run_blend(
     blend = blend_dict(result, first.folds, _digests(layout, pool))
     blend["cost"] = _cost_fields(pool, costs, blend, max_seconds_per_record)
     _holdout_scores(layout, data_root, blend, result, pool, splits, threshold_from)
-    write_json(layout.blend_json, blend)
-    report.write_blend_report(layout.blend_report_dir, blend, result.curves)
-    write_gallery(layout, data_root, blend, pool, labels)
+    write_blend_outputs(
+        layout, blend, lambda staged: _write_report(staged, data_root, blend, result, pool, labels)
+    )
     log.info(
         "blend: wrote %s (nested dice %.4f)", layout.blend_json, blend["scores"]["nested"]["pooled"]
     )
     return blend
+
+
+@dataclass(frozen=True)
+class StagedBlendLayout(Layout):
+    """The workdir's layout with the blend's report folder and ``blend.json`` at staged
+    paths, so the report and gallery are written where :func:`write_blend_outputs` says."""
+
+    report_dir: Path = Path()
+    blend_file: Path = Path()
+
+    @property
+    def blend_report_dir(self) -> Path:
+        return self.report_dir
+
+    @property
+    def blend_json(self) -> Path:
+        return self.blend_file
+
+
+def write_blend_outputs(layout: Layout, blend: dict, write_report) -> None:
+    """Write ``blend.json`` and the report folder so a kill never pairs one with the other's
+    predecessor: ``write_report(staged_layout)`` fills a staged ``blend/`` (report, plots,
+    gallery; ``blend.json`` at a temporary name), the folder is swapped in, and ``blend.json``
+    is renamed into place last, so ``ek submit`` never uses a blend whose report is missing.
+    """
+    with atomic_path(layout.blend_json) as blend_tmp:
+        blend_tmp.write_text(json.dumps(blend, indent=2, default=str) + "\n")
+        with staged_folder(layout.blend_report_dir) as report_dir:
+            write_report(StagedBlendLayout(layout.workdir, report_dir, blend_tmp))
+
+
+def _write_report(staged: Layout, data_root, blend: dict, result, pool, labels) -> None:
+    report.write_blend_report(staged.blend_report_dir, blend, result.curves)
+    write_gallery(staged, data_root, blend, pool, labels)
+
+
+def skipped_configs(layout: Layout) -> list[str]:
+    """One line per config folder ``ek blend`` skips (no ``summary.json``), saying why."""
+    lines = []
+    for name in layout.config_names():
+        if layout.summary(name).is_file():
+            continue
+        folds = sorted(layout.config_dir(name).glob("fold_*"))
+        done = sum((fold / "DONE").is_file() for fold in folds)
+        lines.append(
+            f"skipped {name}: no summary.json ({done} of {len(folds) or '?'} folds done); "
+            "finish it with ek cv"
+        )
+    return lines
 
 
 def blend_dict(result: SearchResult, folds: np.ndarray, digests: dict) -> dict:
@@ -268,6 +327,8 @@ def _digests(layout, pool) -> dict:
 
 def _read_pool(layout, configs: list[str] | None) -> list:
     if configs is None:
+        for line in skipped_configs(layout):
+            log.warning("blend: %s", line)
         workdir = layout.workdir
         names = (
             sorted(p.name for p in workdir.iterdir() if (p / "summary.json").is_file())
