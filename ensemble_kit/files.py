@@ -162,6 +162,17 @@ def write_json(path: Path | str, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: Path | str) -> Any:
+    """A JSON file's content; an unreadable or truncated file is an :class:`EkError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EkError(
+            f"{path}: corrupt JSON ({err}); delete it and rerun the step that writes it"
+        ) from None
+
+
 def digest_bytes(data: bytes) -> str:
     """Short sha256 hex digest of bytes."""
     return hashlib.sha256(data).hexdigest()[:16]

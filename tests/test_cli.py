@@ -228,3 +228,20 @@ def test_option_choices_come_from_the_registries():
     assert SOURCES.names == THRESHOLD_SOURCES and EXPORT_FORMATS.names == FORMATS
     blend = {p.name: p for p in main.commands["blend"].params}
     assert list(blend["threshold_from"].type.choices) == list(SOURCES.names)
+
+
+def test_status_shows_the_averaged_dice_rounded_and_names_a_corrupt_summary(tmp_path):
+    import json
+
+    workdir = tmp_path / "folds"
+    (workdir / "quick" / "fold_0").mkdir(parents=True)
+    (workdir / "splits.json").write_text(json.dumps({"n_folds": 1}))
+    (workdir / "quick" / "config.yaml").write_text("name: quick\n")
+    done = {"best_epoch": 3, "best_dice": 0.0261234, "top_k": 3, "top_k_dice": 0.0191234}
+    (workdir / "quick" / "fold_0" / "DONE").write_text(json.dumps(done))
+    shown = CliRunner().invoke(main, ["status", "--workdir", str(workdir)])
+    assert shown.exit_code == 0 and "done avg3 0.0191" in shown.output, shown.output
+    summary = workdir / "quick" / "summary.json"
+    summary.write_text('{"oof_dice": 0.5')
+    line = one_line_error(["status", "--workdir", str(workdir)])
+    assert line.startswith(f"ek: error: {summary}: corrupt JSON")

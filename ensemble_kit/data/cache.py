@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ..config import InputSpec
 from ..errors import EkError
-from ..files import digest_json, write_json
+from ..files import digest_json, read_json, write_json
 from ..layout import Layout, record_dir
 from .records import (
     MASK_FILE,
@@ -190,7 +190,7 @@ def load_labels(
 
 
 def open_entry(path: Path) -> CacheEntry:
-    meta = json.loads((path / "meta.json").read_text())
+    meta = read_json(path / "meta.json")
     ids = pd.read_csv(path / "ids.csv", dtype={"record_id": str})["record_id"].tolist()
     arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
     return CacheEntry(path=path, ids=ids, arrays=arrays, sources=meta.get("sources"))
@@ -198,7 +198,7 @@ def open_entry(path: Path) -> CacheEntry:
 
 def _meta(path: Path) -> dict:
     try:
-        return json.loads((path / "meta.json").read_text())
+        return read_json(path / "meta.json")
     except (OSError, ValueError):
         return {}
 
@@ -215,7 +215,7 @@ def band_stats(layout: Layout, data_root: Path, spec: InputSpec) -> dict:
     key = digest_json([str(Path(data_root).resolve()), list(spec.bands), sample, fingerprint])
     path = layout.cache_dir / f"stats-{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path)
     folders = [record_dir(data_root, "train", rid) for rid in sample]
     stats = band_statistics(folders, spec.bands, tuple(range(N_FRAMES)))
     write_json(path, stats)

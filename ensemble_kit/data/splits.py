@@ -10,7 +10,6 @@ lands in exactly one fold. The official ``validation`` split is kept out as a ho
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import EkError
-from ..files import digest_file, digest_json, write_json
+from ..files import digest_file, digest_json, read_json, write_json
 from ..layout import Layout
 from ..oof import read_ids, write_ids
 from .cache import LabelReader
@@ -139,7 +138,7 @@ def read_splits(layout: Layout) -> pd.DataFrame:
 
 def read_meta(layout: Layout) -> dict:
     try:
-        return json.loads(layout.splits_meta.read_text())
+        return read_json(layout.splits_meta)
     except FileNotFoundError:
         raise EkError(f"{layout.splits_meta}: missing; run `ek folds` or `ek cv`") from None
 

@@ -41,6 +41,7 @@ from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
 from .provenance import claim_config_dir, fold_sources, refuse_changed_data
 from .pseudo import pseudo_set, read_pseudo
+from .status import reported_dice
 from .trainer import train_fold, write_done
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def _reporter(on_fold_done: Callable[[str], None] | None) -> Callable[[FoldResul
             line = f"{result.job}: skipped, running elsewhere"
         else:
             line = (
-                f"{result.job}: dice {result.summary['best_dice']:.4f}, "
+                f"{result.job}: dice {reported_dice(result.summary):.4f}, "
                 f"{result.seconds / 60:.1f} min, node {result.node}"
             )
         (on_fold_done or log.info)(line)
@@ -284,7 +285,7 @@ def run_fold(job: FoldJob) -> dict | None:
             job.config.name,
             job.fold,
             summary["best_epoch"],
-            summary["best_dice"],
+            reported_dice(summary),
             summary["seconds_total"],
         )
     return summary

@@ -19,7 +19,7 @@ from ..data.cache import CacheEntry, ensure_labels
 from ..data.sources import changed_sources
 from ..data.splits import HOLDOUT_FOLD
 from ..errors import EkError
-from ..files import write_text
+from ..files import read_json, write_text
 from ..layout import Layout, fold_files
 
 
@@ -29,7 +29,7 @@ def refuse_changed_data(layout: Layout, data_root: Path, configs: list[Config], 
     for config in configs:
         for fold in range(n_folds):
             done = fold_files(layout.fold_dir(config.name, fold))["done"]
-            recorded = json.loads(done.read_text()).get("sources") if done.is_file() else None
+            recorded = read_json(done).get("sources") if done.is_file() else None
             changed = changed_sources(data_root, recorded or {}, memo)
             if changed:
                 raise EkError(
