@@ -45,7 +45,7 @@ from ..data.loader import ArraySet, to_float
 from ..data.records import LABELLED_FRAME, N_FRAMES
 from ..data.splits import HOLDOUT_FOLD, ensure_splits
 from ..errors import EkError
-from ..files import digest_file, write_json
+from ..files import digest_file, read_json, write_json
 from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files, pseudo_files
@@ -292,9 +292,14 @@ def read_pseudo(layout: Layout, name: str) -> tuple[dict, pd.DataFrame, np.ndarr
     files = pseudo_files(layout.pseudo_dir(check_name(name)))
     if not files["manifest"].is_file():
         raise EkError(f"{layout.pseudo_dir(name)}: no pseudo-labels; run `ek pseudo --out {name}`")
-    manifest = json.loads(files["manifest"].read_text())
+    manifest = read_json(files["manifest"])
     ids = read_ids(files["ids"])
-    labels = np.load(files["labels"], mmap_mode="r")
+    try:
+        labels = np.load(files["labels"], mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise EkError(
+            f"{files['labels']}: truncated or unreadable ({err}); rerun ek pseudo --out {name}"
+        ) from None
     if labels.shape[:2] != (len(ids), len(manifest["frames"])):
         raise EkError(f"{files['labels']}: shape {labels.shape} disagrees with ids.csv/manifest")
     return manifest, ids, labels
