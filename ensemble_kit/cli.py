@@ -139,7 +139,7 @@ def join_values(args: list[str], greedy: set[str]) -> list[str]:
             joined.extend(words)
             break
         if word in greedy:
-            values = []
+            values: list[str] = []
             for value in words:
                 if value.startswith("-") and values:
                     joined.extend([" ".join(values), value])
