@@ -233,3 +233,12 @@ def test_a_dead_process_build_is_removed(tmp_path):
     stale.mkdir(parents=True), mine.mkdir()
     remove_dead_builds(entry)
     assert not stale.exists() and mine.exists()
+
+
+def test_a_record_without_a_mask_is_named(small_data, tmp_path):
+    layout = Layout(tmp_path / "folds")
+    ids = sorted(p.name for p in (small_data / "train").iterdir())
+    (small_data / "train" / ids[1] / "human_pixel_masks.npy").unlink()
+    records = pd.DataFrame({"record_id": ids, "split": "train"})
+    with pytest.raises(EkError, match=rf"train/{ids[1]}: no human_pixel_masks.npy \(1 such"):
+        load_labels(layout, small_data, records)

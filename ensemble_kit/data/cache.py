@@ -167,6 +167,7 @@ class LabelReader:
         for split in pd.unique(self.splits):
             entry = ensure_labels(layout, data_root, str(split))
             members = self.splits == split
+            _refuse_unlabelled(data_root, str(split), records["record_id"][members], entry)
             self.arrays[split] = entry.arrays[key]
             self.rows[members] = entry.index_of(records["record_id"][members].tolist())
 
@@ -180,6 +181,18 @@ class LabelReader:
             if members.any():
                 result[members] = array[rows[members]]
         return result
+
+
+def _refuse_unlabelled(data_root: Path, split: str, ids, entry: CacheEntry) -> None:
+    """A record without a mask is named as such (the label cache holds labelled records)."""
+    known = set(entry.ids)
+    missing = [rid for rid in ids if rid not in known]
+    if missing:
+        folder = record_dir(data_root, split, missing[0])
+        raise EkError(
+            f"{folder}: no {MASK_FILE} ({len(missing)} such record(s)); a record needs its "
+            "mask to be trained on or scored"
+        )
 
 
 def load_labels(
