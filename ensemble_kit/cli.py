@@ -3,14 +3,84 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import EkError
-from .layout import DEFAULT_KAGGLE_DIR, DEFAULT_SUBMISSION, DEFAULT_WORKDIR, Layout
+from .errors import EkError, os_error
+from .layout import DEFAULT_KAGGLE_DIR, DEFAULT_SUBMISSION, DEFAULT_WORKDIR, SPLITS, Layout
+from .registry import BACKENDS, EXPORT_FORMATS, THRESHOLD_SOURCES, Registry, did_you_mean
 
+WORKFLOW = """
+\b
+Workflow (docs: docs/README.md in the source; ek COMMAND --help for each command):
+  ek synth --out data                      synthetic data, or bring the Kaggle data
+  ek folds --data data                     shared K-fold splits
+  ek prepare --data data configs/tiny.yaml input caches (optional; cv builds them)
+  ek cv --data data configs/tiny.yaml      fold models, OOF and holdout
+  ek status                                what is trained
+  ek blend --oof                           weights, threshold, report
+  ek submit --data data                    submissions/submission.csv
+  ek export / ek kaggle                    a bundle / an offline Kaggle dataset
+"""
+
+
+def _error_at(option: str, message: str) -> EkError:
+    return EkError(f"{option}: {message}")
+
+
+def _existing_folder(ctx: click.Context, param: click.Parameter, value: Path | None):
+    if value is not None and not Path(value).is_dir():
+        raise _error_at(f"--{param.name.replace('_root', '')} {value}", "no such folder")
+    return value
+
+
+def _at_least_one(ctx: click.Context, param: click.Parameter, value: int | None):
+    if value is not None and value < 1:
+        raise _error_at(f"--{param.opts[0].lstrip('-')} {value}", "must be at least 1")
+    return value
+
+
+def _positive_seconds(ctx: click.Context, param: click.Parameter, value: float | None):
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise _error_at(f"{param.opts[0]} {value}", "must be a number of seconds above 0")
+    return value
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str):
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise _error_at(f"--device {value}", "expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _splits(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]):
+    for split in value:
+        if split not in SPLITS:
+            raise _error_at(
+                f"--split {split}",
+                f"unknown split{did_you_mean(split, SPLITS)}; choose from {', '.join(SPLITS)}",
+            )
+    return value
+
+
+def _split(ctx: click.Context, param: click.Parameter, value: str):
+    return _splits(ctx, param, (value,))[0]
+
+
+def _not_a_folder(ctx: click.Context, param: click.Parameter, value: Path | None):
+    if value is not None and Path(value).is_dir():
+        raise _error_at(f"--out {value}", "is a folder; give a file name")
+    return value
+
+
+def _choice(registry: Registry) -> click.Choice:
+    return click.Choice(list(registry.names))
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 WORKDIR = click.option(
     "--workdir",
     type=click.Path(path_type=Path),
@@ -22,6 +92,7 @@ DEVICE = click.option(
     "--device",
     default="auto",
     show_default=True,
+    callback=_device,
     help="cpu, cuda, cuda:1, ... (auto: cuda if present).",
 )
 
@@ -41,6 +112,7 @@ def data_option(required: bool = False):
         "data_root",
         type=click.Path(path_type=Path),
         required=required,
+        callback=_existing_folder,
         help="Data folder in the Kaggle layout (train/, validation/, test/).",
     )
 
@@ -49,25 +121,51 @@ class ValuesOption(click.Option):
     """An option that takes every value up to the next option: ``--frames 0 1 2 3``.
 
     ``--frames 0,1,2`` and repeating the option (``--frames 0 --frames 1``) work too; the
-    command receives one string per occurrence and splits it.
+    command receives one string per occurrence and splits it. Use with :class:`EkCommand`,
+    which joins the values before click parses the line.
     """
 
-    def add_to_parser(self, parser, ctx) -> None:
-        super().add_to_parser(parser, ctx)
-        for name in self.opts:
-            option = parser._long_opt.get(name) or parser._short_opt.get(name)
-            if option is not None:
-                option.process = _greedy(option.process)
+
+class EkCommand(click.Command):
+    """Every ``ek`` command: sets the process's thread counts before it runs, and lets its
+    :class:`ValuesOption` options take several space-separated values.
+
+    The thread counts are not set in the group callback: that runs before a subcommand parses
+    ``--help``, and ``ek <command> --help`` would then import torch. ``parse_args`` (click's
+    documented hook for a command's own parsing) joins the words after a ``ValuesOption``, up
+    to the next one starting with ``-``, into one value.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        greedy = {o for p in self.params if isinstance(p, ValuesOption) for o in p.opts}
+        return super().parse_args(ctx, join_values(args, greedy))
+
+    def invoke(self, ctx: click.Context):
+        from .runtime import set_process_threads
+
+        set_process_threads()  # the process edge: torch and numba thread counts
+        return super().invoke(ctx)
 
 
-def _greedy(process):
-    def take_values(value, state) -> None:
-        values = [value]
-        while state.rargs and not str(state.rargs[0]).startswith("-"):
-            values.append(state.rargs.pop(0))
-        process(" ".join(values), state)
-
-    return take_values
+def join_values(args: list[str], greedy: set[str]) -> list[str]:
+    """``args`` with the words after each option in ``greedy`` joined into its one value."""
+    joined: list[str] = []
+    words = iter(args)
+    for word in words:
+        joined.append(word)
+        if word == "--":
+            joined.extend(words)
+            break
+        if word in greedy:
+            values: list[str] = []
+            for value in words:
+                if value.startswith("-") and values:
+                    joined.extend([" ".join(values), value])
+                    break
+                values.append(value)
+            else:
+                joined.extend([" ".join(values)] if values else [])
+    return joined
 
 
 def parse_ints(option: str, texts: tuple[str, ...]) -> tuple[int, ...]:
@@ -79,34 +177,23 @@ def parse_ints(option: str, texts: tuple[str, ...]) -> tuple[int, ...]:
         raise EkError(f"{option}: expected whole numbers, got {' '.join(words)!r}") from None
 
 
-class EkCommand(click.Command):
-    """A command that sets the process's thread counts before it runs.
-
-    Not in the group callback: that runs before a subcommand parses ``--help``, and
-    ``ek <command> --help`` would then import torch.
-    """
-
-    def invoke(self, ctx: click.Context):
-        from .runtime import set_process_threads
-
-        set_process_threads()  # the process edge: torch and numba thread counts
-        return super().invoke(ctx)
-
-
 class EkGroup(click.Group):
-    """Shows :class:`EkError` as one line on stderr with exit code 2."""
+    """Shows :class:`EkError` (and a disk or permission error) as one line on stderr, exit 2."""
 
     command_class = EkCommand
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except EkError as err:
-            click.echo(f"ek: error: {err}", err=True)
+        except (EkError, OSError) as err:
+            error = err if isinstance(err, EkError) else os_error(err)
+            if error is None:
+                raise
+            click.echo(f"ek: error: {error}", err=True)
             sys.exit(EkError.exit_code)
 
 
-@click.group(cls=EkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=EkGroup, epilog=WORKFLOW, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="ensemble-kit")
 def main(verbose: bool) -> None:
@@ -116,11 +203,13 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
-@click.option("--train", "n_train", default=64, show_default=True)
-@click.option("--validation", "n_validation", default=16, show_default=True)
-@click.option("--test", "n_test", default=16, show_default=True)
+@click.option("--train", "n_train", default=64, show_default=True, help="Training records.")
+@click.option(
+    "--validation", "n_validation", default=16, show_default=True, help="Validation records."
+)
+@click.option("--test", "n_test", default=16, show_default=True, help="Test records.")
 @click.option("--size", default=256, show_default=True, help="Image side in pixels.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Random seed of the data.")
 def synth(out: Path, n_train: int, n_validation: int, n_test: int, size: int, seed: int) -> None:
     """Write a synthetic contrail data set in the Kaggle layout."""
     from .data.synth import write_synthetic
@@ -134,8 +223,8 @@ def synth(out: Path, n_train: int, n_validation: int, n_test: int, size: int, se
 @main.command()
 @data_option(required=True)
 @WORKDIR
-@click.option("--folds", "n_folds", default=5, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--folds", "n_folds", default=5, show_default=True, callback=_at_least_one, help="K.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the fold assignment.")
 @click.option(
     "--pool-validation", is_flag=True, help="Pool the validation split into the folds (no holdout)."
 )
@@ -147,12 +236,7 @@ def folds(
     from .data.splits import make_splits
 
     layout = Layout(workdir)
-    if layout.splits_csv.is_file() and not force:
-        raise EkError(
-            f"{layout.splits_csv} exists; every config's OOF depends on it "
-            "(use --force to replace it)"
-        )
-    splits = make_splits(layout, data_root, n_folds, seed, pool_validation)
+    splits = make_splits(layout, data_root, n_folds, seed, pool_validation, force=force)
     counts = splits.groupby("fold").size().to_dict()
     click.echo(f"wrote {layout.splits_csv}: records per fold {counts}")
 
@@ -164,11 +248,17 @@ def folds(
     "--split",
     "split_names",
     multiple=True,
-    default=("train", "validation", "test"),
+    default=SPLITS,
     show_default=True,
+    callback=_splits,
+    help="Splits to cache (repeatable); a split without a folder in --data is skipped.",
 )
 @click.option(
-    "--workers", type=int, default=None, help="Worker processes (default: CPU count, at most 8)."
+    "--workers",
+    type=int,
+    default=None,
+    callback=_at_least_one,
+    help="Worker processes (default: CPU count, at most 8).",
 )
 @click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def prepare(
@@ -191,22 +281,37 @@ def prepare(
 @data_option()
 @WORKDIR
 @click.option(
-    "--folds", "n_folds", type=int, default=None, help="K (default 5 for a new splits.csv)."
+    "--folds",
+    "n_folds",
+    type=int,
+    default=None,
+    callback=_at_least_one,
+    help="K (default 5 for a new splits.csv).",
 )
 @click.option(
     "--fold", "fold_ids", type=int, multiple=True, help="Run only these folds (repeatable)."
 )
-@click.option("--epochs", type=int, default=None, help="Override train.epochs of every config.")
+@click.option(
+    "--epochs",
+    type=int,
+    default=None,
+    callback=_at_least_one,
+    help="Override train.epochs of every config.",
+)
 @DEVICE
 @click.option(
     "--backend",
-    type=click.Choice(["local", "ray"]),
+    type=_choice(BACKENDS),
     default="local",
     show_default=True,
     help="Where folds run: here, or as Ray tasks (a local Ray unless --address).",
 )
 @click.option(
-    "--jobs", default=1, show_default=True, help="Local: folds side by side, one process each."
+    "--jobs",
+    default=1,
+    show_default=True,
+    callback=_at_least_one,
+    help="Local: folds side by side, one process each.",
 )
 @click.option("--cpus-per-job", type=int, default=None, help="CPU threads (Ray: CPUs) per fold.")
 @click.option("--gpus-per-job", type=float, default=None, help="Ray: GPUs per fold (0.5 shares).")
@@ -241,17 +346,13 @@ def cv(workdir: Path, fold_ids: tuple[int, ...], configs, **options) -> None:
 @DEVICE
 def pseudo(workdir: Path, data_root, frames, name: str, device: str) -> None:
     """Soft pseudo-labels of the unlabelled frames from the blend's fold models (no leakage)."""
-    from .training.pseudo import DEFAULT_FRAMES, PseudoRequest, run_pseudo
+    from .training.pseudo import DEFAULT_FRAMES, PseudoRequest, pseudo_lines, run_pseudo
 
     targets = parse_ints("--frames", frames) if frames else DEFAULT_FRAMES
     layout = Layout(workdir)
     manifest = run_pseudo(PseudoRequest(layout, data_root, targets, name, device))
-    for entry in manifest["clamped"]:
-        click.echo(f"{entry['config']}: frame {entry['frame']} clamped to {entry['window']}")
-    click.echo(
-        f"wrote {layout.pseudo_dir(name)}: frames {manifest['frames']} of "
-        f"{len(manifest['models'])} fold models (blend {manifest['blend_digest']})"
-    )
+    for line in pseudo_lines(layout, name, manifest):
+        click.echo(line)
 
 
 @main.command()
@@ -278,13 +379,14 @@ def status(workdir: Path) -> None:
 @click.option("--refine", is_flag=True, help="Coordinate-search refinement of the weights.")
 @click.option(
     "--max-seconds-per-record",
-    type=click.FloatRange(min=0, min_open=True),
+    type=float,
     default=None,
+    callback=_positive_seconds,
     help="Seconds (> 0): only ensembles whose measured prediction cost fits.",
 )
 @click.option(
     "--threshold-from",
-    type=click.Choice(["oof", "holdout"]),
+    type=_choice(THRESHOLD_SOURCES),
     default="oof",
     show_default=True,
     help="Choose the threshold on OOF or on the holdout's fold-mean predictions.",
@@ -305,9 +407,8 @@ def blend(
         max_seconds_per_record=max_seconds_per_record,
         threshold_from=threshold_from,
     )
-    report = layout.blend_report_txt
-    if report.is_file():
-        click.echo(report.read_text().rstrip())
+    if layout.blend_report_txt.is_file():
+        click.echo(layout.blend_report_txt.read_text().rstrip())
     click.echo(f"wrote {layout.blend_json} (weights {result.rule.weights})")
 
 
@@ -340,12 +441,24 @@ def show(record_id: str, workdir: Path, data_root: Path | None, out: Path | None
     "--split",
     default="test",
     show_default=True,
+    callback=_split,
     help="Split to predict (validation: also prints its dice).",
 )
 @click.option(
-    "--out", type=click.Path(path_type=Path), default=DEFAULT_SUBMISSION, show_default=True
+    "--out",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_SUBMISSION,
+    show_default=True,
+    callback=_not_a_folder,
+    help="The CSV to write; its provenance goes beside it as .json.",
 )
-@click.option("--batch-size", default=16, show_default=True)
+@click.option(
+    "--batch-size",
+    default=16,
+    show_default=True,
+    callback=_at_least_one,
+    help="Records per forward pass.",
+)
 @DEVICE
 @click.option(
     "--exported", is_flag=True, help="Predict from the `ek export` bundle instead of checkpoints."
@@ -388,23 +501,23 @@ def submit(
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["torchscript", "onnx"]),
+    type=_choice(EXPORT_FORMATS),
     default="torchscript",
     show_default=True,
+    help="Model format of the bundle.",
 )
 @click.option(
     "--configs", "names", multiple=True, help="Export these configs (default: those in blend.json)."
 )
 def export(workdir: Path, fmt: str, names) -> None:
     """Export fold models as a portable bundle, parity-checked against the eager models."""
+    from .inference.bundle import manifest_lines
     from .inference.export import export_models
 
     layout = Layout(workdir)
     manifest = export_models(layout, fmt, list(names) or None)
-    for name, entry in manifest["configs"].items():
-        click.echo(
-            f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}"
-        )
+    for line in manifest_lines(manifest):
+        click.echo(line)
     click.echo(f"wrote {layout.export_dir}")
 
 
@@ -430,19 +543,17 @@ def export(workdir: Path, fmt: str, names) -> None:
     "--device",
     default="auto",
     show_default=True,
+    callback=_device,
     help="Where to time the bundle: cpu, cuda, ... (auto: cuda if present).",
 )
 def kaggle(workdir: Path, out: Path, slug: str, title: str, device: str) -> None:
     """Write the blended models, a wheel and an offline notebook as one Kaggle dataset."""
-    from .inference.bundle import throughput_line
+    from .inference.bundle import manifest_lines, throughput_line
     from .inference.kaggle import KaggleRequest, build_kaggle_bundle
 
     result = build_kaggle_bundle(KaggleRequest(Layout(workdir), out, slug, title, device))
-    manifest = result["manifest"]
-    for name, entry in manifest["configs"].items():
-        click.echo(
-            f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}"
-        )
+    for line in manifest_lines(result["manifest"]):
+        click.echo(line)
     measured = result["measured"]
     if "skipped" in measured:
         click.echo(f"not timed: {measured['skipped']}")

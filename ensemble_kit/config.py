@@ -8,6 +8,7 @@ every output) and ``config_digest`` its digest.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from .errors import EkError
 from .files import digest_json
+from .names import check_name
 from .registry import (
     AMP_MODES,
     CHANNELS,
@@ -157,6 +159,32 @@ CHOICES: dict[tuple[str, ...], Registry] = {
 }
 
 
+# (low, high, bounds): the allowed range of each numeric key; "[]" closed, "[)" high open...
+RANGES: dict[tuple[str, ...], tuple[float, float, str]] = {
+    ("train", "epochs"): (1, math.inf, "[]"),
+    ("train", "batch_size"): (1, math.inf, "[]"),
+    ("train", "accumulate"): (1, math.inf, "[]"),
+    ("train", "clip_grad"): (0, math.inf, "[]"),
+    ("train", "ema"): (0, 1, "[)"),
+    ("train", "early_stop"): (0, math.inf, "[]"),
+    ("train", "num_workers"): (0, math.inf, "[]"),
+    ("train", "max_steps_per_epoch"): (0, math.inf, "[]"),
+    ("optim", "lr"): (0, math.inf, "(]"),
+    ("optim", "weight_decay"): (0, math.inf, "[]"),
+    ("optim", "momentum"): (0, 1, "[)"),
+    ("schedule", "warmup_iters"): (0, math.inf, "[]"),
+    ("schedule", "min_lr"): (0, math.inf, "[]"),
+    ("label", "smoothing"): (0, 1, "[)"),
+    ("label", "pseudo_weight"): (0, math.inf, "[]"),
+    ("label", "pseudo_fraction"): (0, 1, "[)"),
+    ("model", "upsample"): (0, math.inf, "(]"),
+    ("loss", "weight"): (0, math.inf, "[]"),
+    ("tta_chunk",): (0, math.inf, "[]"),
+    **{("augment", p): (0, 1, "[]") for p in ("hflip", "vflip", "rot90", "crop", "cutout")},
+    **{("augment", p): (0, 1, "[]") for p in ("cutmix", "mixup")},
+}
+
+
 def load_config(path: Path | str) -> Config:
     """Load a YAML config file; the config's name defaults to the file's stem."""
     path = Path(path)
@@ -230,6 +258,12 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if len(value) != len(args):
             raise EkError(f"{source}: '{key}' must be a list of {len(args)} values")
         return tuple(_coerce(a, v, source, key) for a, v in zip(args, value))
+    if hint == (str | bool):  # train.channels_last: true, false or auto
+        if not (isinstance(value, bool) or value == "auto"):
+            raise EkError(f"{source}: '{key}' must be true, false or auto, got {value!r}")
+        return value
+    if hint == (int | None) and value is not None:
+        return _number(int, value, source, key)
     if hint is float:
         return _number(float, value, source, key)
     if hint is int:
@@ -254,10 +288,14 @@ def _number(kind: type, value: Any, source: str, key: str) -> Any:
         raise EkError(f"{source}: '{key}' must be a number, got {value!r}") from None
     if kind is int and float(value) != number:
         raise EkError(f"{source}: '{key}' must be a whole number, got {value!r}")
+    if not math.isfinite(number):
+        raise EkError(f"{source}: '{key}' must be a finite number, got {value!r}")
     return number
 
 
 def _validate(config: Config, source: str) -> None:
+    check_name(config.name, f"{source}: 'name'")
+    _validate_ranges(config, source)
     for path, allowed in CHOICES.items():
         for value in _values_at(config, path):
             if value not in allowed:
@@ -283,12 +321,24 @@ def _validate(config: Config, source: str) -> None:
     _validate_winners(config, source)
 
 
+def _validate_ranges(config: Config, source: str) -> None:
+    for path, (low, high, bounds) in RANGES.items():
+        for value in _values_at(config, path):
+            above = value > low if bounds[0] == "(" else value >= low
+            below = value < high if bounds[1] == ")" else value <= high
+            if not (above and below):
+                shown = f"{bounds[0]}{low}, {'inf' if math.isinf(high) else high}{bounds[1]}"
+                raise EkError(f"{source}: '{'.'.join(path)}' is {value!r}; it must be in {shown}")
+    if config.model.upsample_size is not None and config.model.upsample_size < 1:
+        raise EkError(f"{source}: 'model.upsample_size' must be at least 1")
+    if not config.input.frames:
+        raise EkError(f"{source}: 'input.frames' needs at least one frame")
+    if not config.input.bands:
+        raise EkError(f"{source}: 'input.bands' needs at least one band")
+
+
 def _validate_winners(config: Config, source: str) -> None:
-    label, train = config.label, config.train
-    if not 0.0 <= label.pseudo_fraction < 1.0:
-        raise EkError(f"{source}: 'label.pseudo_fraction' must be in [0, 1)")
-    if label.pseudo_weight < 0:
-        raise EkError(f"{source}: 'label.pseudo_weight' must not be negative")
+    train = config.train
     if train.average_top_k < 0:
         raise EkError(f"{source}: 'train.average_top_k' must be 0 (off) or positive")
     if len(set(train.seeds)) != len(train.seeds):

@@ -39,6 +39,17 @@ DEFAULT_WORKDIR = Path("folds")
 DEFAULT_SUBMISSION = Path("submissions") / "submission.csv"
 DEFAULT_KAGGLE_DIR = Path("submissions") / "kaggle"
 SPLITS = ("train", "validation", "test")
+# entries of the workdir itself: no config or pseudo-label set may take these names
+RESERVED_NAMES = (
+    "blend",
+    "cache",
+    "pseudo",
+    "export",
+    "splits.csv",
+    "splits.json",
+    "blend.json",
+    "submissions",
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,10 @@ class Layout:
     @property
     def blend_report_dir(self) -> Path:
         return self.workdir / "blend"
+
+    @property
+    def blend_lock(self) -> Path:
+        return self.workdir / ".blend.lock"
 
     @property
     def blend_report_txt(self) -> Path:

@@ -156,3 +156,89 @@ def test_changed_sources_names_what_changed(small_data, tmp_path):
     assert changed_sources(small_data, recorded) == [
         "train/labels (human_pixel_masks.npy, human_individual_masks.npy)"
     ]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB tmpfs (root only); skipped where mount is not allowed."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temp(
+    synth_root, tiny_disk, tiny_config_path, workers
+):
+    from click.testing import CliRunner
+
+    from ensemble_kit.cli import main
+
+    workdir = tiny_disk / "folds"
+    workdir.mkdir()
+    (workdir / "big").write_bytes(b"x" * ((2 << 20) - 200_000))  # leave ~200 kB free
+    args = ["prepare", "--data", str(synth_root), "--workdir", str(workdir), "--split", "train"]
+    result = CliRunner().invoke(main, [*args, "--workers", workers, str(tiny_config_path)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "no space left on device (needed ~" in lines[0], result.output
+    assert [p.name for p in (workdir / "cache").iterdir()] == []
+
+
+def test_allocation_reserves_the_blocks(tmp_path, tiny_disk, monkeypatch):
+    import shutil
+
+    from ensemble_kit.data.cache import allocate_arrays
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 0, 1 << 40))
+    with pytest.raises(EkError, match=r"no space left on device \(needed ~4 MB\)"):
+        allocate_arrays(tiny_disk / "entry", {"inputs": ((4, 1024, 1024), np.dtype(np.uint8))})
+
+
+def _dies(task):
+    import os
+
+    if task == 2:
+        os._exit(1)
+    return task
+
+
+def test_a_worker_that_dies_ends_the_run_in_one_line():
+    from ensemble_kit.data.cache import run_in_workers
+
+    with pytest.raises(EkError, match="cache train: a worker process died"):
+        list(run_in_workers(_dies, [0, 1, 2, 3], workers=2, label="cache train"))
+    assert sorted(run_in_workers(_dies, [0, 1, 3], workers=2, label="x")) == [0, 1, 3]
+
+
+def test_a_dead_process_build_is_removed(tmp_path):
+    import os
+    import subprocess
+
+    from ensemble_kit.data.cache import remove_dead_builds
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    entry = tmp_path / "cache" / "train-abc"
+    stale = entry.with_name(f".{entry.name}.tmp-{ended.pid}")
+    mine = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+    stale.mkdir(parents=True), mine.mkdir()
+    remove_dead_builds(entry)
+    assert not stale.exists() and mine.exists()
+
+
+def test_a_record_without_a_mask_is_named(small_data, tmp_path):
+    layout = Layout(tmp_path / "folds")
+    ids = sorted(p.name for p in (small_data / "train").iterdir())
+    (small_data / "train" / ids[1] / "human_pixel_masks.npy").unlink()
+    records = pd.DataFrame({"record_id": ids, "split": "train"})
+    with pytest.raises(EkError, match=rf"train/{ids[1]}: no human_pixel_masks.npy \(1 such"):
+        load_labels(layout, small_data, records)

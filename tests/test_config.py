@@ -73,3 +73,42 @@ def test_dump_round_trip(tmp_path):
     path.write_text(dump_config(config))
     assert load_config(path) == config
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("train: {batch_size: 0}", r"'train.batch_size' is 0; it must be in \[1, inf\]"),
+        ("train: {batch_size: -4}", r"'train.batch_size' is -4"),
+        ("train: {accumulate: 0}", r"'train.accumulate' is 0"),
+        ("train: {epochs: 0}", r"'train.epochs' is 0"),
+        ("optim: {lr: -0.001}", r"'optim.lr' is -0.001; it must be in \(0, inf\]"),
+        ("optim: {lr: .nan}", r"'optim.lr' must be a finite number"),
+        ("optim: {lr: nan}", r"'optim.lr' must be a finite number"),
+        ("augment: {hflip: 1.5}", r"'augment.hflip' is 1.5"),
+        ("loss: [{name: dice, weight: -1}]", r"'loss.weight' is -1.0"),
+        ("input: {frames: []}", r"'input.frames' needs at least one frame"),
+        ("train: {channels_last: maybe}", r"'train.channels_last' must be true, false or auto"),
+        ("train: {channels_last: 'false'}", r"'train.channels_last' must be true, false or auto"),
+    ],
+)
+def test_bad_values_are_one_line_errors_naming_file_and_key(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text + "\n")
+    with pytest.raises(EkError, match=r"bad.yaml: " + message):
+        load_config(path)
+
+
+def test_channels_last_takes_booleans_and_auto(tmp_path):
+    for text, expected in (("true", True), ("false", False), ("auto", "auto")):
+        path = tmp_path / "ok.yaml"
+        path.write_text(f"train: {{channels_last: {text}}}\n")
+        assert load_config(path).train.channels_last == expected
+
+
+@pytest.mark.parametrize("name", ["../../evil", "", ".hidden", "a/b", "blend", "cache", "pseudo"])
+def test_config_name_must_be_a_plain_unreserved_folder_name(tmp_path, name):
+    path = tmp_path / "named.yaml"
+    path.write_text(f"name: {name!r}\n")
+    with pytest.raises(EkError, match=r"named.yaml: 'name': .*(not a valid name|reserved)"):
+        load_config(path)

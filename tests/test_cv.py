@@ -136,6 +136,20 @@ def test_changed_config_refused(finished, tmp_path):
     changed.write_text(QUICK.format(name="quick", epochs=2).replace("0.003", "0.01"))
     result = CliRunner().invoke(main, ["cv", "--workdir", str(layout.workdir), str(changed)])
     assert result.exit_code == 2 and "changed since its folds were trained" in result.output
+    assert "optim.lr 0.003 -> 0.01" in result.output
+
+
+def test_bad_arch_names_the_config_and_leaves_a_fixable_start(synth_root, tmp_path):
+    bad = tmp_path / "quick.yaml"
+    bad.write_text(QUICK.format(name="quick", epochs=1).replace("arch: Unet", "arch: FNP"))
+    workdir = str(tmp_path / "folds")
+    result = run_ek("cv", "--data", str(synth_root), "--workdir", workdir, "--folds", "2", str(bad))
+    assert result.exit_code == 2
+    assert result.output.startswith(f"ek: error: {bad}: unknown model.arch 'FNP'")
+    assert not Layout(Path(workdir)).fold_dir("quick", 0).exists()
+    bad.write_text(QUICK.format(name="quick", epochs=1).replace("arch: Unet", "arch: FPN"))
+    fixed = run_ek("cv", "--data", str(synth_root), "--workdir", workdir, "--fold", "0", str(bad))
+    assert fixed.exit_code == 0, fixed.output
 
 
 def test_other_k_refused(finished):

@@ -114,3 +114,12 @@ def test_non_numeric_record_folder(sample_copy):
 def test_data_folder_without_train(tmp_path):
     with pytest.raises(EkError, match="no 'train/' folder"):
         records.list_records(tmp_path, "train")
+
+
+def test_loader_workers_are_capped_at_the_cpus():
+    import os
+
+    from ensemble_kit.data.loader import worker_count
+
+    cpus = len(os.sched_getaffinity(0))
+    assert worker_count(cpus + 6) == cpus and worker_count(0) == 0 and worker_count(1) == 1

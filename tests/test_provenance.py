@@ -72,3 +72,24 @@ def test_a_changed_file_is_reported_stale_downstream(tmp_path):
     assert "train/inputs" in result.output
     result = ek("blend", "--oof", "--steps", "2")
     assert result.exit_code == 2 and "train/inputs" in result.output
+
+
+def test_failed_start_does_not_block_the_fixed_config(tmp_path):
+    from ensemble_kit.config import config_from_dict
+    from ensemble_kit.layout import Layout
+    from ensemble_kit.training.provenance import claim_config_dir
+
+    layout = Layout(tmp_path / "folds")
+    first = config_from_dict({"name": "quick", "model": {"encoder_weights": "imagenet"}})
+    claim_config_dir(layout, first)  # the start then failed: no fold trained
+    (layout.fold_dir("quick", 0)).mkdir(parents=True)  # a RUNNING lock's folder, no weights
+    fixed = config_from_dict({"name": "quick"})
+    claim_config_dir(layout, fixed)
+    assert "encoder_weights: null" in (layout.config_dir("quick") / "config.yaml").read_text()
+    (layout.fold_dir("quick", 0) / "last.pt").write_bytes(b"trained")
+    changed = config_from_dict({"name": "quick", "optim": {"lr": 0.01}, "train": {"epochs": 3}})
+    with pytest.raises(EkError) as refused:
+        claim_config_dir(layout, changed)
+    message = str(refused.value)
+    assert "changed since its folds were trained" in message
+    assert "optim.lr 0.001 -> 0.01, train.epochs 10 -> 3" in message

@@ -220,3 +220,18 @@ def test_real_sample_rejects_missing_record(sample_root: Path, tmp_path: Path):
     path = write_csv(tmp_path / "s.csv", f"{HEADER}\n")
     with pytest.raises(EkError, match="missing"):
         check_submission(path, data_root=sample_root)
+
+
+def test_check_with_data_uses_the_data_size(tmp_path: Path):
+    from ensemble_kit.data.synth import write_synthetic
+
+    root = tmp_path / "data"
+    write_synthetic(root, n_train=1, n_validation=1, n_test=2, size=32, seed=0)
+    ids = sorted(p.name for p in (root / "test").iterdir())
+    # pixel 1000 fits 256 x 256 but not the data's 32 x 32 (1024 pixels)
+    path = write_csv(tmp_path / "s.csv", f"{HEADER}\n{ids[0]},1000 30\n{ids[1]},-\n")
+    assert check_submission(path)["rows"] == 2
+    with pytest.raises(EkError, match="line 2"):
+        check_submission(path, data_root=root, split="test")
+    fits = write_csv(tmp_path / "ok.csv", f"{HEADER}\n{ids[0]},1000 20\n{ids[1]},-\n")
+    assert check_submission(fits, data_root=root, split="test")["positive_pixels"] == 20

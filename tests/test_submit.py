@@ -207,9 +207,9 @@ def predict_csv(layout: Layout, root, out, devices=("cpu",), options=None) -> by
     """The CSV of the test split predicted with one worker per named device."""
     from ensemble_kit.inference.ensemble import PredictOptions, predict_submission
 
-    blend = json.loads(layout.blend_json.read_text())
-    workers = [(load_ensemble(layout, blend, torch.device(d)), torch.device(d)) for d in devices]
-    predict_submission(workers[0][0], blend, root, "test", out, 3,
+    rule = BlendRule.load(layout.blend_json)
+    workers = [(load_ensemble(layout, rule, torch.device(d)), torch.device(d)) for d in devices]
+    predict_submission(workers[0][0], rule, root, "test", out, 3,
                        options=options or PredictOptions(), workers=workers)  # fmt: skip
     return out.read_bytes()
 
@@ -306,3 +306,40 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_old_bundle(blended, mon
     assert result.output.strip() == "ek: error: /full/disk/manifest.json: no space left on device"
     assert {p.name: p.read_bytes() for p in layout.export_dir.iterdir()} == before
     assert debris(workdir) == []
+
+
+def test_submit_killed_between_csv_and_json_never_pairs_new_csv_with_old_json(
+    blended, tmp_path, monkeypatch
+):
+    import ensemble_kit.files as files
+    from ensemble_kit.files import digest_file
+
+    workdir, root = blended
+    out = tmp_path / "submission.csv"
+    ek("submit", "--workdir", workdir, "--data", root, "--out", out)
+    real_replace = files.os.replace
+
+    def killed_at_the_json(src, dst):
+        if str(dst).endswith(".json"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", killed_at_the_json)
+    ek(
+        "submit",
+        "--workdir",
+        workdir,
+        "--data",
+        root,
+        "--out",
+        out,
+        "--batch-size",
+        "3",
+        check=False,
+    )
+    monkeypatch.undo()
+    assert not out.with_suffix(".json").exists()  # no provenance rather than the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]  # no temp files
+    ek("submit", "--workdir", workdir, "--data", root, "--out", out)
+    provenance = json.loads(out.with_suffix(".json").read_text())
+    assert provenance["csv_digest"] == digest_file(out)

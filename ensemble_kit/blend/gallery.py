@@ -253,7 +253,12 @@ def panel_columns(panel: Panel) -> list[tuple[str, str, np.ndarray | None, dict]
     unit = {"vmin": 0, "vmax": 1}
     return columns + [
         ("label", "label", panel.label, {"cmap": "gray", **unit}),
-        ("probability", "blend probability", panel.probability, {"cmap": "magma", **unit}),
+        (
+            "probability",
+            "blend probability (cyan: predicted)",
+            panel.probability,
+            {"cmap": "magma", **unit},
+        ),
         ("outcome", OUTCOME_LEGEND, outcome_image(panel.predicted, panel.label), {}),
     ]
 
@@ -273,7 +278,10 @@ def draw_panel(panel: Panel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     grid = fig.add_gridspec(len(heights), N_FRAMES, height_ratios=heights)
     drawn = {}
     for i, (key, title, array, style) in enumerate(panel_columns(panel)):
-        _imshow(fig.add_subplot(grid[0, 2 * i : 2 * i + 2]), title, array, style)
+        ax = fig.add_subplot(grid[0, 2 * i : 2 * i + 2])
+        image = _imshow(ax, title, array, style)
+        if key == "probability" and image is not None:
+            _mark_probability(fig, ax, image, panel.predicted)
         if array is not None:
             drawn[key] = array
     if panel.frames is not None:
@@ -288,13 +296,22 @@ def draw_panel(panel: Panel) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return pixels, drawn
 
 
-def _imshow(ax, title: str, array: np.ndarray | None, style: dict) -> None:
+def _imshow(ax, title: str, array: np.ndarray | None, style: dict):
     ax.set_axis_off()
     ax.set_title(title, fontsize=8)
     if array is None:
         ax.text(0.5, 0.5, "band files not found", ha="center", va="center", fontsize=8)
-        return
-    ax.imshow(array, interpolation="nearest", **style)
+        return None
+    return ax.imshow(array, interpolation="nearest", **style)
+
+
+def _mark_probability(fig, ax, image, predicted: np.ndarray | None) -> None:
+    """A colour bar beside the probability, and the predicted mask's outline on it (the
+    blend's threshold and postprocessing applied)."""
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
+    bar.ax.tick_params(labelsize=6)
+    if predicted is not None and predicted.any() and not predicted.all():
+        ax.contour(predicted.astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.8)
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:

@@ -59,14 +59,28 @@ def plot_threshold_curves(curves: dict, chosen: float, path: Path) -> Path:
 
 
 def plot_selection_path(path_steps: list[dict], path: Path) -> Path:
-    """Greedy selection: best-threshold dice after each step, labelled by the added config."""
+    """Greedy selection: best-threshold dice after each step, the added config as the x tick
+    label, and the chosen step (the best; the earliest of equals) marked."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * len(path_steps) + 3), 4.5))
     steps = [s["step"] for s in path_steps]
-    ax.plot(steps, [s["dice"] for s in path_steps], marker="o")
-    for s in path_steps:
-        ax.annotate(s["config"], (s["step"], s["dice"]), fontsize=6, rotation=60)
-    ax.set(xlabel="greedy step", ylabel="global dice (OOF)", title="Selection path")
+    dice = [s["dice"] for s in path_steps]
+    ax.plot(steps, dice, marker="o")
+    if steps:
+        best = int(np.argmax(dice))
+        ax.plot(steps[best], dice[best], marker="*", markersize=16, color="tab:red", zorder=3)
+        ax.annotate(
+            f"chosen: step {steps[best]}, dice {dice[best]:.4f}",
+            (steps[best], dice[best]),
+            xytext=(0, -22),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            color="tab:red",
+        )
+        ax.set_xticks(steps, [f"{s['step']} {s['config']}" for s in path_steps])
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.set(xlabel="greedy step: config added", ylabel="global dice (OOF)", title="Selection path")
     return _save(fig, path)
 
 

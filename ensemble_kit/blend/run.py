@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,8 @@ import pandas as pd
 from ..data.cache import LabelReader
 from ..data.sources import changed_sources
 from ..errors import EkError
-from ..files import digest_json
+from ..files import atomic_path, digest_json, exclusive_lock, staged_folder
+from ..layout import Layout
 from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
 from . import report
@@ -60,6 +61,15 @@ def run_blend(
     """
     if steps < 1:
         raise EkError(f"--steps {steps}: the greedy selection needs at least 1 round")
+    with exclusive_lock(layout.blend_lock, "ek blend"):
+        return _run_blend_locked(
+            layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from
+        )
+
+
+def _run_blend_locked(
+    layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from
+) -> BlendFile:
     pool = _read_pool(layout, configs)
     _check_threshold_source(layout, pool[0], threshold_from)
     costs = _read_costs(layout, pool, required=max_seconds_per_record is not None)
@@ -89,11 +99,60 @@ def run_blend(
     cost = _cost_fields(pool, costs, rule, max_seconds_per_record)
     rule = _holdout_scores(layout, data_root, rule, scores, result, pool, splits, threshold_from)
     blend = BlendFile(rule, scores, cost, _digests(layout, pool))
-    blend.save(layout.blend_json)
-    report.write_blend_report(layout.blend_report_dir, blend, result.curves)
-    write_gallery(layout, data_root, rule, pool, labels)
+    write_blend_outputs(
+        layout, blend, lambda staged: _write_report(staged, data_root, blend, result, pool, labels)
+    )
     log.info("blend: wrote %s (nested dice %.4f)", layout.blend_json, scores["nested"]["pooled"])
     return blend
+
+
+@dataclass(frozen=True)
+class StagedBlendLayout(Layout):
+    """The workdir's layout with the blend's report folder and ``blend.json`` at staged
+    paths, so the report and gallery are written where :func:`write_blend_outputs` says."""
+
+    report_dir: Path = Path()
+    blend_file: Path = Path()
+
+    @property
+    def blend_report_dir(self) -> Path:
+        return self.report_dir
+
+    @property
+    def blend_json(self) -> Path:
+        return self.blend_file
+
+
+def write_blend_outputs(layout: Layout, blend: BlendFile, write_report) -> None:
+    """Write ``blend.json`` and the report folder so a kill never pairs one with the other's
+    predecessor: ``write_report(staged_layout)`` fills a staged ``blend/`` (report, plots,
+    gallery; ``blend.json`` at a temporary name), the folder is swapped in, and ``blend.json``
+    is renamed into place last, so ``ek submit`` never uses a blend whose report is missing.
+    """
+    with atomic_path(layout.blend_json) as blend_tmp:
+        blend.save(blend_tmp)
+        with staged_folder(layout.blend_report_dir) as report_dir:
+            write_report(StagedBlendLayout(layout.workdir, report_dir, blend_tmp))
+
+
+def _write_report(staged: Layout, data_root, blend: BlendFile, result, pool, labels) -> None:
+    report.write_blend_report(staged.blend_report_dir, blend, result.curves)
+    write_gallery(staged, data_root, blend.rule, pool, labels)
+
+
+def skipped_configs(layout: Layout) -> list[str]:
+    """One line per config folder ``ek blend`` skips (no ``summary.json``), saying why."""
+    lines = []
+    for name in layout.config_names():
+        if layout.summary(name).is_file():
+            continue
+        folds = sorted(layout.config_dir(name).glob("fold_*"))
+        done = sum((fold / "DONE").is_file() for fold in folds)
+        lines.append(
+            f"skipped {name}: no summary.json ({done} of {len(folds) or '?'} folds done); "
+            "finish it with ek cv"
+        )
+    return lines
 
 
 def rule_of(result: SearchResult) -> BlendRule:
@@ -276,6 +335,8 @@ def _digests(layout, pool) -> dict:
 
 def _read_pool(layout, configs: list[str] | None) -> list:
     if configs is None:
+        for line in skipped_configs(layout):
+            log.warning("blend: %s", line)
         workdir = layout.workdir
         names = (
             sorted(p.name for p in workdir.iterdir() if layout.summary(p.name).is_file())

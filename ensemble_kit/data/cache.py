@@ -22,13 +22,16 @@ processes building one entry at once both finish and one of the two copies stays
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,7 @@ from tqdm import tqdm
 
 from ..config import InputSpec
 from ..errors import EkError
-from ..files import digest_json, write_json
+from ..files import digest_json, read_json, user_errors, write_json
 from ..layout import Layout, cache_array, cache_files, record_dir, split_dir
 from ..oof import from_codes, to_codes
 from .records import (
@@ -165,6 +168,7 @@ class LabelReader:
         for split in pd.unique(self.splits):
             entry = ensure_labels(layout, data_root, str(split))
             members = self.splits == split
+            _refuse_unlabelled(data_root, str(split), records["record_id"][members], entry)
             self.arrays[split] = entry.arrays[key]
             self.rows[members] = entry.index_of(records["record_id"][members].tolist())
 
@@ -180,6 +184,18 @@ class LabelReader:
         return result
 
 
+def _refuse_unlabelled(data_root: Path, split: str, ids, entry: CacheEntry) -> None:
+    """A record without a mask is named as such (the label cache holds labelled records)."""
+    known = set(entry.ids)
+    missing = [rid for rid in ids if rid not in known]
+    if missing:
+        folder = record_dir(data_root, split, missing[0])
+        raise EkError(
+            f"{folder}: no {MASK_FILE} ({len(missing)} such record(s)); a record needs its "
+            "mask to be trained on or scored"
+        )
+
+
 def load_labels(
     layout: Layout, data_root: Path, records: pd.DataFrame, soft: bool = False
 ) -> np.ndarray:
@@ -192,7 +208,7 @@ def load_labels(
 
 def open_entry(path: Path) -> CacheEntry:
     files = cache_files(path)
-    meta = json.loads(files["meta"].read_text())
+    meta = read_json(files["meta"])
     ids = pd.read_csv(files["ids"], dtype={"record_id": str})["record_id"].tolist()
     arrays = {name: np.load(cache_array(path, name), mmap_mode="r") for name in meta["arrays"]}
     return CacheEntry(path=path, ids=ids, arrays=arrays, sources=meta.get("sources"))
@@ -200,7 +216,7 @@ def open_entry(path: Path) -> CacheEntry:
 
 def _meta(path: Path) -> dict:
     try:
-        return json.loads(cache_files(path)["meta"].read_text())
+        return read_json(cache_files(path)["meta"])
     except (OSError, ValueError):
         return {}
 
@@ -217,7 +233,7 @@ def band_stats(layout: Layout, data_root: Path, spec: InputSpec) -> dict:
     key = digest_json([str(Path(data_root).resolve()), list(spec.bands), sample, fingerprint])
     path = layout.band_stats_json(key)
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path)
     folders = [record_dir(data_root, "train", rid) for rid in sample]
     stats = band_statistics(folders, spec.bands, tuple(range(N_FRAMES)))
     write_json(path, stats)
@@ -268,36 +284,79 @@ def _build(
     label: str,
 ) -> None:
     started = time.perf_counter()
+    remove_dead_builds(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     folders = [record_dir(sources.root, sources.split, rid) for rid in sources.ids]
     try:
-        for name, (shape, dtype) in specs.items():
-            np.lib.format.open_memmap(
-                cache_array(tmp, name), mode="w+", dtype=dtype, shape=shape
-            ).flush()
+        allocate_arrays(tmp, specs)
         tasks = [
             (tmp, list(specs), filler, start, folders[start : start + CHUNK])
             for start in range(0, len(folders), CHUNK)
         ]
         _run_tasks(tasks, workers, label, total=len(folders))
-        files = cache_files(tmp)
-        pd.DataFrame({"record_id": sources.ids}).to_csv(files["ids"], index=False)
-        np.save(files["sources"], sources.table)
-        meta = {
-            "arrays": list(specs),
-            "ids": digest_json(sources.ids),
-            "key": key,
-            "sources": sources.record(),
-        }
-        files["meta"].write_text(json.dumps(meta))
-        _install(tmp, path, key)
+        with user_errors(path.parent):
+            _write_index(tmp, sources, specs, key)
+            _install(tmp, path, key)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "%s: %d records in %.1f s -> %s", label, len(folders), time.perf_counter() - started, path
     )
+
+
+def _write_index(tmp: Path, sources: Sources, specs: Mapping, key: str) -> None:
+    """A build's ``ids.csv``, ``sources.npy`` and ``meta.json`` (written last: its key)."""
+    files = cache_files(tmp)
+    pd.DataFrame({"record_id": sources.ids}).to_csv(files["ids"], index=False)
+    np.save(files["sources"], sources.table)
+    meta = {"arrays": list(specs), "ids": digest_json(sources.ids), "key": key}
+    files["meta"].write_text(json.dumps({**meta, "sources": sources.record()}))
+
+
+def allocate_arrays(folder: Path, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """Create the ``.npy`` files of a build with their disk space reserved up front.
+
+    A memmap written on a full disk kills the process with SIGBUS (a worker then never
+    reports back); reserving the blocks first turns a full disk into one line, before any
+    record is read.
+
+    Raises:
+        EkError: ``<folder>: no space left on device (needed ~N MB)``.
+    """
+    needed = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in specs.values())
+    with user_errors(folder.parent, needed_bytes=needed):
+        folder.mkdir(parents=True)
+        if shutil.disk_usage(folder).free < needed:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        for name, (shape, dtype) in specs.items():
+            file = cache_array(folder, name)
+            np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape).flush()
+            with open(file, "r+b") as handle:
+                try:
+                    os.posix_fallocate(handle.fileno(), 0, file.stat().st_size)
+                except OSError as err:
+                    if err.errno != errno.EOPNOTSUPP:  # a file system without fallocate
+                        raise
+
+
+def remove_dead_builds(path: Path) -> None:
+    """Remove the temporary build folders of ``path`` left by processes that died."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            log.info("%s: removing the build of a process that ended", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _install(tmp: Path, path: Path, key: str) -> None:
@@ -325,12 +384,35 @@ def _run_tasks(tasks: list[tuple], workers: int | None, label: str, total: int) 
     bar = tqdm(
         total=total, desc=label, unit="rec", leave=False, disable=True if total < 64 else None
     )
-    if workers <= 1:
-        for task in tasks:
-            bar.update(_run_chunk(task))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(workers) as pool:
-            for done in pool.imap_unordered(_run_chunk, tasks):
-                bar.update(done)
+    for done in run_in_workers(_run_chunk, tasks, workers, label):
+        bar.update(done)
     bar.close()
+
+
+def run_in_workers(function: Callable, tasks: list, workers: int, label: str) -> Iterator:
+    """Yield ``function(task)`` for every task, in ``workers`` spawned processes (here if 1).
+
+    A worker that dies (killed, out of memory, SIGBUS) ends the whole run with one line
+    instead of a pool waiting forever for its task; an :class:`EkError` raised in a worker
+    comes back as itself.
+
+    Raises:
+        EkError: ``<label>: a worker process died (...)``.
+    """
+    if workers <= 1:
+        yield from map(function, tasks)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(function, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BrokenProcessPool:
+            raise EkError(
+                f"{label}: a worker process died (killed, out of memory, or a full disk); "
+                "rerun with --workers 1 to see its error"
+            ) from None
+        finally:
+            for future in futures:
+                future.cancel()

@@ -7,6 +7,7 @@ No per-record ``.npy`` file is opened in the training loop.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,12 @@ def batch_order(
     return [order[i : i + batch_size] for i in range(0, stop, batch_size)]
 
 
+def worker_count(requested: int) -> int:
+    """``train.num_workers`` capped at the CPUs this process may use (more only adds
+    processes that wait, and torch warns about each)."""
+    return max(0, min(requested, len(os.sched_getaffinity(0))))
+
+
 def batches(
     arrays: ArraySet,
     batch_size: int,
@@ -89,7 +96,7 @@ def batches(
         _Batches(arrays, order),
         batch_size=None,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=worker_count(num_workers),
         pin_memory=pin_memory,
         persistent_workers=False,
     )

@@ -43,6 +43,20 @@ def list_records(data_root: Path | str, split: str) -> list[str]:
     return ids
 
 
+def record_shape(data_root: Path | str, split: str) -> tuple[int, int] | None:
+    """``(H, W)`` of a split's images, read from its first record's header; None if empty."""
+    ids = list_records(data_root, split)
+    for name in (band_file(11), MASK_FILE) if ids else ():
+        path = Path(data_root) / split / ids[0] / name
+        if path.is_file():
+            try:
+                shape = np.load(path, mmap_mode="r").shape
+            except (ValueError, OSError, EOFError) as err:
+                raise EkError(f"{path}: unreadable or truncated .npy ({err})") from None
+            return int(shape[0]), int(shape[1])
+    return None
+
+
 def _load_npy(path: Path, expected_ndim: int, dtype_kind: str) -> np.ndarray:
     if not path.is_file():
         raise EkError(f"{path}: missing")

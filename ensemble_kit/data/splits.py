@@ -10,7 +10,6 @@ lands in exactly one fold. The official ``validation`` split is kept out as a ho
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import EkError
-from ..files import digest_file, digest_json, write_json
+from ..files import digest_file, digest_json, read_json, write_json
 from ..layout import Layout, split_dir
 from ..oof import read_ids, write_ids
 from .cache import LabelReader
@@ -71,9 +70,25 @@ def data_digest(data_root: Path, splits: tuple[str, ...]) -> str:
 
 
 def make_splits(
-    layout: Layout, data_root: Path, n_folds: int, seed: int = 0, pool_validation: bool = False
+    layout: Layout,
+    data_root: Path,
+    n_folds: int,
+    seed: int = 0,
+    pool_validation: bool = False,
+    force: bool = True,
 ) -> pd.DataFrame:
-    """Build the splits table (``record_id,split,fold``) and write it with its metadata."""
+    """Build the splits table (``record_id,split,fold``) and write it with its metadata.
+
+    With ``force=False`` an existing ``splits.csv`` is an :class:`EkError` (``ek folds``
+    without ``--force``): every config's OOF depends on it.
+    """
+    if layout.splits_csv.is_file() and not force:
+        raise EkError(
+            f"{layout.splits_csv} exists; every config's OOF depends on it "
+            "(use --force to replace it)"
+        )
+    if n_folds < 1:
+        raise EkError(f"--folds {n_folds}: must be at least 1")
     data_root = Path(data_root)
     pool = ("train", "validation") if pool_validation else ("train",)
     records = pd.DataFrame(
@@ -123,7 +138,7 @@ def read_splits(layout: Layout) -> pd.DataFrame:
 
 def read_meta(layout: Layout) -> dict:
     try:
-        return json.loads(layout.splits_meta.read_text())
+        return read_json(layout.splits_meta)
     except FileNotFoundError:
         raise EkError(f"{layout.splits_meta}: missing; run `ek folds` or `ek cv`") from None
 

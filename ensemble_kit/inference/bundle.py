@@ -278,6 +278,14 @@ def projected_seconds(
     return load_seconds + records / max(records_per_second, 1e-9)
 
 
+def manifest_lines(manifest: dict) -> list[str]:
+    """One line per config of an export manifest: folds and the parity check's largest diff."""
+    return [
+        f"{name}: {manifest['n_folds']} folds, max |prob diff| {entry['max_abs_diff']:.2e}"
+        for name, entry in manifest["configs"].items()
+    ]
+
+
 def throughput_line(result: dict) -> str:
     """``N records/s on DEVICE; 2,000 records: ~T min`` for a :func:`predict_bundle` result."""
     return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,5 +23,12 @@ def load_fold_model(config: Config, fold_dir: Path, device: torch.device) -> tor
     if not path.is_file():
         raise EkError(f"{path}: missing; run `ek cv` to train this fold")
     model = build_model(config, pretrained=False)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as err:
+        raise EkError(
+            f"{path}: truncated or unreadable checkpoint ({str(err).splitlines()[0][:80]}); "
+            f"delete {fold_dir} and rerun ek cv to retrain this fold"
+        ) from None
+    model.load_state_dict(state)
     return model.to(device).eval()

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..data.records import list_records
+from ..data.records import list_records, record_shape
 from ..errors import EkError
 from ..files import atomic_path
 from .rle import EMPTY, parse_runs
+
+DEFAULT_SHAPE = (256, 256)
 
 HEADER = "record_id,encoded_pixels"
 COLUMNS = HEADER.split(",")
@@ -148,7 +150,7 @@ def check_submission(
     path: Path | str,
     data_root: Path | str | None = None,
     split: str = "test",
-    shape: Sequence[int] = (256, 256),
+    shape: Sequence[int] | None = None,
 ) -> dict:
     """Validate a submission CSV before uploading it.
 
@@ -162,7 +164,8 @@ def check_submission(
         path: The submission CSV.
         data_root: Kaggle data folder to compare record ids with, or None to skip that.
         split: Split folder under ``data_root`` the submission is for.
-        shape: ``(H, W)`` of every mask.
+        shape: ``(H, W)`` of every mask (default: that of ``data_root``'s records, else
+            256 x 256, the competition's).
 
     Returns:
         ``{"path", "rows", "empty_rows", "positive_pixels"}``.
@@ -178,6 +181,8 @@ def check_submission(
         ids = {record_id for _, record_id, _ in rows}
         for expected, source in _expected_id_sets(Path(data_root), split):
             _compare_ids(path, ids, expected, source)
+    if shape is None:
+        shape = (data_root and record_shape(Path(data_root), split)) or DEFAULT_SHAPE
     empty_rows, positive_pixels = _check_rles(path, rows, shape)
     return {
         "path": str(path),

@@ -11,6 +11,7 @@ holdout codes and the blend chosen by ``ek blend`` applies unchanged.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ..data.cache import band_stats
 from ..data.records import has_labels, load_mask
 from ..data.splits import read_meta
 from ..errors import EkError
-from ..files import digest_file, write_json
+from ..files import atomic_group, digest_file
 from ..layout import DEFAULT_SUBMISSION, Layout, bundle_files, record_dir
 from ..metrics import dice_from_counts
 from ..runtime import resolve_devices
@@ -83,8 +84,11 @@ def load_exported_ensemble(layout: Layout, device: torch.device) -> Ensemble:
 
 
 def run_submit(request: SubmitRequest) -> dict:
-    """Predict a split, validate the CSV, write it atomically; returns the provenance."""
-    layout = request.layout
+    """Predict a split, validate the CSV, write it and its JSON as one unit; returns the
+    provenance (which holds the CSV's digest)."""
+    layout, out = request.layout, Path(request.out)
+    if out.is_dir():
+        raise EkError(f"--out {out}: is a folder; give a file name")
     rule = verify_blend(layout)
     data_root = Path(request.data_root or read_meta(layout)["data_root"])
     devices = resolve_devices(request.device)
@@ -97,22 +101,19 @@ def run_submit(request: SubmitRequest) -> dict:
         log.info("predicting on %s, one worker each", ", ".join(map(str, devices)))
     progress = functools.partial(tqdm, desc=f"predict {request.split}", unit="batch", leave=False)
     ensemble = workers[0][0]
-    result = predict_submission(
-        ensemble,
-        rule,
-        data_root,
-        request.split,
-        Path(request.out),
-        request.batch_size,
-        progress=progress,
-        options=PredictOptions(precision=request.precision),
-        workers=workers,
-    )
-    ids = result["ids"]
-    provenance = _provenance(layout, rule, ensemble, request, result, started)
-    if request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
-        provenance["dice"] = _dice_against_masks(request.out, data_root, request.split, ids)
-    write_json(Path(request.out).with_suffix(".json"), provenance)
+    options = PredictOptions(precision=request.precision)
+    with atomic_group(out, out.with_suffix(".json")) as (csv_tmp, json_tmp):
+        result = predict_submission(
+            ensemble, rule, data_root, request.split, csv_tmp, request.batch_size,
+            progress=progress, options=options, workers=workers,
+        )  # fmt: skip
+        result["check"]["path"] = str(out)
+        provenance = _provenance(layout, rule, ensemble, request, result, started)
+        provenance["csv_digest"] = digest_file(csv_tmp)
+        ids = result["ids"]
+        if request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
+            provenance["dice"] = _dice_against_masks(csv_tmp, data_root, request.split, ids)
+        json_tmp.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return provenance
 
 

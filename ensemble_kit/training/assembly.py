@@ -7,7 +7,6 @@ every file is written atomically, so two processes assembling at once leave whol
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pandas as pd
 from ..config import Config, config_digest, tta_list
 from ..data.cache import LabelReader
 from ..data.splits import HOLDOUT_FOLD
-from ..files import digest_file, write_json
+from ..files import digest_file, read_json, write_json
 from ..layout import Layout, fold_files
 from ..metrics import best_from_counts, dice_from_counts, threshold_sweep
 from ..oof import ArrayWriter, missing_folds, to_codes, write_ids
@@ -133,11 +132,7 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
                 "fold": fold,
                 "dice": dice,
                 "threshold": threshold / 255,
-                **{
-                    k: v
-                    for k, v in json.loads(done.read_text()).items()
-                    if k not in ("fold", "sources")
-                },
+                **{k: v for k, v in read_json(done).items() if k not in ("fold", "sources")},
             }
         )
     oof_dice, oof_threshold = _dice_of(pool_labels, oof)
@@ -169,7 +164,7 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
         config.name,
         oof_dice,
         oof_threshold / 255,
-        summary["holdout_dice_at_oof_threshold"],
+        "-" if len(holdout) == 0 else f"{summary['holdout_dice_at_oof_threshold']:.4f}",
     )
     return summary
 

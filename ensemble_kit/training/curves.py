@@ -21,17 +21,13 @@ def plot_training_curves(metrics: dict, path: Path) -> Path:
     plt = pyplot()
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for fold, frame in sorted(metrics.items()):
-        line = loss_ax.plot(frame["epoch"], frame["train_loss"], label=f"fold {fold} train")[0]
+        epochs = frame["epoch"]
+        line = loss_ax.plot(epochs, frame["train_loss"], marker="o", label=f"fold {fold} train")[0]
+        color = line.get_color()
         loss_ax.plot(
-            frame["epoch"],
-            frame["val_loss"],
-            linestyle="--",
-            color=line.get_color(),
-            label=f"fold {fold} val",
+            epochs, frame["val_loss"], "--", marker="s", color=color, label=f"fold {fold} val"
         )
-        dice_ax.plot(
-            frame["epoch"], frame["val_dice"], color=line.get_color(), label=f"fold {fold}"
-        )
+        dice_ax.plot(epochs, frame["val_dice"], marker="o", color=color, label=f"fold {fold}")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     dice_ax.set(xlabel="epoch", ylabel="validation dice", title="Dice")
     for ax in (loss_ax, dice_ax):

@@ -24,23 +24,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config, config_digest, dump_config, load_config, seed_members
+from ..config import Config, load_config, seed_members
 from ..data.cache import ensure_inputs, ensure_labels
 from ..data.loader import ArraySet, batches, to_float
 from ..data.splits import HOLDOUT_FOLD, ensure_splits
 from ..errors import EkError
-from ..files import atomic_path, write_text
+from ..files import atomic_path
 from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files
-from ..models import check_pretrained_weights
+from ..models import architecture_name, check_pretrained_weights
 from ..oof import ArrayWriter, to_codes
 from ..runtime import resolve_device
 from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
-from .provenance import fold_sources, refuse_changed_data
+from .provenance import claim_config_dir, fold_sources, refuse_changed_data
 from .pseudo import pseudo_set, read_pseudo
+from .status import reported_dice
 from .trainer import train_fold, write_done
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,13 @@ def run_cv(
             when some folds of a parallel run failed.
     """
     options = _backend_options(request)
-    configs = [
-        member
+    sourced = [
+        (path, member)
         for path in request.config_paths
         for member in seed_members(_with_epochs(load_config(path), request.epochs))
     ]
+    configs = [member for _, member in sourced]
+    source_of = {member.name: path for path, member in sourced}
     _check_unique_names(configs, request.config_paths)
     splits, meta = ensure_splits(request.layout, request.data_root, request.n_folds, request.seed)
     data_root = Path(request.data_root or meta["data_root"])
@@ -112,7 +115,7 @@ def run_cv(
         for f in folds
     ]
     for config in configs:
-        _claim_config_dir(request.layout, config)
+        claim_config_dir(request.layout, config)
         if config.label.pseudo:
             read_pseudo(request.layout, config.label.pseudo)  # fail before any fold trains
     refuse_changed_data(request.layout, data_root, configs, meta["n_folds"])
@@ -121,9 +124,8 @@ def run_cv(
         for j in jobs
         if not fold_files(request.layout.fold_dir(j.config.name, j.fold))["done"].is_file()
     ]
-    for config, path in zip(configs, request.config_paths):
-        if any(j.config is config for j in pending):  # offline without weights: fail first
-            check_pretrained_weights(config, str(path))
+    for config in {j.config.name: j.config for j in pending}.values():
+        check_model(config, str(source_of[config.name]))  # offline, bad arch: fail first
     if options.jobs > 1 or request.backend != "local":
         # caches first, here: folds running side by side must not all build the same one
         for config in {j.config.input: j.config for j in pending}.values():
@@ -137,6 +139,16 @@ def run_cv(
     if failed is not None:
         raise failed
     return summaries
+
+
+def check_model(config: Config, source: str) -> None:
+    """Fail before any fold trains, naming ``source``, for an unknown architecture or
+    pretrained weights that cannot be had offline."""
+    try:
+        architecture_name(config.model.arch)
+    except EkError as err:
+        raise EkError(f"{source}: {err}") from None
+    check_pretrained_weights(config, source)
 
 
 def _backend_options(request: CvRequest) -> BackendOptions:
@@ -167,7 +179,7 @@ def _reporter(on_fold_done: Callable[[str], None] | None) -> Callable[[FoldResul
             line = f"{result.job}: skipped, running elsewhere"
         else:
             line = (
-                f"{result.job}: dice {result.summary['best_dice']:.4f}, "
+                f"{result.job}: dice {reported_dice(result.summary):.4f}, "
                 f"{result.seconds / 60:.1f} min, node {result.node}"
             )
         (on_fold_done or log.info)(line)
@@ -189,20 +201,6 @@ def _check_unique_names(configs: list[Config], paths) -> None:
                 f"two configs are named '{name}' ({', '.join(map(str, paths))}); "
                 "give each a unique name"
             )
-
-
-def _claim_config_dir(layout: Layout, config: Config) -> None:
-    """Write the resolved config once; refuse a changed config over existing fold models."""
-    path = layout.config_yaml(config.name)
-    if path.is_file():
-        saved = load_config(path)
-        if config_digest(saved) != config_digest(config):
-            raise EkError(
-                f"{path}: config '{config.name}' changed since its folds were trained; "
-                f"rename it, or delete {path.parent} to retrain"
-            )
-        return
-    write_text(path, dump_config(config))
 
 
 def open_caches(layout: Layout, data_root: Path, config: Config, splits: pd.DataFrame) -> dict:
@@ -292,7 +290,7 @@ def run_fold(job: FoldJob) -> dict | None:
             job.config.name,
             job.fold,
             summary["best_epoch"],
-            summary["best_dice"],
+            reported_dice(summary),
             summary["seconds_total"],
         )
     return summary

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
-from ..data.loader import ArraySet, batch_order, batches
+from ..data.loader import ArraySet, batch_order, batches, worker_count
 
 
 def pseudo_count(config: Config, pseudo: ArraySet | None) -> int:
@@ -68,7 +68,7 @@ def mixed_batches(
         _MixedBatches(train, pseudo, labelled, pseudo_rows),
         batch_size=None,
         shuffle=False,
-        num_workers=workers,
+        num_workers=worker_count(workers),
         persistent_workers=False,
     )
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Config
+from ..config import Config, config_digest, dump_config, load_config, resolved_dict
 from ..data.cache import CacheEntry, ensure_labels
 from ..data.sources import changed_sources
 from ..data.splits import HOLDOUT_FOLD
 from ..errors import EkError
+from ..files import read_json, write_text
 from ..layout import Layout, fold_files
 
 
@@ -28,7 +29,7 @@ def refuse_changed_data(layout: Layout, data_root: Path, configs: list[Config], 
     for config in configs:
         for fold in range(n_folds):
             done = fold_files(layout.fold_dir(config.name, fold))["done"]
-            recorded = json.loads(done.read_text()).get("sources") if done.is_file() else None
+            recorded = read_json(done).get("sources") if done.is_file() else None
             changed = changed_sources(data_root, recorded or {}, memo)
             if changed:
                 raise EkError(
@@ -62,3 +63,51 @@ def summary_sources(layout: Layout, data_root: Path, name: str, n_folds: int, ho
     for split in pd.unique(holdout["split"]):
         sources[f"{split}/labels"] = ensure_labels(layout, data_root, split).sources
     return sources
+
+
+def claim_config_dir(layout: Layout, config: Config) -> None:
+    """Write the resolved config; refuse a changed config over folds that trained.
+
+    A config folder none of whose folds has trained (a start that failed before the first
+    epoch: offline weights, a bad arch) is taken over by the new config, so fixing the
+    config as the error said is enough to rerun.
+
+    Raises:
+        EkError: The saved config differs and some fold trained; lists the keys that differ.
+    """
+    path = layout.config_dir(config.name) / "config.yaml"
+    if path.is_file():
+        saved = load_config(path)
+        if config_digest(saved) == config_digest(config):
+            return
+        if any_fold_trained(layout, config.name):
+            keys = changed_keys(resolved_dict(saved), resolved_dict(config))
+            raise EkError(
+                f"{path}: config '{config.name}' changed since its folds were trained "
+                f"({', '.join(keys)}; --epochs sets train.epochs); rename it (a copied config "
+                f"needs its own name:), or delete {path.parent} to retrain"
+            )
+    write_text(path, dump_config(config))
+
+
+def any_fold_trained(layout: Layout, name: str) -> bool:
+    """Whether any fold of config ``name`` saved a checkpoint or finished."""
+    folds = layout.config_dir(name).glob("fold_*")
+    return any(
+        fold_files(fold)[kind].is_file() for fold in folds for kind in ("done", "last", "best")
+    )
+
+
+def changed_keys(saved: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (``name`` excluded)."""
+    keys = []
+    for key in sorted(set(saved) | set(wanted)):
+        dotted = f"{prefix}{key}"
+        old, new = saved.get(key), wanted.get(key)
+        if dotted == "name" or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys.extend(changed_keys(old, new, f"{dotted}."))
+        else:
+            keys.append(f"{dotted} {old!r} -> {new!r}")
+    return keys

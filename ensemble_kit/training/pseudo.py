@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -47,17 +46,17 @@ from ..data.loader import ArraySet, to_float
 from ..data.records import LABELLED_FRAME, N_FRAMES
 from ..data.splits import HOLDOUT_FOLD, ensure_splits
 from ..errors import EkError
-from ..files import digest_file, write_json
+from ..files import digest_file, read_json, write_json
 from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files, pseudo_files
+from ..names import check_name as check_folder_name
 from ..oof import read_ids, to_codes, write_ids
 from ..runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FRAMES = (0, 1, 2, 3, 5, 6, 7)
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True)
@@ -83,10 +82,21 @@ def window_spec(spec: InputSpec, target: int) -> tuple[InputSpec, bool]:
 
 
 def check_name(name: str) -> str:
-    """A pseudo-label set's name: a plain folder name."""
-    if not NAME_PATTERN.match(name or ""):
-        raise EkError(f"--out {name!r}: use letters, digits, '.', '_' or '-' (a folder name)")
-    return name
+    """A pseudo-label set's name: a plain folder name (:func:`ensemble_kit.names.check_name`)."""
+    return check_folder_name(name, "--out", reserved=())
+
+
+def pseudo_lines(layout: Layout, name: str, manifest: dict) -> list[str]:
+    """What ``ek pseudo`` prints: each clamped window, then what it wrote."""
+    lines = [
+        f"{entry['config']}: frame {entry['frame']} clamped to {entry['window']}"
+        for entry in manifest["clamped"]
+    ]
+    lines.append(
+        f"wrote {layout.pseudo_dir(name)}: frames {manifest['frames']} of "
+        f"{len(manifest['models'])} fold models (blend {manifest['blend_digest']})"
+    )
+    return lines
 
 
 def check_frames(frames: tuple[int, ...]) -> tuple[int, ...]:
@@ -283,9 +293,14 @@ def read_pseudo(layout: Layout, name: str) -> tuple[dict, pd.DataFrame, np.ndarr
     files = pseudo_files(layout.pseudo_dir(check_name(name)))
     if not files["manifest"].is_file():
         raise EkError(f"{layout.pseudo_dir(name)}: no pseudo-labels; run `ek pseudo --out {name}`")
-    manifest = json.loads(files["manifest"].read_text())
+    manifest = read_json(files["manifest"])
     ids = read_ids(files["ids"])
-    labels = np.load(files["labels"], mmap_mode="r")
+    try:
+        labels = np.load(files["labels"], mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise EkError(
+            f"{files['labels']}: truncated or unreadable ({err}); rerun ek pseudo --out {name}"
+        ) from None
     if labels.shape[:2] != (len(ids), len(manifest["frames"])):
         raise EkError(f"{files['labels']}: shape {labels.shape} disagrees with ids.csv/manifest")
     return manifest, ids, labels

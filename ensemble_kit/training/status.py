@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 
+from ..files import read_json
 from ..layout import Layout, fold_files
 from .lock import is_live, read_lock
 
@@ -17,7 +17,7 @@ def fold_state(fold_dir: Path) -> dict:
     """
     files = fold_files(fold_dir)
     if files["done"].is_file():
-        return {"state": "done", **json.loads(files["done"].read_text())}
+        return {"state": "done", **read_json(files["done"])}
     held = read_lock(files["running"])
     if held is not None and is_live(held):
         return {"state": "running", "host": held.host, "pid": held.pid}
@@ -44,7 +44,7 @@ def status_rows(layout: Layout) -> list[dict]:
     rows = []
     for name in layout.config_names():
         summary_path = layout.summary(name)
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        summary = read_json(summary_path) if summary_path.is_file() else {}
         folds = [fold_state(layout.fold_dir(name, k)) for k in range(n_folds)]
         rows.append(
             {
@@ -60,7 +60,7 @@ def status_rows(layout: Layout) -> list[dict]:
 
 def _n_folds(layout: Layout) -> int:
     if layout.splits_meta.is_file():
-        return int(json.loads(layout.splits_meta.read_text())["n_folds"])
+        return int(read_json(layout.splits_meta)["n_folds"])
     return 0
 
 
@@ -83,9 +83,16 @@ def format_status(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
 
 
+def reported_dice(summary: dict) -> float:
+    """The dice of the model a fold uses: the averaged one with ``train.average_top_k``,
+    else the best epoch's."""
+    return float(summary.get("top_k_dice", summary["best_dice"]))
+
+
 def _fold_cell(fold: dict) -> str:
     if fold["state"] == "done":
-        return f"done e{fold['best_epoch']} {fold['best_dice']:.3f}"
+        epochs = f"avg{fold['top_k']}" if "top_k_dice" in fold else f"e{fold['best_epoch']}"
+        return f"done {epochs} {reported_dice(fold):.4f}"
     if fold["state"] == "running" and fold["host"] != socket.gethostname():
         return f"running@{fold['host']}"
     return fold["state"]
