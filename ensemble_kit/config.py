@@ -195,6 +195,20 @@ def dump_config(config: Config) -> str:
     return yaml.safe_dump(resolved_dict(config), sort_keys=False)
 
 
+def dataclass_from_dict(cls: Any, raw: Any, source: str, prefix: str = "") -> Any:
+    """Build any frozen dataclass from a plain dict with the config's checks.
+
+    An unknown key is an :class:`EkError` naming it (with a did-you-mean), values are
+    coerced to the field types. :mod:`ensemble_kit.task` builds tasks with it.
+    """
+    return _build(cls, raw, source, prefix)
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` with tuples turned into lists, for YAML or JSON."""
+    return _plain(value)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
