@@ -11,7 +11,7 @@ Masks are uint8 ``(C, H, W)`` of 0/1. Every problem is one :class:`EkError` nami
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +199,61 @@ def paint_rows(task: Task, rows: list[MaskRow], shape: tuple[int, int]) -> np.nd
         return flat.reshape(task.n_classes, height, width)
     # Column-major numbering: the flat pixels are the (W, H) transpose, row by row.
     return np.ascontiguousarray(flat.reshape(task.n_classes, width, height).transpose(0, 2, 1))
+
+
+def mask_location(task: Task, data_root: Path | str, split: str) -> Path | None:
+    """The masks folder (files) or CSV (csv) of a split; None where it has no masks."""
+    relative = {"train": task.masks.train, "validation": task.masks.validation}.get(split)
+    return None if relative is None else Path(data_root) / relative
+
+
+def has_masks(task: Task, data_root: Path | str, split: str) -> bool:
+    location = mask_location(task, data_root, split)
+    return location is not None and location.exists()
+
+
+def fit_task(task: Task, data_root: Path | str) -> Task:
+    """Check a data folder fits an image task; the task with size and channels filled in.
+
+    Raises:
+        EkError: one line naming what is missing (the train images or masks) or the first
+            image that cannot be read.
+    """
+    root = Path(data_root)
+    images = split_folder(task, root, "train")
+    if images is None or not images.is_dir():
+        raise EkError(f"{root}: does not fit task {task.name}: no {task.images.train}/ folder")
+    if not has_masks(task, root, "train"):
+        raise EkError(f"{root}: does not fit task {task.name}: no {task.masks.train}")
+    files = image_files(task, root, "train")
+    if not files:
+        raise EkError(f"{images}: no images (png, jpg, tif or npy) for task {task.name}")
+    if task.size != (0, 0) and task.channels:
+        return task
+    first = next(iter(files.values()))
+    pixels = _read_pixels(first)
+    channels = task.channels or (1 if pixels.ndim == 2 else min(pixels.shape[2], 3))
+    size = task.size if task.size != (0, 0) else (int(pixels.shape[0]), int(pixels.shape[1]))
+    return replace(task, size=size, channels=channels)
+
+
+def read_masks(task: Task, data_root: Path | str, split: str, ids: list[str]) -> np.ndarray:
+    """Masks of ``ids`` in a split, uint8 ``(N, C, H, W)`` (``C`` classes, sizes checked)."""
+    location = mask_location(task, data_root, split)
+    if location is None:
+        raise EkError(f"task {task.name} has no masks for split '{split}'")
+    out = np.zeros((len(ids), task.n_classes, *task.size), dtype=np.uint8)
+    if task.masks.source == "files":
+        for i, image_id in enumerate(ids):
+            out[i] = read_mask_file(task, location / f"{Path(image_id).stem}{MASK_SUFFIX}")
+        return out
+    by_image: dict[str, list[MaskRow]] = {}
+    for row in read_mask_csv(task, location, task.size):
+        by_image.setdefault(row.image_id, []).append(row)
+    known = set(list_images(task, data_root, split))
+    for image_id, rows in by_image.items():
+        if image_id not in known:
+            raise EkError(f"{location}: row {rows[0].line}: image {image_id!r} is not in the data")
+    for i, image_id in enumerate(ids):
+        out[i] = paint_rows(task, by_image.get(image_id, []), task.size)
+    return out

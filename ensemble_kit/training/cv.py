@@ -36,6 +36,7 @@ from ..layout import Layout, fold_files
 from ..models import check_pretrained_weights
 from ..oof import ArrayWriter, to_uint8
 from ..runtime import resolve_device
+from ..task import resolve_task
 from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
@@ -63,6 +64,7 @@ class CvRequest:
     cpus_per_job: int | None = None
     gpus_per_job: float | None = None
     address: str | None = None
+    task_name: str | None = None  # `ek cv --task`: the task of new splits
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,10 @@ def run_cv(
         for member in seed_members(_with_epochs(load_config(path), request.epochs))
     ]
     _check_unique_names(configs, request.config_paths)
-    splits, meta = ensure_splits(request.layout, request.data_root, request.n_folds, request.seed)
+    task = resolve_task(request.task_name) if request.task_name else None
+    splits, meta = ensure_splits(
+        request.layout, request.data_root, request.n_folds, request.seed, task
+    )
     data_root = Path(request.data_root or meta["data_root"])
     folds = request.folds or tuple(range(meta["n_folds"]))
     for fold in folds:

@@ -52,6 +52,7 @@ from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files, pseudo_files
 from ..oof import read_ids, to_uint8, write_ids
 from ..runtime import resolve_device
+from ..task import task_path, workdir_task
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,12 @@ def window_set(
 def run_pseudo(request: PseudoRequest) -> dict:
     """Write the pseudo-label set (or reuse an identical one); returns its manifest."""
     layout, name = request.layout, check_name(request.name)
+    task = workdir_task(layout)
+    if task.kind != "contrails":
+        raise EkError(
+            f"{task_path(layout)}: task {task.name} has no frames; `ek pseudo` labels the "
+            "unlabelled frames of contrail records"
+        )
     frames = check_frames(tuple(request.frames))
     blend = verify_blend(layout)
     splits, meta = ensure_splits(layout, request.data_root, None)

@@ -1,0 +1,183 @@
+"""Tasks: built-ins, task files, recording in folds/, and refusing data that does not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from ensemble_kit.cli import main
+from ensemble_kit.data.synth_images import synth_task, write_synthetic_task
+from ensemble_kit.errors import EkError
+from ensemble_kit.task import (
+    BUILTIN_TASKS,
+    Task,
+    builtin_task,
+    load_task,
+    resolve_task,
+    task_from_dict,
+)
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(map(str, args)))
+
+
+def one_line_error(result, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ek: error: "), result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def folder_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("folder") / "data"
+    counts = {"train": 10, "validation": 4, "test": 3}
+    write_synthetic_task(root, synth_task("folder", 2, 32), counts, seed=0)
+    return root
+
+
+def test_builtins_load_and_show_round_trips():
+    assert [builtin_task(n).name for n in BUILTIN_TASKS] == ["contrails", "steel", "folder"]
+    steel = builtin_task("steel")
+    assert (steel.size, steel.n_classes, steel.metric) == ((256, 1600), 4, "mean_dice")
+    listed = run("tasks")
+    assert listed.exit_code == 0 and len(listed.output.strip().splitlines()) == 3
+    for name in BUILTIN_TASKS:
+        shown = run("tasks", "show", name)
+        assert shown.exit_code == 0
+        assert task_from_dict(yaml.safe_load(shown.output)) == builtin_task(name)
+    one_line_error(run("tasks", "show", "steal"), "did you mean steel")
+
+
+def test_contrails_row_ids_and_defaults_are_todays():
+    contrails = builtin_task("contrails")
+    assert contrails.submission.header == ("record_id", "encoded_pixels")
+    assert contrails.submission.empty == "-" and contrails.row_ids("123") == ["123"]
+    assert resolve_task(None) == contrails
+
+
+def test_extends_overrides_and_row_ids(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("extends: folder\nclasses: [road, river]\nmasks: {order: row}\n")
+    task = load_task(path)
+    assert task.classes == ("road", "river") and task.masks.order == "row"
+    assert task.masks.train == "train/masks"  # the rest of the mapping comes from folder
+    assert task.row_ids("a1") == ["a1_road", "a1_river"]
+    assert builtin_task("folder").row_ids("a1") == ["a1"]
+    assert Task.load(path) == task
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("extends: folder\nclases: [a]\n", ["clases", "did you mean classes"]),
+        ("extends: folder\nmasks: {ordr: row}\n", ["masks.ordr"]),
+        ("extends: folder\nclasses: [Road]\n", ["[a-z0-9_]+"]),
+        ("extends: folder\nmetric: dice\n", ["metric", "mean_dice"]),
+        ("extends: foldr\n", ["did you mean folder"]),
+        ("extends: folder\nversion: 2\n", ["version"]),
+        ("extends: folder\nclasses: [a, b]\nsubmission: {id: '{image}'}\n", ["{class}"]),
+    ],
+)
+def test_bad_task_files_are_one_line_errors(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(EkError) as err:
+        load_task(path)
+    for word in words:
+        assert word in str(err.value)
+    data = tmp_path / "data"
+    data.mkdir()
+    one_line_error(run("folds", "--data", data, "--task", path, "--workdir", tmp_path / "f"))
+    assert not (tmp_path / "f").exists()
+
+
+def test_contrails_writes_no_task_file_and_same_bytes(synth_root, tmp_path):
+    plain, named = tmp_path / "plain", tmp_path / "named"
+    assert run("folds", "--data", synth_root, "--workdir", plain, "--folds", 3).exit_code == 0
+    result = run(
+        "folds", "--data", synth_root, "--workdir", named, "--folds", 3, "--task", "contrails"
+    )
+    assert result.exit_code == 0
+    assert sorted(p.name for p in plain.iterdir()) == sorted(p.name for p in named.iterdir())
+    for name in ("splits.csv", "splits.json"):
+        plain_text = (plain / name).read_text()
+        assert plain_text == (named / name).read_text().replace(str(named), str(plain))
+    assert not (plain / "task.yaml").exists()
+    assert "task" not in json.loads((plain / "splits.json").read_text())
+
+
+def test_folder_task_recorded_and_checked(folder_root, tmp_path):
+    task_file = tmp_path / "two.yaml"
+    task_file.write_text("extends: folder\nclasses: [class_1, class_2]\n")
+    workdir = tmp_path / "folds"
+    result = run(
+        "folds", "--data", folder_root, "--workdir", workdir, "--folds", 2, "--task", task_file
+    )
+    assert result.exit_code == 0, result.output
+    recorded = load_task(workdir / "task.yaml")
+    assert recorded.size == (32, 32) and recorded.channels == 3  # filled in from the data
+    meta = json.loads((workdir / "splits.json").read_text())
+    assert meta["task"] == "folder" and meta["task_digest"] == recorded.digest
+    splits = (workdir / "splits.csv").read_text().splitlines()
+    assert len(splits) == 1 + 10 + 4 and sum(line.endswith(",-1") for line in splits) == 4
+    # another task for these splits, or pseudo-labels of a task without frames: refused
+    one_line_error(
+        run("cv", "--workdir", workdir, "--task", "steel", "configs/tiny.yaml"), "folder"
+    )
+    one_line_error(run("pseudo", "--workdir", workdir), "no frames")
+    # an edited task file is refused
+    (workdir / "task.yaml").write_text((workdir / "task.yaml").read_text().replace("32", "33"))
+    one_line_error(run("cv", "--workdir", workdir, "configs/tiny.yaml"), "task.yaml", "changed")
+
+
+def test_data_folder_that_does_not_fit(folder_root, synth_root, tmp_path):
+    one_line_error(
+        run("folds", "--data", synth_root, "--task", "steel", "--workdir", tmp_path / "a"),
+        "does not fit task steel",
+    )
+    one_line_error(
+        run("folds", "--data", folder_root, "--workdir", tmp_path / "b"), "record folder"
+    )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "splits.csv").exists()
+
+
+def test_steel_synth_layout_and_empty_share(tmp_path):
+    root = tmp_path / "steel"
+    run("synth", "--task", "steel", "--out", root, "--train", 20, "--test", 3)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "sample_submission.csv",
+        "test_images",
+        "train.csv",
+        "train_images",
+    ]
+    lines = (root / "train.csv").read_text().splitlines()
+    assert lines[0] == "ImageId,ClassId,EncodedPixels"
+    assert all(line.split(",")[2] for line in lines[1:])  # only non-empty pairs
+    empty_share = 1 - (len(lines) - 1) / (20 * 4)
+    assert 0.6 <= empty_share <= 0.9
+    sample = (root / "sample_submission.csv").read_text().splitlines()
+    assert sample[0] == "ImageId_ClassId,EncodedPixels" and len(sample) == 1 + 3 * 4
+    assert sample[1].endswith(".jpg_1,")
+    from PIL import Image
+
+    with Image.open(next((root / "train_images").iterdir())) as image:
+        assert image.size == (1600, 256)
+
+
+def test_steel_folds_reads_the_csv_masks(tmp_path):
+    root = tmp_path / "steel"
+    write_synthetic_task(root, synth_task("steel"), {"train": 8, "test": 2}, seed=1)
+    result = run(
+        "folds", "--data", root, "--task", "steel", "--workdir", tmp_path / "f", "--folds", 2
+    )
+    assert result.exit_code == 0, result.output
+    assert load_task(tmp_path / "f" / "task.yaml") == builtin_task("steel")
+    assert np.sum([1 for _ in (root / "train_images").iterdir()]) == 8
