@@ -45,9 +45,9 @@ CLASS_NAME = re.compile(r"[a-z0-9_]+")
 class ImageFolders:
     """Where each split's images are, relative to the data folder."""
 
-    train: str = "train/images"
+    train: str = "train/images"  # the training images (with masks)
     validation: str | None = "validation/images"  # optional holdout split; null: none
-    test: str | None = "test/images"
+    test: str | None = "test/images"  # the images to submit for (no masks)
     id: str = "stem"  # stem (file name without extension) | name (with it, as Severstal's)
 
 
@@ -57,7 +57,7 @@ class MaskSpec:
 
     source: str = "files"  # records (contrails) | files (PNG per image) | csv (RLE per row)
     train: str = "train/masks"  # a folder (files) or a CSV file (csv), relative to the data
-    validation: str | None = "validation/masks"
+    validation: str | None = "validation/masks"  # the holdout's masks; null: none
     id_column: str = "ImageId"  # csv: the image id column
     class_column: str | None = "ClassId"  # csv: the class id (1..C); null: one class
     rle_column: str = "EncodedPixels"  # csv: the RLE column
@@ -81,11 +81,11 @@ class SubmissionSpec:
 class Task:
     """A competition's data layout, classes, metric and submission format."""
 
-    version: int = TASK_VERSION
-    name: str = "folder"
+    version: int = TASK_VERSION  # the task file format: 1
+    name: str = "folder"  # the task's name (recorded in splits.json)
     kind: str = "images"  # contrails (Kaggle records of bands) | images (PNG/JPG/TIFF/.npy)
     kaggle_slug: str = ""  # /kaggle/input/<slug> in the notebook
-    classes: tuple[str, ...] = ("mask",)
+    classes: tuple[str, ...] = ("mask",)  # class names, [a-z0-9_]+; class id k is the k-th
     size: tuple[int, int] = (0, 0)  # (H, W); (0, 0): that of the first training image
     channels: int = 0  # image channels given to the model: 1 | 3; 0: the first image's
     metric: str = "global_dice"  # global_dice | mean_dice

@@ -181,3 +181,21 @@ def test_steel_folds_reads_the_csv_masks(tmp_path):
     assert result.exit_code == 0, result.output
     assert load_task(tmp_path / "f" / "task.yaml") == builtin_task("steel")
     assert np.sum([1 for _ in (root / "train_images").iterdir()]) == 8
+
+
+def test_every_task_key_is_in_the_task_reference():
+    import dataclasses
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "task.md").read_text()
+
+    def paths(obj, prefix=""):
+        for field in dataclasses.fields(obj):
+            yield f"{prefix}{field.name}"
+            value = getattr(obj, field.name)
+            if dataclasses.is_dataclass(value):
+                yield from paths(value, f"{prefix}{field.name}.")
+
+    missing = [p for p in paths(Task()) if f"`{p}`" not in text]
+    assert not missing, f"task.md lacks {missing}; rerun python scripts/gen_docs.py"
+    for name in BUILTIN_TASKS:
+        assert f"ek tasks show {name}" in text
