@@ -398,9 +398,14 @@ def show(record_id: str, workdir: Path, data_root: Path | None, out: Path | None
 def submit(data_root, workdir, split, out, batch_size, device, exported, check_file) -> None:
     """Predict with the blended fold x config ensemble and write a validated submission CSV."""
     if check_file is not None:
-        from .inference.submission import check_submission
+        from .inference.submission import check_submission, check_task_submission
+        from .task import workdir_task
 
-        result = check_submission(check_file, data_root, split)
+        task = workdir_task(Layout(workdir))
+        if task.kind == "contrails":
+            result = check_submission(check_file, data_root, split)
+        else:
+            result = check_task_submission(check_file, task, data_root, split)
         click.echo(f"{check_file}: valid ({result})")
         return
     from .inference.submit import SubmitRequest, run_submit

@@ -199,3 +199,44 @@ def test_every_task_key_is_in_the_task_reference():
     assert not missing, f"task.md lacks {missing}; rerun python scripts/gen_docs.py"
     for name in BUILTIN_TASKS:
         assert f"ek tasks show {name}" in text
+
+
+def test_task_submission_written_in_sample_order_and_checked(tmp_path):
+    from ensemble_kit.inference.submission import (
+        check_task_submission,
+        task_rows,
+        write_task_submission,
+    )
+
+    root = tmp_path / "steel"
+    write_synthetic_task(root, synth_task("steel"), {"train": 4, "test": 3}, seed=2)
+    steel = builtin_task("steel")
+    images = sorted(p.name for p in (root / "test_images").iterdir())
+    masks = np.zeros((3, 4, 256, 1600), dtype=bool)
+    masks[1, 2, 0:3, 0] = True  # rows 0-2 of column 0: "1 3"
+    rows = task_rows(steel, images[::-1], masks)
+    out = tmp_path / "submission.csv"
+    write_task_submission(out, steel, rows, root)
+    lines = out.read_text().splitlines()
+    sample = (root / "sample_submission.csv").read_text().splitlines()
+    assert lines[0] == "ImageId_ClassId,EncodedPixels"
+    assert [line.split(",")[0] for line in lines] == [line.split(",")[0] for line in sample]
+    assert f"{images[1]}_3,1 3" in lines and f"{images[0]}_1," in lines
+    result = check_task_submission(out, steel, root)
+    assert result["rows"] == 12 and result["empty_rows"] == 11 and result["positive_pixels"] == 3
+    # `ek submit --check` follows the workdir's task
+    workdir = tmp_path / "folds"
+    assert (
+        run(
+            "folds", "--data", root, "--task", "steel", "--workdir", workdir, "--folds", 2
+        ).exit_code
+        == 0
+    )
+    checked = run("submit", "--check", out, "--data", root, "--workdir", workdir)
+    assert checked.exit_code == 0 and "valid" in checked.output
+    out.write_text("\n".join(lines[:-1]) + f"\n{lines[-1].split(',')[0]},409600 2\n")
+    one_line_error(
+        run("submit", "--check", out, "--data", root, "--workdir", workdir), "line 13", "past"
+    )
+    out.write_text("\n".join(lines[:-1]) + "\n")
+    one_line_error(run("submit", "--check", out, "--data", root, "--workdir", workdir), "missing")
