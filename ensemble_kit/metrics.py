@@ -63,7 +63,7 @@ def global_dice(pred: np.ndarray, target: np.ndarray) -> float:
     return dice_from_counts(tp, n_pred - tp, n_true - tp)
 
 
-def pair_counts(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+def pair_counts(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TP, FP, FN per (image, class) pair: int64 ``(N, C)`` each.
 
     Args:
@@ -105,7 +105,8 @@ def mean_dice(pred: np.ndarray, target: np.ndarray, empty_score: float = 1.0) ->
     Returns:
         The mean of every pair's dice.
     """
-    return mean_dice_from_counts(*pair_counts(pred, target), empty_score=empty_score)
+    tp, fp, fn = pair_counts(pred, target)
+    return mean_dice_from_counts(tp, fp, fn, empty_score=empty_score)
 
 
 def task_metric(

@@ -309,7 +309,7 @@ def _read_task_rows(path: Path, task: Task) -> list[tuple[int, str, str]]:
             first = handle.readline().rstrip("\r\n")
             if first != header:
                 raise EkError(f"{path}: line 1: header is {first[:80]!r}, expected {header!r}")
-            rows = []
+            rows: list[tuple[int, str, str]] = []
             for fields in csv.reader(handle):
                 line = len(rows) + 2
                 if len(fields) != 2:
