@@ -38,14 +38,15 @@ ALL_BANDS = (8, 9, 10, 11, 12, 13, 14, 15, 16)
 class InputSpec:
     """Which channels a model sees. ``frames`` are 0-based indices (4 is the labelled frame)."""
 
-    channels: str = "ash"  # ash | bands
+    channels: str = "ash"  # ash | bands (contrail records) | image (the task's image channels)
     bands: tuple[int, ...] = ALL_BANDS
     normalize: str = "meanstd"  # meanstd | minmax (bands only; ash is already in [0, 1])
     frames: tuple[int, ...] = (4,)
 
     @property
     def channels_per_frame(self) -> int:
-        return 3 if self.channels == "ash" else len(self.bands)
+        """Channels of one frame (``image``: 3 here; the task's channel count decides)."""
+        return 3 if self.channels in ("ash", "image") else len(self.bands)
 
     @property
     def in_channels(self) -> int:

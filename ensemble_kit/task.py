@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config import dataclass_from_dict, plain_data
+from .config import Config, InputSpec, LabelSpec, dataclass_from_dict, plain_data
 from .errors import EkError
 from .files import digest_json, write_text
 from .layout import Layout
@@ -285,3 +285,45 @@ def workdir_task(layout: Layout, splits_meta: dict | None = None) -> Task:
     if expected is not None and expected != task.digest:
         raise EkError(f"{path}: changed since `ek folds` wrote it; restore it or start over")
     return task
+
+
+def check_config_fits(config: Config, task: Task, source: str) -> None:
+    """EkError, one line, when a config's inputs or labels need data the task does not have.
+
+    Ash false colour, bands and frames need contrail records; ``input.channels: image`` needs
+    an image task; soft labels, the label shift and pseudo-labels are contrail features.
+    """
+    spec, default = config.input, InputSpec()
+    if task.kind == "contrails" and spec.channels == "image":
+        raise EkError(
+            f"{source}: 'input.channels' is image, but task {task.name} has contrail records "
+            "(use ash or bands)"
+        )
+    if task.kind == "contrails":
+        return
+    if spec.channels != "image":
+        raise EkError(
+            f"{source}: 'input.channels' is {spec.channels}, which needs contrail records; "
+            f"task {task.name} has images (use input.channels: image)"
+        )
+    if spec.frames != default.frames:
+        raise EkError(f"{source}: 'input.frames' needs contrail records; task {task.name} has none")
+    label, plain = config.label, LabelSpec()
+    for key in ("soft", "shift_correct", "pseudo"):
+        if getattr(label, key) != getattr(plain, key):
+            raise EkError(
+                f"{source}: 'label.{key}' is a contrail feature; task {task.name} has images"
+            )
+
+
+def model_channels(config: Config, task: Task) -> tuple[int, int]:
+    """``(input, output)`` channels of a config's model on a task.
+
+    Inputs: the config's contrail channels times its frames, or the task's image channels
+    (``input.channels: image``). Outputs: one per class (multilabel sigmoid).
+    """
+    if config.input.channels == "image":
+        if not task.channels:
+            raise EkError(f"task {task.name}: channels unknown until `ek folds` reads the data")
+        return task.channels, task.n_classes
+    return config.input.in_channels, task.n_classes

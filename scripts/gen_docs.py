@@ -45,7 +45,8 @@ GENERATED = (
 DESCRIPTIONS: dict[str, str] = {
     "name": "the config's name (its folder under `folds/`); defaults to the file's stem",
     "input": "which channels a model sees",
-    "input.channels": "ash (false colour, 3 per frame) \\| bands (normalised bands)",
+    "input.channels": "ash (false colour, 3 per frame) \\| bands (normalised bands) \\| image "
+    "(the task's image channels; image tasks only)",
     "input.bands": "bands mode only",
     "input.normalize": "meanstd \\| minmax (bands mode; statistics of the training pool)",
     "input.frames": "0-based frame indices, stacked as channels; 4 is labelled",

@@ -240,3 +240,52 @@ def test_task_submission_written_in_sample_order_and_checked(tmp_path):
     )
     out.write_text("\n".join(lines[:-1]) + "\n")
     one_line_error(run("submit", "--check", out, "--data", root, "--workdir", workdir), "missing")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_config_for_another_task_is_refused():
+    from ensemble_kit.config import config_from_dict, load_config
+    from ensemble_kit.task import check_config_fits, model_channels
+
+    folder = task_from_dict({"extends": "folder", "classes": ["a", "b"], "channels": 3})
+    tiny, tiny_folder = (
+        load_config(REPO / "configs/tiny.yaml"),
+        load_config(REPO / "configs/tiny_folder.yaml"),
+    )
+    check_config_fits(tiny, builtin_task("contrails"), "tiny.yaml")
+    check_config_fits(tiny_folder, folder, "tiny_folder.yaml")
+    with pytest.raises(EkError, match="tiny.yaml: 'input.channels' is ash, which needs contrail"):
+        check_config_fits(tiny, folder, "tiny.yaml")
+    with pytest.raises(EkError, match="'input.channels' is image, but task contrails"):
+        check_config_fits(tiny_folder, builtin_task("contrails"), "x.yaml")
+    soft = config_from_dict({"input": {"channels": "image"}, "label": {"soft": True}})
+    with pytest.raises(EkError, match="'label.soft' is a contrail feature"):
+        check_config_fits(soft, folder, "x.yaml")
+    # one config, any number of classes: outputs follow the task
+    assert model_channels(tiny_folder, folder) == (3, 2)
+    assert model_channels(tiny_folder, builtin_task("steel")) == (1, 4)
+    assert model_channels(tiny, builtin_task("contrails")) == (9, 1)
+
+
+def test_cv_refuses_a_config_for_another_task(folder_root, tmp_path):
+    workdir = tmp_path / "folds"
+    assert (
+        run("folds", "--data", folder_root, "--task", "folder", "--workdir", workdir).exit_code == 0
+    )
+    one_line_error(
+        run("cv", "--workdir", workdir, REPO / "configs/tiny.yaml"), "tiny.yaml", "input.channels"
+    )
+
+
+def test_model_outputs_one_channel_per_class():
+    import torch
+
+    from ensemble_kit.config import load_config
+    from ensemble_kit.models import build_model
+
+    config = load_config(REPO / "configs/tiny_folder.yaml")
+    model = build_model(config, pretrained=False, channels=(1, 4)).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 64, 96)).shape == (2, 4, 64, 96)

@@ -36,7 +36,7 @@ from ..layout import Layout, fold_files
 from ..models import check_pretrained_weights
 from ..oof import ArrayWriter, to_uint8
 from ..runtime import resolve_device
-from ..task import resolve_task
+from ..task import Task, check_config_fits, resolve_task, workdir_task
 from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
@@ -65,6 +65,17 @@ class CvRequest:
     gpus_per_job: float | None = None
     address: str | None = None
     task_name: str | None = None  # `ek cv --task`: the task of new splits
+
+
+def _check_task(request: CvRequest, task: Task) -> None:
+    """One-line errors for a config built for another task, before anything trains."""
+    for path in request.config_paths:
+        check_config_fits(load_config(path), task, str(path))
+    if task.kind != "contrails":
+        raise EkError(
+            f"task {task.name}: training on image tasks is not wired into `ek cv` yet "
+            "(splits, readers and the submission format are; see docs/how-to/other-competitions.md)"
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,7 @@ def run_cv(
         request.layout, request.data_root, request.n_folds, request.seed, task
     )
     data_root = Path(request.data_root or meta["data_root"])
+    _check_task(request, workdir_task(request.layout, meta))
     folds = request.folds or tuple(range(meta["n_folds"]))
     for fold in folds:
         if not 0 <= fold < meta["n_folds"]:
