@@ -372,14 +372,14 @@ def _build_arrays(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=d, shape=s)
             for name, (s, d) in specs.items()
         }
         for start in tqdm(range(0, len(ids), CHUNK), desc=label, disable=len(ids) < 64):
             fill(arrays, start, ids[start : start + CHUNK])
         for array in arrays.values():
-            array.flush()
+            array.flush()  # type: ignore[attr-defined]
         del arrays
         pd.DataFrame({"record_id": ids}).to_csv(tmp / "ids.csv", index=False)
         meta = {"arrays": list(specs), "ids": digest_json(ids), "key": key}
