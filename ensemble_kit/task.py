@@ -31,7 +31,6 @@ from .registry import did_you_mean
 TASK_VERSION = 1
 BUILTIN_TASKS = ("contrails", "steel", "folder")
 DEFAULT_TASK = "contrails"
-TASK_FILE = "task.yaml"
 KINDS = ("contrails", "images")
 METRICS = ("global_dice", "mean_dice")
 MASK_SOURCES = ("records", "files", "csv")
@@ -264,7 +263,7 @@ def dump_task(task: Task) -> str:
 
 def task_path(layout: Layout) -> Path:
     """``folds/task.yaml``: the resolved task of a workdir (absent: contrails)."""
-    return layout.workdir / TASK_FILE
+    return layout.task_yaml
 
 
 def workdir_task(layout: Layout, splits_meta: dict | None = None) -> Task:
