@@ -106,6 +106,10 @@ PRECISION = click.option(
 )
 
 
+def task_option(help_text: str):
+    return click.option("--task", "task_name", default=None, metavar="NAME_OR_FILE", help=help_text)
+
+
 def data_option(required: bool = False):
     return click.option(
         "--data",
@@ -210,14 +214,38 @@ def main(verbose: bool) -> None:
 @click.option("--test", "n_test", default=16, show_default=True, help="Test records.")
 @click.option("--size", default=256, show_default=True, help="Image side in pixels.")
 @click.option("--seed", default=0, show_default=True, help="Random seed of the data.")
-def synth(out: Path, n_train: int, n_validation: int, n_test: int, size: int, seed: int) -> None:
-    """Write a synthetic contrail data set in the Kaggle layout."""
-    from .data.synth import write_synthetic
+@click.option(
+    "--task",
+    "task_name",
+    type=click.Choice(["contrails", "steel", "folder"]),
+    default="contrails",
+    show_default=True,
+    help="Layout to write (steel: 256 x 1600, --size ignored; no validation split).",
+)
+@click.option("--classes", default=1, show_default=True, help="folder: number of classes.")
+def synth(
+    out: Path,
+    n_train: int,
+    n_validation: int,
+    n_test: int,
+    size: int,
+    seed: int,
+    task_name: str,
+    classes: int,
+) -> None:
+    """Write a synthetic data set in a task's exact layout (contrails by default)."""
+    counts = {"train": n_train, "validation": n_validation, "test": n_test}
+    if task_name == "contrails":
+        from .data.synth import write_synthetic
 
-    counts = write_synthetic(
-        out, n_train=n_train, n_validation=n_validation, n_test=n_test, size=size, seed=seed
-    )
-    click.echo(f"wrote {counts} to {out}")
+        written = write_synthetic(
+            out, **{f"n_{k}": v for k, v in counts.items()}, size=size, seed=seed
+        )
+    else:
+        from .data.synth_images import synth_task, write_synthetic_task
+
+        written = write_synthetic_task(out, synth_task(task_name, classes, size), counts, seed)
+    click.echo(f"wrote {written} to {out}")
 
 
 @main.command()
@@ -229,14 +257,23 @@ def synth(out: Path, n_train: int, n_validation: int, n_test: int, size: int, se
     "--pool-validation", is_flag=True, help="Pool the validation split into the folds (no holdout)."
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing splits.csv.")
+@task_option("Built-in task (contrails, steel, folder) or a task YAML file; default contrails.")
 def folds(
-    data_root: Path, workdir: Path, n_folds: int, seed: int, pool_validation: bool, force: bool
+    data_root: Path,
+    workdir: Path,
+    n_folds: int,
+    seed: int,
+    pool_validation: bool,
+    force: bool,
+    task_name: str | None,
 ) -> None:
-    """Write the shared K-fold splits (folds/splits.csv)."""
+    """Write the shared K-fold splits (folds/splits.csv) and, for other tasks, folds/task.yaml."""
     from .data.splits import make_splits
+    from .task import resolve_task
 
     layout = Layout(workdir)
-    splits = make_splits(layout, data_root, n_folds, seed, pool_validation, force=force)
+    task = resolve_task(task_name)
+    splits = make_splits(layout, data_root, n_folds, seed, pool_validation, task, force=force)
     counts = splits.groupby("fold").size().to_dict()
     click.echo(f"wrote {layout.splits_csv}: records per fold {counts}")
 
@@ -318,6 +355,7 @@ def prepare(
 @click.option("--address", default=None, help="Ray: cluster address (default: start a local Ray).")
 @click.option("--seed", default=0, show_default=True, help="Seed of a new splits.csv.")
 @PRECISION
+@task_option("Task of a new splits.csv (as `ek folds --task`); must match existing splits.")
 @click.argument("configs", nargs=-1, required=True, type=click.Path(path_type=Path))
 def cv(workdir: Path, fold_ids: tuple[int, ...], configs, **options) -> None:
     """Train K fold models per config and save out-of-fold probabilities."""
@@ -353,6 +391,32 @@ def pseudo(workdir: Path, data_root, frames, name: str, device: str) -> None:
     manifest = run_pseudo(PseudoRequest(layout, data_root, targets, name, device))
     for line in pseudo_lines(layout, name, manifest):
         click.echo(line)
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def tasks(ctx: click.Context) -> None:
+    """List the built-in tasks (`ek tasks show NAME` prints one as YAML to copy)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .task import BUILTIN_TASKS, builtin_task
+
+    for name in BUILTIN_TASKS:
+        task = builtin_task(name)
+        size = "size of the first image" if task.size == (0, 0) else "x".join(map(str, task.size))
+        click.echo(
+            f"{name:10} {task.kind:9} {task.n_classes} class(es) {', '.join(task.classes)}; "
+            f"{size}; {task.metric}"
+        )
+
+
+@tasks.command("show")
+@click.argument("name")
+def tasks_show(name: str) -> None:
+    """Print a built-in task as YAML, ready to copy and edit (or use `extends: NAME`)."""
+    from .task import builtin_text
+
+    click.echo(builtin_text(name).rstrip())
 
 
 @main.command()
@@ -476,9 +540,14 @@ def submit(
 ) -> None:
     """Predict with the blended fold x config ensemble and write a validated submission CSV."""
     if check_file is not None:
-        from .inference.submission import check_submission
+        from .inference.submission import check_submission, check_task_submission
+        from .task import workdir_task
 
-        result = check_submission(check_file, data_root, split)
+        task = workdir_task(Layout(workdir))
+        if task.kind == "contrails":
+            result = check_submission(check_file, data_root, split)
+        else:
+            result = check_task_submission(check_file, task, data_root, split)
         click.echo(f"{check_file}: valid ({result})")
         return
     from .inference.submit import SubmitRequest, run_submit

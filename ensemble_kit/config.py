@@ -40,14 +40,15 @@ ALL_BANDS = (8, 9, 10, 11, 12, 13, 14, 15, 16)
 class InputSpec:
     """Which channels a model sees. ``frames`` are 0-based indices (4 is the labelled frame)."""
 
-    channels: str = "ash"  # ash | bands
+    channels: str = "ash"  # ash | bands (contrail records) | image (the task's image channels)
     bands: tuple[int, ...] = ALL_BANDS
     normalize: str = "meanstd"  # meanstd | minmax (bands only; ash is already in [0, 1])
     frames: tuple[int, ...] = (4,)
 
     @property
     def channels_per_frame(self) -> int:
-        return 3 if self.channels == "ash" else len(self.bands)
+        """Channels of one frame (``image``: 3 here; the task's channel count decides)."""
+        return 3 if self.channels in ("ash", "image") else len(self.bands)
 
     @property
     def in_channels(self) -> int:
@@ -221,6 +222,20 @@ def config_digest(config: Config) -> str:
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(resolved_dict(config), sort_keys=False)
+
+
+def dataclass_from_dict(cls: Any, raw: Any, source: str, prefix: str = "") -> Any:
+    """Build any frozen dataclass from a plain dict with the config's checks.
+
+    An unknown key is an :class:`EkError` naming it (with a did-you-mean), values are
+    coerced to the field types. :mod:`ensemble_kit.task` builds tasks with it.
+    """
+    return _build(cls, raw, source, prefix)
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` with tuples turned into lists, for YAML or JSON."""
+    return _plain(value)
 
 
 def _plain(value: Any) -> Any:

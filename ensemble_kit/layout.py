@@ -4,7 +4,8 @@ A run writes under a *workdir* (``folds/`` by default, relative to the current d
 
     folds/
       splits.csv            record_id,split,fold   (fold -1: holdout)
-      splits.json           how the splits were made (data root, K, seed, digest)
+      splits.json           how the splits were made (data root, K, seed, digest; task)
+      task.yaml             the resolved task of `ek folds --task` (absent: contrails)
       cache/                memory-mappable caches, each a folder of meta.json, ids.csv,
                             sources.npy and one <array>.npy per array:
         <split>-<digest>/   inputs of a split, per input-spec digest
@@ -65,6 +66,10 @@ class Layout:
     @property
     def splits_meta(self) -> Path:
         return self.workdir / "splits.json"
+
+    @property
+    def task_yaml(self) -> Path:
+        return self.workdir / "task.yaml"
 
     @property
     def cache_dir(self) -> Path:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .task import METRICS
+
 N_CODES = 256
 NOTHING = N_CODES  # the threshold that predicts no pixel
 
@@ -59,6 +61,63 @@ def global_dice(pred: np.ndarray, target: np.ndarray) -> float:
     tp = int(np.count_nonzero(pred & target))
     n_pred, n_true = int(np.count_nonzero(pred)), int(np.count_nonzero(target))
     return dice_from_counts(tp, n_pred - tp, n_true - tp)
+
+
+def pair_counts(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TP, FP, FN per (image, class) pair: int64 ``(N, C)`` each.
+
+    Args:
+        pred: Binary masks ``(N, C, H, W)``, or ``(N, H, W)`` for one class.
+        target: Ground truth of the same shape.
+    """
+    pred = np.asarray(pred).astype(bool, copy=False)
+    target = np.asarray(target).astype(bool, copy=False)
+    if pred.shape != target.shape:
+        raise ValueError(f"shapes differ: {pred.shape} vs {target.shape}")
+    if pred.ndim == 3:
+        pred, target = pred[:, None], target[:, None]
+    if pred.ndim != 4:
+        raise ValueError(f"expected (N, C, H, W) or (N, H, W) masks, got {pred.shape}")
+    flat = (pred.shape[0], pred.shape[1], -1)
+    pred, target = pred.reshape(flat), target.reshape(flat)
+    tp = np.count_nonzero(pred & target, axis=2)
+    return tp, np.count_nonzero(pred, axis=2) - tp, np.count_nonzero(target, axis=2) - tp
+
+
+def mean_dice_from_counts(tp, fp, fn, empty_score: float = 1.0) -> float:
+    """Mean over pairs of ``2tp / (2tp + fp + fn)``, ``empty_score`` where all three are 0."""
+    tp, fp, fn = (np.asarray(x, dtype=np.float64) for x in (tp, fp, fn))
+    if tp.size == 0:
+        raise ValueError("mean dice of no pairs")
+    denominator = 2.0 * tp + fp + fn
+    safe = np.where(denominator > 0, denominator, 1.0)
+    return float(np.where(denominator > 0, 2.0 * tp / safe, empty_score).mean())
+
+
+def mean_dice(pred: np.ndarray, target: np.ndarray, empty_score: float = 1.0) -> float:
+    """Mean dice over (image, class) pairs, as Severstal's leaderboard scored.
+
+    Args:
+        pred: Binary masks ``(N, C, H, W)``, or ``(N, H, W)`` for one class.
+        target: Ground truth of the same shape.
+        empty_score: Score of a pair empty in both (1 in most competitions).
+
+    Returns:
+        The mean of every pair's dice.
+    """
+    tp, fp, fn = pair_counts(pred, target)
+    return mean_dice_from_counts(tp, fp, fn, empty_score=empty_score)
+
+
+def task_metric(
+    metric: str, pred: np.ndarray, target: np.ndarray, empty_score: float = 1.0
+) -> float:
+    """The named metric (``global_dice`` or ``mean_dice``) of binary masks."""
+    if metric == "global_dice":
+        return global_dice(pred, target)
+    if metric == "mean_dice":
+        return mean_dice(pred, target, empty_score)
+    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
 
 
 @njit(cache=True, parallel=True)

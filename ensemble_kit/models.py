@@ -55,7 +55,9 @@ TEMPORAL_MIX_ARCHITECTURES = tuple(name for name in ARCHITECTURES if name != "DP
 MIN_SIZE = {"PAN": 128}
 
 
-def build_model(config: Config, pretrained: bool = True) -> nn.Module:
+def build_model(
+    config: Config, pretrained: bool = True, channels: tuple[int, int] | None = None
+) -> nn.Module:
     """The model a config describes, returning logits at the input's resolution.
 
     Args:
@@ -63,18 +65,22 @@ def build_model(config: Config, pretrained: bool = True) -> nn.Module:
         pretrained: load ``model.encoder_weights`` (from the local cache, or downloaded);
             False builds the bare architecture, as every load of a trained checkpoint does
             (``best.pt`` replaces the weights anyway, and loading must work offline).
+        channels: ``(input, output)`` channels from ``task.model_channels`` for an image task
+            or several classes; None: the config's contrail channels and one output.
 
     Returns:
-        A module mapping ``(B, config.input.in_channels, H, W)`` to logits ``(B, 1, H, W)``.
+        A module mapping ``(B, in, H, W)`` to logits ``(B, out, H, W)``.
 
     Raises:
         EkError: unknown architecture, encoder or decoder keyword; temporal mix on an
             architecture without it; pretrained weights neither cached nor downloadable.
     """
-    return _build(config, pretrained, source=config.name)
+    return _build(config, pretrained, config.name, channels)
 
 
-def _build(config: Config, pretrained: bool, source: str) -> nn.Module:
+def _build(
+    config: Config, pretrained: bool, source: str, channels: tuple[int, int] | None = None
+) -> nn.Module:
     spec = config.model
     arch = architecture_name(spec.arch)
     frames = len(config.input.frames) if spec.temporal == "mix" else 1
@@ -83,10 +89,12 @@ def _build(config: Config, pretrained: bool, source: str) -> nn.Module:
             f"model.temporal 'mix' is not supported for {arch}; use one of "
             f"{', '.join(TEMPORAL_MIX_ARCHITECTURES)}"
         )
-    channels = config.input.channels_per_frame if frames > 1 else config.input.in_channels
+    in_channels, out_channels = channels or (config.input.in_channels, 1)
+    if frames > 1:
+        in_channels = config.input.channels_per_frame
     net: Any  # smp models expose their parts as attributes
     with _weights_offline_error(source, spec, pretrained):
-        net = _create_smp(arch, spec, channels, pretrained)
+        net = _create_smp(arch, spec, in_channels, pretrained, out_channels)
     if frames > 1:
         net = TemporalMix(net, frames)
     stride = net.encoder.output_stride if _needs_divisible(net) else 1
@@ -166,7 +174,9 @@ def _offline_message(source: str, spec: ModelSpec) -> str:
     )
 
 
-def _create_smp(arch: str, spec: ModelSpec, in_channels: int, pretrained: bool) -> nn.Module:
+def _create_smp(
+    arch: str, spec: ModelSpec, in_channels: int, pretrained: bool, classes: int = 1
+) -> nn.Module:
     check_encoder(spec.encoder)
     weights: str | bool | None = spec.encoder_weights if pretrained else None
     if spec.encoder.startswith("tu-") and isinstance(weights, str):
@@ -183,7 +193,7 @@ def _create_smp(arch: str, spec: ModelSpec, in_channels: int, pretrained: bool) 
         encoder_name=spec.encoder,
         encoder_weights=weights,
         in_channels=in_channels,
-        classes=1,
+        classes=classes,
         **spec.decoder,
     )
 

@@ -85,7 +85,7 @@ class Registry:
         return tuple(name for name in self.names if name not in self._items)
 
 
-CHANNELS = Registry("input.channels", ("ash", "bands"))
+CHANNELS = Registry("input.channels", ("ash", "bands", "image"))
 NORMALIZATIONS = Registry("input.normalize", ("meanstd", "minmax"))
 TEMPORAL = Registry("model.temporal", ("none", "mix"))
 LOSSES = Registry("loss", ("dice", "bce", "focal", "logcosh_dice", "lovasz"))

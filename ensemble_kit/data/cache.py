@@ -9,6 +9,10 @@ Labels: ``folds/cache/<split>-labels/``: ``labels.npy`` uint8 ``(N, H, W)`` aggr
 ``soft.npy`` uint8 ``(N, H, W)`` mean of the individual masks x 255 (the aggregated mask
 where a record has none), ``ids.csv``.
 
+Image tasks (:mod:`ensemble_kit.task`): ``<split>-images-<digest>/inputs.npy`` ``(N, C, H, W)``
+and ``<split>-labels-<digest>/labels.npy``, uint8 ``(N, C, H, W)`` for C > 1 classes and
+``(N, H, W)`` for one (:func:`ensure_image_inputs`, :func:`ensure_image_labels`).
+
 Every entry is keyed by a *fingerprint* of its source files: the size and ``mtime_ns`` of
 every file it reads, of every record (stat calls only, no reads). ``meta.json`` keeps the
 key, ``sources.npy`` the per-file ``(size, mtime_ns)`` table; an entry whose files changed
@@ -44,6 +48,16 @@ from ..errors import EkError
 from ..files import digest_json, read_json, user_errors, write_json
 from ..layout import Layout, cache_array, cache_files, record_dir, split_dir
 from ..oof import from_codes, to_codes
+from ..task import Task
+from .images import (
+    MASK_SUFFIX,
+    image_files,
+    list_images,
+    mask_location,
+    read_image,
+    read_masks,
+    split_folder,
+)
 from .records import (
     MASK_FILE,
     N_FRAMES,
@@ -416,3 +430,105 @@ def run_in_workers(function: Callable, tasks: list, workers: int, label: str) ->
         finally:
             for future in futures:
                 future.cancel()
+
+
+def _files_fingerprint(paths: list[Path]) -> str:
+    """Digest of the name, size and ``mtime_ns`` of each file (stat calls only)."""
+    stats = []
+    for path in paths:
+        stat = os.stat(path)
+        stats.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return digest_json(stats)
+
+
+def _build_arrays(
+    path: Path,
+    key: str,
+    ids: list[str],
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    fill: Callable[[dict[str, np.ndarray], int, list[str]], None],
+    label: str,
+) -> CacheEntry:
+    """Build an image-task entry in-process, chunk by chunk, into a folder renamed into place."""
+    if _meta(path).get("key") == key:
+        return open_entry(path)
+    started = time.perf_counter()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        arrays: dict[str, np.ndarray] = {
+            name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=d, shape=s)
+            for name, (s, d) in specs.items()
+        }
+        for start in tqdm(range(0, len(ids), CHUNK), desc=label, disable=len(ids) < 64):
+            fill(arrays, start, ids[start : start + CHUNK])
+        for array in arrays.values():
+            array.flush()  # type: ignore[attr-defined]
+        del arrays
+        pd.DataFrame({"record_id": ids}).to_csv(tmp / "ids.csv", index=False)
+        meta = {"arrays": list(specs), "ids": digest_json(ids), "key": key}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _install(tmp, path, key)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("%s: %d images in %.1f s -> %s", label, len(ids), time.perf_counter() - started, path)
+    return open_entry(path)
+
+
+def ensure_image_inputs(layout: Layout, task: Task, data_root: Path, split: str) -> CacheEntry:
+    """The input cache of an image task's split: ``inputs`` ``(N, C, H, W)``, built when stale.
+
+    uint8 codes (``round(x * 255)``) for image files; float16 where a split holds ``.npy``
+    images (their values are kept as stored). Keyed, like the contrail caches, by the data
+    root, the task and the split's image ids (the folder) and by the size and ``mtime_ns`` of
+    every image (the entry's key).
+    """
+    files = image_files(task, data_root, split)
+    ids = list(files)
+    if not ids:
+        raise EkError(f"{split_folder(task, data_root, split)}: no images")
+    paths = list(files.values())
+    dtype = np.dtype(np.float16 if any(p.suffix == ".npy" for p in paths) else np.uint8)
+    name = digest_json([str(Path(data_root).resolve()), task.digest, split, digest_json(ids)])
+    path = layout.cache_dir / f"{split}-images-{name}"
+
+    def fill(arrays: dict[str, np.ndarray], start: int, chunk: list[str]) -> None:
+        for row, image_id in enumerate(chunk, start):
+            image = read_image(task, files[image_id])
+            arrays["inputs"][row] = np.rint(image * 255.0) if dtype == np.uint8 else image
+
+    shape = (len(ids), task.channels, *task.size)
+    key = _files_fingerprint(paths)
+    return _build_arrays(path, key, ids, {"inputs": (shape, dtype)}, fill, f"images {split}")
+
+
+def ensure_image_labels(layout: Layout, task: Task, data_root: Path, split: str) -> CacheEntry:
+    """The label cache of an image task's split: ``labels`` uint8, built when stale.
+
+    ``(N, C, H, W)`` of 0/1 for C > 1 classes, ``(N, H, W)`` for one class (the contrail
+    labels' shape). Keyed by the mask files' (or the mask CSV's) size and ``mtime_ns``.
+    """
+    location = mask_location(task, data_root, split)
+    if location is None or not location.exists():
+        raise EkError(f"task {task.name}: split '{split}' has no masks")
+    ids = list_images(task, data_root, split)
+    if task.masks.source == "csv":
+        sources = [location, *image_files(task, data_root, split).values()]
+    else:
+        sources = [location / f"{Path(i).stem}{MASK_SUFFIX}" for i in ids]
+    name = digest_json([str(Path(data_root).resolve()), task.digest, split])
+    path = layout.cache_dir / f"{split}-labels-{name}"
+    masks = read_masks(task, data_root, split, ids) if task.masks.source == "csv" else None
+
+    def fill(arrays: dict[str, np.ndarray], start: int, chunk: list[str]) -> None:
+        block = masks[start : start + len(chunk)] if masks is not None else None
+        if block is None:
+            block = read_masks(task, data_root, split, chunk)
+        arrays["labels"][start : start + len(chunk)] = block[:, 0] if task.n_classes == 1 else block
+
+    classes = () if task.n_classes == 1 else (task.n_classes,)
+    shape = (len(ids), *classes, *task.size)
+    key = _files_fingerprint([p for p in sources if p.exists()])
+    spec = {"labels": (shape, np.dtype(np.uint8))}
+    return _build_arrays(path, key, ids, spec, fill, f"labels {split}")

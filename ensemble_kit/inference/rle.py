@@ -5,6 +5,11 @@ number ``c * H + r + 1``. An encoding is space-separated ``start length`` pairs 
 ascending and runs neither overlapping nor touching; an empty mask is ``-``. Example: a
 mask whose only positives are rows 0-2 of column 0 is ``1 3``.
 
+Other competitions number pixels differently: ``order="row"`` numbers them left to right
+then top to bottom (pixel ``(r, c)`` is ``r * W + c + base``) and ``base=0`` starts at 0.
+:func:`decode`, :func:`encode` and :func:`parse_runs` take both; the defaults are the
+contrail (and Severstal) convention above.
+
 :func:`encode`, :func:`encode_batch` and :func:`decode` are vectorised numpy;
 :func:`encode_reference` and :func:`decode_reference` are the plain per-pixel Python loops
 they are tested and benchmarked against.
@@ -12,16 +17,21 @@ they are tested and benchmarked against.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import EkError
+from ..runlength import EMPTY, parse_runs
 
-EMPTY = "-"
-_SPACE = r"[ \t\n\r\x0b\x0c]+"  # ASCII whitespace, as numpy's parser reads it
-_DIGITS_AND_SPACE = b"0123456789 \t\n\r\x0b\x0c"
+__all__ = [
+    "EMPTY",
+    "decode",
+    "decode_reference",
+    "encode",
+    "encode_batch",
+    "encode_reference",
+    "parse_runs",
+]
 
 
 def _check_mask(mask: np.ndarray, ndim: int) -> np.ndarray:
@@ -82,19 +92,32 @@ def _encode_bool(mask: np.ndarray) -> str:
     return _format_runs(*(_runs_dense(mask) if dense else _runs_sparse(mask)))
 
 
-def encode(mask: np.ndarray) -> str:
+def encode(mask: np.ndarray, order: str = "column", base: int = 1, empty: str = EMPTY) -> str:
     """Run-length encode one 2-D binary mask.
 
     Args:
         mask: ``(H, W)`` array of bool or 0/1 values.
+        order: ``column`` (pixels numbered top to bottom, then left to right) or ``row``.
+        base: Number of the first pixel: 1 or 0.
+        empty: The text of an empty mask (``-`` for contrails, ``""`` for most others).
 
     Returns:
-        The Kaggle RLE text, ``-`` for an empty mask.
+        The Kaggle RLE text, ``empty`` for an empty mask.
 
     Raises:
         ValueError: ``mask`` is not 2-D or has values other than 0 and 1.
     """
-    return _encode_bool(_check_mask(mask, 2))
+    mask = _check_mask(mask, 2)
+    if order not in ("column", "row") or base not in (0, 1):
+        raise ValueError(f"order must be column or row and base 0 or 1, got {order!r}, {base!r}")
+    text = _encode_bool(mask.T if order == "row" else mask)
+    if text == EMPTY:
+        return empty
+    if base == 0:
+        numbers = np.array(text.split(), dtype=np.int64)
+        numbers[0::2] -= 1
+        return " ".join(map(str, numbers.tolist()))
+    return text
 
 
 def encode_batch(masks: np.ndarray) -> list[str]:
@@ -112,92 +135,15 @@ def encode_batch(masks: np.ndarray) -> list[str]:
     return [_encode_bool(mask) for mask in _check_mask(masks, 3)]
 
 
-def _pixel_count(shape: Sequence[int]) -> int:
-    """Pixels of a 2-D ``shape``; ValueError for anything else."""
-    if len(shape) != 2 or any(int(side) < 0 for side in shape):
-        raise ValueError(f"expected a 2-D shape (H, W), got {tuple(shape)}")
-    return int(shape[0]) * int(shape[1])
-
-
-def _parse_numbers(rle: str) -> np.ndarray:
-    """The numbers of a non-empty RLE as int64; EkError for a token that is not digits."""
-    if not rle.isascii() or rle.encode().translate(None, _DIGITS_AND_SPACE):
-        bad = next(t for t in re.split(_SPACE, rle) if not re.fullmatch(r"[0-9]*", t))
-        raise EkError(f"RLE token {bad[:30]!r} is not a positive integer")
-    # Only ASCII digits and whitespace are left, which fromstring parses exactly and
-    # several times faster than converting split tokens; numbers too large for int64
-    # saturate, and fail the bound check in _check_runs.
-    numbers = np.fromstring(rle, dtype=np.int64, sep=" ")
-    if numbers.size % 2:
-        raise EkError(
-            f"RLE has an odd number of values ({numbers.size}); expected start/length pairs"
-        )
-    return numbers
-
-
-def _check_runs(numbers: np.ndarray, rle: str, pixels: int) -> None:
-    """EkError for zero or oversized values, unordered/overlapping/touching runs, overruns."""
-    if numbers.min() < 1:
-        i = int(np.argmax(numbers < 1))
-        name = ("start", "length")[i % 2]
-        raise EkError(f"RLE pair {i // 2 + 1} has {name} 0 (starts and lengths are >= 1)")
-    if numbers.max() > pixels:  # also catches values too large for int64, saturated
-        i = int(np.argmax(numbers > pixels))
-        name = ("start", "length")[i % 2]
-        raise EkError(
-            f"RLE pair {i // 2 + 1} has {name} {re.split(_SPACE, rle.strip())[i][:30]}, "
-            f"past the image end ({pixels} pixels)"
-        )
-    starts, lengths = numbers[0::2], numbers[1::2]
-    ends = starts + lengths  # 1-indexed, one past the run
-    gaps = starts[1:] - ends[:-1]
-    if gaps.size and gaps.min() <= 0:
-        i = int(np.argmax(gaps <= 0))
-        if starts[i + 1] <= starts[i]:
-            problem = "starts are not ascending"
-        elif gaps[i] < 0:
-            problem = "runs overlap"
-        else:
-            problem = "runs touch (they should be one run)"
-        pairs = f"'{starts[i]} {lengths[i]}', '{starts[i + 1]} {lengths[i + 1]}'"
-        raise EkError(f"RLE pairs {i + 1} and {i + 2} ({pairs}): {problem}")
-    if ends[-1] - 1 > pixels:
-        raise EkError(
-            f"RLE run '{starts[-1]} {lengths[-1]}' ends at pixel {ends[-1] - 1}, "
-            f"past the image end ({pixels} pixels)"
-        )
-
-
-def parse_runs(rle: str, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Validate an RLE text and return its runs.
-
-    Args:
-        rle: Kaggle RLE; ``-``, an empty string or only whitespace mean an empty mask.
-            Any ASCII whitespace may separate the numbers.
-        shape: ``(H, W)`` of the mask the RLE describes.
-
-    Returns:
-        ``(starts, lengths)`` as int64 arrays, starts 1-indexed column-major.
-
-    Raises:
-        EkError: the text is not a valid RLE for ``shape``, with a one-line reason.
-    """
-    pixels = _pixel_count(shape)
-    if not isinstance(rle, str):
-        raise EkError(f"RLE must be a string, got {type(rle).__name__} {rle!r}")
-    if rle.strip() in ("", EMPTY):
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    numbers = _parse_numbers(rle)
-    _check_runs(numbers, rle, pixels)
-    return numbers[0::2], numbers[1::2]
-
-
-def decode(rle: str, shape: Sequence[int]) -> np.ndarray:
+def decode(rle: str, shape: Sequence[int], order: str = "column", base: int = 1) -> np.ndarray:
     """Decode a Kaggle RLE into a mask.
 
     Args:
         rle: Kaggle RLE; ``-`` or an empty string for an empty mask.
         shape: ``(H, W)`` of the mask.
+        order: ``column`` (pixels numbered top to bottom, then left to right) or ``row``
+            (left to right, then top to bottom).
+        base: Number of the first pixel: 1 or 0.
 
     Returns:
         A C-contiguous bool array of ``shape``.
@@ -206,7 +152,11 @@ def decode(rle: str, shape: Sequence[int]) -> np.ndarray:
         EkError: malformed RLE (odd count, non-integer, zero start or length, starts not
             ascending, overlapping or touching runs, a run past the image end).
     """
-    starts, lengths = parse_runs(rle, shape)
+    if order not in ("column", "row"):
+        raise ValueError(f"order must be 'column' or 'row', got {order!r}")
+    if order == "row":  # row-major numbering of (H, W) is column-major numbering of (W, H)
+        return decode(rle, (shape[1], shape[0]), "column", base).T.copy()
+    starts, lengths = parse_runs(rle, shape, base)
     mask = np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
     if starts.size:
         # Column-major index of every positive pixel: its run's start plus 0..length-1.

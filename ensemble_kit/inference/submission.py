@@ -1,8 +1,13 @@
 """Writing and checking the Kaggle submission CSV.
 
-The file is ``record_id,encoded_pixels`` with one row per test record. Record ids are
+For contrails the file is ``record_id,encoded_pixels`` with one row per test record. Record ids are
 15-19 digit strings and stay strings end to end: read as floats they lose digits and no
 longer match any record.
+
+Image tasks (:mod:`ensemble_kit.task`) write their own layout: the task's two-column header,
+one row per (image, class) with ids from the task's pattern, RLE in the task's pixel order,
+its empty text, rows in ``sample_submission.csv``'s order when there is one
+(:func:`task_rows`, :func:`write_task_submission`, :func:`check_task_submission`).
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from ..data.images import list_images
 from ..data.records import list_records, record_shape
 from ..errors import EkError
 from ..files import atomic_path
-from .rle import EMPTY, parse_runs
+from ..task import Task
+from .rle import EMPTY, encode, parse_runs
 
 DEFAULT_SHAPE = (256, 256)
 
@@ -190,3 +198,129 @@ def check_submission(
         "empty_rows": empty_rows,
         "positive_pixels": positive_pixels,
     }
+
+
+def task_rows(task: Task, image_ids: Sequence[str], masks: np.ndarray) -> list[tuple[str, str]]:
+    """``(row id, RLE)`` per (image, class) of an image task's submission, image by image.
+
+    Args:
+        task: The task (its row id pattern, RLE order and empty text).
+        image_ids: One id per image.
+        masks: Binary masks ``(N, C, H, W)``, or ``(N, H, W)`` for one class.
+    """
+    masks = np.asarray(masks)
+    if masks.ndim == 3:
+        masks = masks[:, None]
+    if masks.shape[:2] != (len(image_ids), task.n_classes):
+        raise EkError(
+            f"{masks.shape[:2]} masks for {len(image_ids)} images x {task.n_classes} classes"
+        )
+    spec = task.submission
+    return [
+        (row_id, encode(mask, order=spec.rle_order, empty=spec.empty))
+        for image_id, image_masks in zip(image_ids, masks)
+        for row_id, mask in zip(task.row_ids(image_id), image_masks)
+    ]
+
+
+def sample_order(task: Task, data_root: Path | str | None) -> list[str] | None:
+    """Row ids of the task's ``sample_submission.csv`` in its order; None where absent."""
+    if data_root is None or task.submission.sample is None:
+        return None
+    sample = Path(data_root) / task.submission.sample
+    if not sample.is_file():
+        return None
+    table = pd.read_csv(sample, dtype=str, keep_default_na=False)
+    column = task.submission.header[0]
+    if column not in table.columns:
+        raise EkError(f"{sample}: no {column} column (task {task.name}'s submission header)")
+    return table[column].tolist()
+
+
+def write_task_submission(
+    path: Path | str, task: Task, rows: list[tuple[str, str]], data_root: Path | str | None = None
+) -> None:
+    """Write an image task's submission CSV atomically, rows in the sample's order if any.
+
+    Raises:
+        EkError: a row id repeats, or the rows are not exactly the sample submission's.
+    """
+    ids = [row_id for row_id, _ in rows]
+    if len(set(ids)) != len(ids):
+        raise EkError(f"{path}: a row id appears twice")
+    order = sample_order(task, data_root) if task.submission.row_order != "sorted" else None
+    by_id = dict(rows)
+    if order is not None:
+        _compare_ids(Path(path), set(ids), set(order), "sample_submission.csv")
+        rows = [(row_id, by_id[row_id]) for row_id in order]
+    elif task.submission.row_order == "sorted":
+        rows = sorted(rows)
+    lines = [",".join(task.submission.header)] + [f"{i},{rle}" for i, rle in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def check_task_submission(
+    path: Path | str, task: Task, data_root: Path | str | None = None, split: str = "test"
+) -> dict:
+    """Validate an image task's submission CSV (header, ids, RLEs) before uploading it.
+
+    With ``data_root``, the row ids must be exactly those of the split's images (every
+    class of each) and, for the test split, those of the sample submission when present.
+
+    Returns:
+        ``{"path", "rows", "empty_rows", "positive_pixels"}``.
+
+    Raises:
+        EkError: one line naming the file and, for a bad row, its line (the header is 1).
+    """
+    path = Path(path)
+    rows = _read_task_rows(path, task)
+    _check_unique(path, rows)
+    if data_root is not None:
+        ids = {row_id for _, row_id, _ in rows}
+        images = list_images(task, data_root, split)
+        expected = {row_id for image in images for row_id in task.row_ids(image)}
+        _compare_ids(path, ids, expected, f"the {split} images")
+        order = sample_order(task, data_root) if split == "test" else None
+        if order is not None:
+            _compare_ids(path, ids, set(order), str(task.submission.sample))
+    side = task.size if task.submission.rle_order == "column" else task.size[::-1]
+    empty_rows = positive_pixels = 0
+    for line, row_id, rle in rows:
+        if rle == task.submission.empty:
+            empty_rows += 1
+            continue
+        try:
+            _, lengths = parse_runs(rle, side, allow_touching=True)
+        except EkError as error:
+            raise EkError(f"{path}: line {line} ({row_id}): {error}") from None
+        positive_pixels += int(lengths.sum())
+    return {
+        "path": str(path),
+        "rows": len(rows),
+        "empty_rows": empty_rows,
+        "positive_pixels": positive_pixels,
+    }
+
+
+def _read_task_rows(path: Path, task: Task) -> list[tuple[int, str, str]]:
+    """``(line, row id, rle)`` per data row after checking the header and field counts."""
+    header = ",".join(task.submission.header)
+    if not path.is_file():
+        raise EkError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            first = handle.readline().rstrip("\r\n")
+            if first != header:
+                raise EkError(f"{path}: line 1: header is {first[:80]!r}, expected {header!r}")
+            rows: list[tuple[int, str, str]] = []
+            for fields in csv.reader(handle):
+                line = len(rows) + 2
+                if len(fields) != 2:
+                    what = "blank line" if not fields else f"{len(fields)} fields, expected 2"
+                    raise EkError(f"{path}: line {line}: {what}")
+                rows.append((line, fields[0], fields[1]))
+            return rows
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise EkError(f"{path}: not a readable CSV: {error}") from None

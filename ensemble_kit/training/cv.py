@@ -36,6 +36,7 @@ from ..layout import Layout, fold_files
 from ..models import architecture_name, check_pretrained_weights
 from ..oof import ArrayWriter, to_codes
 from ..runtime import resolve_device
+from ..task import Task, check_config_fits, resolve_task, workdir_task
 from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
@@ -65,6 +66,18 @@ class CvRequest:
     gpus_per_job: float | None = None
     address: str | None = None
     precision: str = "auto"
+    task_name: str | None = None  # `ek cv --task`: the task of new splits
+
+
+def _check_task(request: CvRequest, task: Task) -> None:
+    """One-line errors for a config built for another task, before anything trains."""
+    for path in request.config_paths:
+        check_config_fits(load_config(path), task, str(path))
+    if task.kind != "contrails":
+        raise EkError(
+            f"task {task.name}: training on image tasks is not wired into `ek cv` yet "
+            "(splits, readers and the submission format are; see docs/how-to/other-competitions.md)"
+        )
 
 
 @dataclass(frozen=True)
@@ -103,8 +116,12 @@ def run_cv(
     configs = [member for _, member in sourced]
     source_of = {member.name: path for path, member in sourced}
     _check_unique_names(configs, request.config_paths)
-    splits, meta = ensure_splits(request.layout, request.data_root, request.n_folds, request.seed)
+    task = resolve_task(request.task_name) if request.task_name else None
+    splits, meta = ensure_splits(
+        request.layout, request.data_root, request.n_folds, request.seed, task
+    )
     data_root = Path(request.data_root or meta["data_root"])
+    _check_task(request, workdir_task(request.layout, meta))
     folds = request.folds or tuple(range(meta["n_folds"]))
     for fold in folds:
         if not 0 <= fold < meta["n_folds"]:

@@ -53,6 +53,7 @@ from ..layout import Layout, fold_files, pseudo_files
 from ..names import check_name as check_folder_name
 from ..oof import read_ids, to_codes, write_ids
 from ..runtime import resolve_device
+from ..task import task_path, workdir_task
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,12 @@ def window_set(
 def run_pseudo(request: PseudoRequest) -> dict:
     """Write the pseudo-label set (or reuse an identical one); returns its manifest."""
     layout, name = request.layout, check_name(request.name)
+    task = workdir_task(layout)
+    if task.kind != "contrails":
+        raise EkError(
+            f"{task_path(layout)}: task {task.name} has no frames; `ek pseudo` labels the "
+            "unlabelled frames of contrail records"
+        )
     frames = check_frames(tuple(request.frames))
     rule = verify_blend(layout)
     splits, meta = ensure_splits(layout, request.data_root, None)
