@@ -22,6 +22,7 @@ from .apply import _digest, apply_blend, blend_histogram, floor_sum, fraction_th
 from .ensemble_search import SearchResult, search
 from .gallery import write_gallery
 from .holdout import CROSSFIT_SEED, check_holdout
+from .sparse import floor_pool
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def _read_pool(layout, configs: list[str] | None) -> list:
     first = pool[0]
     for other in pool[1:]:
         _check_same(layout, first, other)
-    return pool
+    return floor_pool(pool)
 
 
 def _check_same(layout, first, other) -> None:

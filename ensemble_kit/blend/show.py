@@ -31,6 +31,7 @@ from .gallery import (
     set_threshold,
     write_png,
 )
+from .sparse import check_rule_floor, floor_pool, members_floor
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def _locate(layout: Layout, record_id: str, data_root: Path | None) -> tuple[str
 
 def _set_panel(layout: Layout, blend: dict, record_id: str, set_name: str) -> Panel:
     """The panel of a pool or holdout record, without images or label."""
-    chosen = [read_oof(layout, name) for name in blend["configs"]]
+    chosen = floor_pool([read_oof(layout, name) for name in blend["configs"]])
+    check_rule_floor(blend, members_floor([o.probs for o in chosen]), str(layout.blend_json))
     first = chosen[0]
     if set_name == "oof":
         ids, source = first.ids, layout.oof_ids(first.name)

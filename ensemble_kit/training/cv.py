@@ -34,7 +34,7 @@ from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files
 from ..models import check_pretrained_weights
-from ..oof import ArrayWriter, to_uint8
+from ..oof import codes_writer, sparse_path, to_uint8, writes_sparse
 from ..runtime import resolve_device
 from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
@@ -311,22 +311,31 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
             "%s fold %d: another process took the fold over; not writing it", config.name, fold
         )
         return None
-    summary.update(_write_parts(config, fold_dir, val, holdout, device))
+    n_pool = int((splits["fold"] != HOLDOUT_FOLD).sum())
+    summary.update(_write_parts(config, fold_dir, val, holdout, device, n_pool))
     summary["seconds_total"] = time.perf_counter() - started
     summary["sources"] = fold_sources(caches, splits)
     write_done(fold_dir, summary)
     return summary
 
 
-def _write_parts(config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySet, device) -> dict:
-    """Predict the fold's OOF and holdout parts; returns the measured prediction cost."""
+def _write_parts(
+    config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySet, device, n_pool: int
+) -> dict:
+    """Predict the fold's OOF and holdout parts; returns the measured prediction cost.
+
+    ``n_pool`` (every OOF record of the config) decides ``oof.format: auto``.
+    """
     model = load_fold_model(config, fold_dir, device)
     batch = max(1, config.train.batch_size)
     side = val.sources[0][0].shape[-1]
     clock = {"seconds": 0.0, "records": 0}
-    with ArrayWriter(fold_files(fold_dir)["oof_part"], (len(val), side, side)) as writer:
+    sparse = writes_sparse(config, n_pool, (side, side))
+    path = fold_files(fold_dir)["oof_part"]
+    with codes_writer(path, (len(val), side, side), sparse, config.oof.floor) as writer:
         for rows, probs in _timed(predict_set([model], config, val, device, batch), clock):
             writer.write(rows, to_uint8(probs))
+    (path if sparse else sparse_path(path)).unlink(missing_ok=True)  # the other format's
     if len(holdout):
         with atomic_path(fold_files(fold_dir)["holdout_part"]) as tmp:
             out = np.lib.format.open_memmap(
