@@ -210,7 +210,7 @@ def _to_sparse(folder, labels=None):
 
 
 def _scores(result):
-    kept = {k: v for k, v in result.items() if k != "digests"}
+    kept = {k: v for k, v in result.items() if k not in ("digests", "cost")}  # cost: timed
     return json.loads(json.dumps(kept))
 
 
@@ -229,3 +229,95 @@ def test_run_blend_all_sparse_equals_mixed(tmp_path):
     assert _scores(mixed) == _scores(all_sparse)
     assert set(all_sparse["digests"]["oof"]) == {"alpha", "beta", "gamma"}
     assert blend.verify_blend(type(layout)(sparse_dir / "folds"))
+
+
+# ----------------------------------------------------------------------------- trained
+
+QUICK = """
+name: {name}
+input: {{channels: ash, frames: [4]}}
+model: {{arch: Unet, encoder: tu-test_resnet}}
+optim: {{name: adam, lr: 0.003}}
+train: {{epochs: 2, batch_size: 8, max_steps_per_epoch: 2, seed: {seed}}}
+oof: {{format: {fmt}, floor: 13}}
+"""
+
+
+def _cv(folder, synth_root, fmt):
+    from click.testing import CliRunner
+
+    from ensemble_kit.cli import main
+
+    paths = []
+    for seed, name in enumerate(("qa", "qb")):
+        path = folder / f"{name}.yaml"
+        path.write_text(QUICK.format(name=name, seed=seed, fmt=fmt))
+        paths.append(str(path))
+    workdir = folder / "folds"
+    args = ["cv", "--data", str(synth_root), "--workdir", str(workdir), "--folds", "2", *paths]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synth_root):
+    """Two quick configs trained twice on the same splits (the same models: training is
+    reproducible on CPU): dense OOF, and sparse OOF from sparse fold parts."""
+    dense = _cv(tmp_path_factory.mktemp("dense"), synth_root, "dense")
+    folder = tmp_path_factory.mktemp("sparse")
+    shutil.copytree(dense.parent / "folds", folder / "folds", ignore=_only_splits)
+    return dense, _cv(folder, synth_root, "sparse")
+
+
+def _only_splits(folder, names):
+    return (
+        [n for n in names if n not in ("splits.csv", "splits.json")]
+        if folder.endswith("folds")
+        else []
+    )
+
+
+@pytest.mark.slow
+def test_ek_cv_writes_sparse_oof_and_parts(trained):
+    dense, sparse = trained
+    for name in ("qa", "qb"):
+        assert not (sparse / name / "oof.npy").exists()
+        assert (sparse / name / "fold_0" / "oof_part_sparse.ekz").is_file()
+        codes = load_codes(dense / name, "oof")
+        np.testing.assert_array_equal(
+            load_codes(sparse / name, "oof"), np.where(codes >= 13, codes, 0)
+        )
+        holdout = load_codes(dense / name, "holdout")
+        np.testing.assert_array_equal(
+            load_codes(sparse / name, "holdout"), np.where(holdout >= 13, holdout, 0)
+        )
+        assert SparseCodes(sparse / name / "oof_sparse.ekz").below_positives.min() >= 0
+
+
+@pytest.mark.slow
+def test_trained_blends_all_sparse_and_mixed_alike(trained, tmp_path):
+    from ensemble_kit.layout import Layout
+
+    dense, sparse = trained
+    mixed = tmp_path / "folds"
+    shutil.copytree(dense, mixed)
+    for split in ("oof", "holdout"):
+        (mixed / "qb" / f"{split}.npy").unlink()
+        shutil.copy(sparse / "qb" / f"{split}_sparse.ekz", mixed / "qb")
+    all_sparse = blend.run_blend(Layout(sparse), steps=3)
+    assert _scores(blend.run_blend(Layout(mixed), steps=3)) == _scores(all_sparse)
+    assert all_sparse["scores"]["search_floor"] == 13 / 255
+    alone = search([SparseCodes(sparse / "qa" / "oof_sparse.ekz")], *_labels_folds(sparse))
+    plain = search([np.load(dense / "qa" / "oof.npy")], *_labels_folds(sparse))
+    assert _choice(alone) == _choice(plain)
+
+
+def _labels_folds(workdir):
+    from ensemble_kit.blend.run import _load_labels, _read_splits, _splits_data_root
+    from ensemble_kit.layout import Layout
+    from ensemble_kit.oof import read_oof
+
+    layout = Layout(workdir)
+    oof = read_oof(layout, "qa")
+    return _load_labels(layout, _splits_data_root(layout), oof.ids, _read_splits(layout)), oof.folds
