@@ -197,6 +197,7 @@ def main() -> None:
     root = args.data or Path(tempfile.mkdtemp(prefix="ek-sparse-"))
     print(f"# sparse OOF, {args.configs} configs, {load_note()}")
     print("| step | time | peak RssAnon | notes |\n|---|---:|---:|---|")
+    writer_cost(root)
     steel(root, args)
     contrails(root, args)
     if args.cv:
@@ -250,6 +251,37 @@ def contrails(root: Path, args) -> None:
             f"memory vs dense; {note}",
         )
     )
+
+
+def writer_cost(root: Path) -> None:
+    """ms per record of ``to_uint8`` + the OOF writer, dense against sparse (best of 3)."""
+    from ensemble_kit.oof import ArrayWriter, to_uint8
+    from ensemble_kit.sparse_oof import SparseWriter
+
+    rng = np.random.default_rng(0)
+    for shape in [(64, 256, 256), (16, 4, 256, 1600)]:
+        p = np.clip(rng.normal(0.01, 0.01, shape), 0, 1).astype(np.float32)
+        p[..., 40:90, 50:200] = rng.random(p[..., 40:90, 50:200].shape) * 0.9 + 0.1
+        cost = {}
+        for fmt in ("dense", "sparse"):
+            best = np.inf
+            for _ in range(3):
+                started = time.perf_counter()
+                units = (int(np.prod(shape[:-2])), *shape[-2:])
+                writer = (
+                    SparseWriter(root / "w.ekz", shape, FLOOR)
+                    if fmt == "sparse"
+                    else ArrayWriter(root / "w.npy", units)
+                )
+                with writer:
+                    codes = to_uint8(p)
+                    writer.write(slice(None), codes if fmt == "sparse" else codes.reshape(units))
+                best = min(best, time.perf_counter() - started)
+            cost[fmt] = best / shape[0] * 1e3
+        print(
+            f"| OOF writer, {' x '.join(map(str, shape[1:]))} record | | | dense "
+            f"{cost['dense']:.2f} ms, sparse {cost['sparse']:.2f} ms per record |"
+        )
 
 
 def cv_rate(root: Path) -> None:
