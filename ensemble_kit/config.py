@@ -32,6 +32,7 @@ from .registry import (
     Registry,
     did_you_mean,
 )
+from .sparse_oof import FORMATS as OOF_FORMATS
 
 ALL_BANDS = (8, 9, 10, 11, 12, 13, 14, 15, 16)
 
@@ -133,6 +134,14 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class OofSpec:
+    """How ``ek cv`` stores OOF and holdout codes (storage only: not in the config digest)."""
+
+    format: str = "auto"  # auto (sparse past 4 GB of dense OOF per config) | dense | sparse
+    floor: int = 13  # sparse: codes below this uint8 code (p = 0.05) are not stored
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "config"
     input: InputSpec = field(default_factory=InputSpec)
@@ -146,6 +155,7 @@ class Config:
     tta: tuple[str, ...] = ("identity",)
     tta_merge: str = "mean"  # mean of probabilities | logit (mean of logits)
     tta_chunk: int = 0  # flipped copies per forward pass; 0 picks by model size
+    oof: OofSpec = field(default_factory=OofSpec)
 
 
 CHOICES: dict[tuple[str, ...], Registry] = {
@@ -217,6 +227,7 @@ def config_digest(config: Config) -> str:
     """Digest of everything in the config but its name."""
     data = resolved_dict(config)
     data.pop("name")
+    data.pop("oof")  # how OOF is stored changes no prediction
     return digest_json(data)
 
 
@@ -331,6 +342,13 @@ def _validate(config: Config, source: str) -> None:
     for band in config.input.bands:
         if band not in ALL_BANDS:
             raise EkError(f"{source}: 'input.bands' has {band}; bands are 8..16")
+    if config.oof.format not in OOF_FORMATS:
+        raise EkError(
+            f"{source}: 'oof.format' is {config.oof.format!r}; choose one of "
+            f"{', '.join(OOF_FORMATS)}"
+        )
+    if not 1 <= config.oof.floor <= 255:
+        raise EkError(f"{source}: 'oof.floor' is {config.oof.floor}; a uint8 code in 1..255")
     if not config.loss:
         raise EkError(f"{source}: 'loss' needs at least one term")
     _validate_winners(config, source)

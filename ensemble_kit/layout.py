@@ -17,6 +17,8 @@ A run writes under a *workdir* (``folds/`` by default, relative to the current d
                             RUNNING (while training), oof_part.npy, holdout_part.npy,
                             top_<k>.pt (train.average_top_k: K + 1 slots)
         oof.npy             uint8 (N, H, W): probability x 255, rows as oof_ids.csv
+                            (oof_sparse.ekz / holdout_sparse.ekz instead with oof.format
+                            sparse: codes >= oof.floor only; see sparse_oof.py)
         oof_ids.csv         record_id,fold
         holdout.npy         uint8 (M, H, W): mean over the K fold models
         holdout_ids.csv     record_id
@@ -100,13 +102,22 @@ class Layout:
         return self.config_dir(name) / f"fold_{fold}"
 
     def oof_npy(self, name: str) -> Path:
-        return self.config_dir(name) / "oof.npy"
+        """The config's OOF file: ``oof.npy``, or ``oof_sparse.ekz`` where only that exists."""
+        return _existing(self.oof_path(name, False), self.oof_path(name, True))
+
+    def oof_path(self, name: str, sparse: bool) -> Path:
+        """Where ``ek cv`` writes the OOF in one format (dense ``.npy`` or sparse ``.ekz``)."""
+        return self.config_dir(name) / ("oof_sparse.ekz" if sparse else "oof.npy")
 
     def oof_ids(self, name: str) -> Path:
         return self.config_dir(name) / "oof_ids.csv"
 
     def holdout_npy(self, name: str) -> Path:
-        return self.config_dir(name) / "holdout.npy"
+        """The holdout codes: ``holdout.npy``, or ``holdout_sparse.ekz`` where only that exists."""
+        return _existing(self.holdout_path(name, False), self.holdout_path(name, True))
+
+    def holdout_path(self, name: str, sparse: bool) -> Path:
+        return self.config_dir(name) / ("holdout_sparse.ekz" if sparse else "holdout.npy")
 
     def holdout_ids(self, name: str) -> Path:
         return self.config_dir(name) / "holdout_ids.csv"
@@ -169,6 +180,10 @@ def cache_array(entry: Path, name: str) -> Path:
     return entry / f"{name}.npy"
 
 
+def _existing(dense: Path, sparse: Path) -> Path:
+    return sparse if sparse.is_file() and not dense.is_file() else dense
+
+
 def fold_files(fold_dir: Path, top_k: int = 0) -> dict[str, Path]:
     """The files one fold writes; ``top_k`` adds the ``top_0`` ... ``top_<K>`` weight slots."""
     slots = {f"top_{k}": fold_dir / f"top_{k}.pt" for k in range(top_k + 1)} if top_k else {}
@@ -180,6 +195,7 @@ def fold_files(fold_dir: Path, top_k: int = 0) -> dict[str, Path]:
         "done": fold_dir / "DONE",
         "running": fold_dir / "RUNNING",
         "oof_part": fold_dir / "oof_part.npy",
+        "oof_part_sparse": fold_dir / "oof_part_sparse.ekz",
         "holdout_part": fold_dir / "holdout_part.npy",
         **slots,
     }

@@ -8,6 +8,10 @@ Per config, under ``folds/<name>/``:
   averaged over the K fold models. Absent when there is no holdout.
 - ``summary.json``: scores and the digests of splits, config and data.
 
+With ``oof.format: sparse`` (or ``auto`` past 4 GB of dense OOF) the codes go to
+``oof_sparse.ekz`` / ``holdout_sparse.ekz`` instead (:mod:`.sparse_oof`): only codes at or
+above ``oof.floor``; :func:`load_codes` reads either format as dense uint8.
+
 Arrays are written through a memory map to a temporary file and renamed into place, so
 peak memory does not grow with N and a killed run leaves no half-written ``oof.npy``.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +29,7 @@ import pandas as pd
 from .errors import EkError
 from .files import atomic_path
 from .layout import Layout, fold_files
+from .sparse_oof import SparseCodes, SparseWriter, open_codes, wants_sparse
 
 
 def to_codes(probabilities):
@@ -43,20 +49,6 @@ def to_codes(probabilities):
 def from_codes(codes: np.ndarray) -> np.ndarray:
     """uint8 codes back to float32 values in [0, 1]: ``u / 255``."""
     return np.asarray(codes).astype(np.float32) / 255.0
-
-
-def load_codes(folder: Path | str, split: str) -> np.ndarray:
-    """A member's stored uint8 codes, read-only: ``(N, H, W)`` in the order of its ids file.
-
-    Args:
-        folder: The config's folder, ``folds/<name>``.
-        split: ``oof`` (the out-of-fold predictions of the pool) or ``holdout`` (the mean of
-            the fold models on the holdout).
-    """
-    files = {"oof": "oof.npy", "holdout": "holdout.npy"}
-    if split not in files:
-        raise EkError(f"load_codes: split {split!r} is not one of {sorted(files)}")
-    return _open_uint8(Path(folder) / files[split])
 
 
 class ArrayWriter:
@@ -95,15 +87,57 @@ class ArrayWriter:
         self._atomic.__exit__(None, None, None)
 
 
+def codes_writer(
+    path: Path, shape: tuple[int, ...], sparse: bool, floor: int
+) -> ArrayWriter | SparseWriter:
+    """An :class:`ArrayWriter` on ``path`` (``<stem>.npy``) or, with ``sparse``, a
+    :class:`~.sparse_oof.SparseWriter` on :func:`sparse_path` of it."""
+    if sparse:
+        return SparseWriter(sparse_path(path), shape, floor)
+    return ArrayWriter(path, (shape[0], shape[-2], shape[-1]))
+
+
+def sparse_path(path: Path) -> Path:
+    """``<stem>_sparse.ekz`` beside the dense ``<stem>.npy``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_sparse.ekz")
+
+
+def writes_sparse(config, n_records: int, record_shape: tuple[int, ...]) -> bool:
+    """Whether ``ek cv`` writes this config's OOF sparse (``oof.format``; ``auto``: past
+    4 GB of dense codes per config)."""
+    return wants_sparse(config.oof.format, n_records, record_shape)
+
+
+def load_codes(folder: Path | str, split: str) -> np.ndarray:
+    """A config's dense uint8 codes from either format (codes below a sparse floor as 0).
+
+    Args:
+        folder: The config's folder (``<workdir>/<config>``).
+        split: ``oof`` or ``holdout``.
+
+    Returns:
+        uint8 ``(N, H, W)``: a read-only memmap for dense files, an array for sparse ones.
+    """
+    if split not in ("oof", "holdout"):
+        raise EkError(f"split {split!r}: expected 'oof' or 'holdout'")
+    folder = Path(folder)
+    dense, sparse = folder / f"{split}.npy", folder / f"{split}_sparse.ekz"
+    if not dense.is_file() and sparse.is_file():
+        return SparseCodes(sparse)[:]
+    return open_codes(dense)
+
+
 @dataclass(frozen=True)
 class OofSet:
-    """One config's finished OOF: probabilities are uint8 memmaps (never loaded as float)."""
+    """One config's finished OOF: uint8 memmaps (never loaded as float), or
+    :class:`~.sparse_oof.SparseCodes` read like them."""
 
     name: str
-    probs: np.ndarray  # uint8 (N, H, W), memmap
+    probs: Any  # uint8 (N, H, W): np.ndarray or SparseCodes
     ids: list[str]
     folds: np.ndarray  # int (N,)
-    holdout: np.ndarray | None  # uint8 (M, H, W), memmap
+    holdout: Any  # uint8 (M, H, W) like probs, or None
     holdout_ids: list[str]
     summary: dict
 
@@ -162,14 +196,9 @@ def read_oof(layout: Layout, name: str) -> OofSet:
     )
 
 
-def _open_uint8(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise EkError(f"{path}: missing; run `ek cv` to assemble it")
-    try:
-        array = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as err:
-        raise EkError(f"{path}: unreadable ({err})") from None
-    if array.dtype != np.uint8 or array.ndim != 3:
+def _open_uint8(path: Path) -> Any:
+    array = open_codes(path)
+    if array.ndim != 3:
         raise EkError(f"{path}: expected uint8 (N, H, W), found {array.dtype} {array.shape}")
     return array
 

@@ -116,6 +116,11 @@ DESCRIPTIONS: dict[str, str] = {
     "tta": "identity hflip vflip hvflip transpose rot90 rot270 antitranspose, or d4",
     "tta_merge": "mean (of probabilities) \\| logit (mean of logits)",
     "tta_chunk": "flipped copies per forward pass; 0 = automatic (fixed rule)",
+    "oof": "how `ek cv` stores OOF and holdout codes (storage only, not in the config digest)",
+    "oof.format": "auto (sparse past 4 GB of dense OOF per config) \\| dense \\| sparse "
+    "(`oof_sparse.ekz`: codes >= the floor only)",
+    "oof.floor": "sparse: uint8 code below which codes are not stored (read back as 0); "
+    "13 = p 0.05",
 }
 DEFAULT_OVERRIDES = {"name": "<file stem>"}
 

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..metrics import N_CODES
-from . import levels
+from . import levels, sparse
 from .kernels import gather_chunk, scan_chunk
 
 DEFAULT_FLOOR = 13  # uint8 code of p = 0.05: blend thresholds below 5 % are not searched
@@ -65,10 +65,32 @@ def build_candidates(
             the labels need not sit in memory either.
         folds: int ``(N,)`` fold of each row, ``0..K-1``.
         floor: uint8 code; pixels where every config is below it are dropped.
+
+    Members may be :class:`~ensemble_kit.sparse_oof.SparseCodes`: then every member's codes
+    below the sparse floor count as 0 and the floor is at least that (:mod:`.sparse`), and
+    when all are sparse only rows where some member stores a pixel are read.
     """
-    n_images, height, width = labels.shape
     folds = np.asarray(folds, dtype=np.int64)
-    n_folds = int(folds.max()) + 1
+    members = sparse.floored(oofs)
+    floor = max(floor, sparse.members_floor(oofs))
+    active = sparse.active_rows(members)
+    if active is None or active.all():
+        return _build(members, labels, folds, floor, int(folds.max()) + 1)
+    rows = np.flatnonzero(active)
+    cands = _build(
+        [sparse.Rows(m, rows) for m in members],
+        sparse.Rows(labels, rows),
+        folds[rows],
+        floor,
+        int(folds.max()) + 1,
+    )
+    positives = sparse.inactive_positives(members, labels, ~active)
+    return sparse.expand(cands, active, folds, positives)
+
+
+def _build(oofs: list, labels: Any, folds: np.ndarray, floor: int, n_folds: int) -> Candidates:
+    """:func:`build_candidates` on arrays read like dense ones (folds ``0..n_folds-1``)."""
+    n_images, height, width = labels.shape
     hist = np.zeros((len(oofs), n_folds, N_CODES, 2), dtype=np.int64)
     parts, pixels = [], height * width
     full = _chunk_buffers(len(oofs), min(CHUNK_IMAGES, n_images), pixels)

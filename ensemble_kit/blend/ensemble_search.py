@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import EkError
 from ..metrics import N_CODES, dice_from_counts, sweep_from_histogram
+from ..sparse_oof import SparseCodes
 from .candidates import DEFAULT_FLOOR, Candidates, build_candidates
 from .kernels import best_per_set
 from .nested import Nested, nested_search
@@ -92,7 +93,8 @@ def search(
     """Choose weights, threshold mode and postprocessing on OOF arrays (see module docstring).
 
     Args:
-        oofs: uint8 ``(N, H, W)`` OOF codes per config (memmaps welcome).
+        oofs: uint8 ``(N, H, W)`` OOF codes per config (memmaps welcome; sparse members:
+            :mod:`.sparse`'s floor rule).
         labels: uint8 0/1 ``(N, H, W)``.
         folds: int ``(N,)`` fold of each row, ``0..K-1`` (K >= 2).
         steps: Greedy selection rounds (>= 1).
@@ -204,5 +206,5 @@ def _check_arrays(oofs, labels, folds) -> None:
         raise EkError(
             f"folds: need one fold >= 0 per OOF row and at least 2 folds, got {np.unique(folds)}"
         )
-    if not np.asarray(labels).any():
+    if not (labels.any() if isinstance(labels, SparseCodes) else np.asarray(labels).any()):
         raise EkError("every OOF label is empty: there is nothing to fit a threshold to")

@@ -124,6 +124,8 @@ def format_blend_table(blend: BlendFile) -> str:
         f"threshold: {rule.threshold:.4f} [{rule.mode}, from {source}]"
         f"{fraction}, sum >= {rule.threshold_sum}",
         f"min_pixels: {rule.min_pixels}  min_component: {rule.min_component}",
+        f"floor: code {rule.floor} (p = {rule.floor / 255:.3f}); no threshold below it is "
+        "searched or applied (sparse members store nothing below it)",
         _cost_line(blend.cost),
         "",
         f"{'':24s} {'OOF':>8s} {'nested':>8s} {'thr':>6s}",

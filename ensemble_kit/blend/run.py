@@ -24,6 +24,7 @@ from .ensemble_search import SearchResult, search
 from .gallery import write_gallery
 from .holdout import CROSSFIT_SEED, check_holdout
 from .rule import THRESHOLD_SOURCES, BlendFile, BlendRule
+from .sparse import floor_pool
 from .verify import member_digest
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ def _read_pool(layout, configs: list[str] | None) -> list:
     first = pool[0]
     for other in pool[1:]:
         _check_same(layout, first, other)
-    return pool
+    return floor_pool(pool)
 
 
 def _check_same(layout, first, other) -> None:

@@ -31,6 +31,7 @@ from .gallery import (
     write_png,
 )
 from .rule import BlendRule
+from .sparse import floor_pool
 from .verify import verify_blend
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _locate(layout: Layout, record_id: str, data_root: Path | None) -> tuple[str
 
 def _set_panel(layout: Layout, rule: BlendRule, record_id: str, set_name: str) -> Panel:
     """The panel of a pool or holdout record, without images or label."""
-    chosen = [read_oof(layout, name) for name in rule.weights]
+    chosen = floor_pool([read_oof(layout, name) for name in rule.weights])
     first = chosen[0]
     if set_name == "oof":
         ids, source = first.ids, layout.oof_ids(first.name)

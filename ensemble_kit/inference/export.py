@@ -19,7 +19,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..blend.rule import BlendRule
@@ -29,6 +28,7 @@ from ..data.splits import read_meta
 from ..errors import EkError
 from ..files import atomic_path, write_json
 from ..layout import Layout, bundle_files, bundle_model
+from ..sparse_oof import open_codes
 from .bundle import MODEL_FORMATS, TORCH_MIN
 from .checkpoints import load_fold_model
 from .staged import staged_folder
@@ -205,4 +205,4 @@ def _blended_names(layout: Layout) -> list[str]:
 
 
 def _label_side(layout: Layout, name: str) -> int:
-    return int(np.load(layout.oof_npy(name), mmap_mode="r").shape[-1])
+    return int(open_codes(layout.oof_npy(name)).shape[-1])

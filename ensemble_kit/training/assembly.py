@@ -1,4 +1,5 @@
-"""Assembly of a config's folds: fold parts streamed into ``oof.npy`` / ``holdout.npy``,
+"""Assembly of a config's folds: fold parts streamed into ``oof.npy`` / ``holdout.npy`` (or
+their sparse ``.ekz`` form, ``oof.format``),
 then ``summary.json`` (per-fold, pooled OOF and holdout dice, prediction cost, digests).
 
 Runs when every fold of a config is DONE, by whichever process finishes the last fold;
@@ -20,7 +21,8 @@ from ..data.splits import HOLDOUT_FOLD
 from ..files import digest_file, read_json, write_json
 from ..layout import Layout, fold_files
 from ..metrics import best_from_counts, dice_from_counts, threshold_sweep
-from ..oof import ArrayWriter, missing_folds, to_codes, write_ids
+from ..oof import codes_writer, missing_folds, to_codes, write_ids, writes_sparse
+from ..sparse_oof import open_codes
 from .curves import plot_training_curves
 from .provenance import summary_sources
 from .status import where_running
@@ -65,16 +67,22 @@ def assemble(
         return None
     pool = splits[splits["fold"] != HOLDOUT_FOLD].reset_index(drop=True)
     holdout = splits[splits["fold"] == HOLDOUT_FOLD].reset_index(drop=True)
-    side = _part(layout, name, 0, "oof_part").shape[-1]
-    with ArrayWriter(layout.oof_npy(name), (len(pool), side, side)) as writer:
+    record = _part(layout, name, 0, "oof_part").shape[1:]
+    sparse = writes_sparse(config, len(pool), record)
+    labels = LabelReader(layout, data_root, pool) if sparse else None
+    path = layout.oof_path(name, False)
+    with codes_writer(path, (len(pool), *record), sparse, config.oof.floor) as writer:
         for fold in range(meta["n_folds"]):
             rows = np.flatnonzero(pool["fold"].to_numpy() == fold)
             part = _part(layout, name, fold, "oof_part")
             for start in range(0, len(rows), ROW_CHUNK):
-                writer.write(rows[start : start + ROW_CHUNK], part[start : start + ROW_CHUNK])
+                chunk = rows[start : start + ROW_CHUNK]
+                _write(writer, chunk, part[start : start + ROW_CHUNK], labels)
+    layout.oof_path(name, not sparse).unlink(missing_ok=True)  # a file of the other format
     write_ids(layout.oof_ids(name), pool[["record_id", "fold"]])
     if len(holdout):
-        _assemble_holdout(layout, name, meta["n_folds"], len(holdout), side)
+        labels = LabelReader(layout, data_root, holdout) if sparse else None
+        _assemble_holdout(layout, config, meta["n_folds"], (len(holdout), *record), labels)
         write_ids(layout.holdout_ids(name), holdout[["record_id"]])
     summary = _summary(layout, config, data_root, pool, holdout, meta)
     write_json(layout.summary(name), summary)
@@ -82,17 +90,35 @@ def assemble(
     return summary
 
 
-def _part(layout: Layout, name: str, fold: int, file: str) -> np.ndarray:
-    return np.load(fold_files(layout.fold_dir(name, fold))[file], mmap_mode="r")
+def _part(layout: Layout, name: str, fold: int, file: str):
+    """A fold part: ``oof_part`` dense or sparse (whichever the fold wrote), or the float
+    ``holdout_part``."""
+    files = fold_files(layout.fold_dir(name, fold))
+    sparse = files.get(f"{file}_sparse")
+    if sparse is not None and sparse.is_file() and not files[file].is_file():
+        return open_codes(sparse)
+    return np.load(files[file], mmap_mode="r")
 
 
-def _assemble_holdout(layout: Layout, name: str, n_folds: int, n_rows: int, side: int) -> None:
+def _write(writer, rows, values: np.ndarray, labels: LabelReader | None) -> None:
+    if labels is None:
+        writer.write(rows, values)
+    else:
+        writer.write(rows, values, labels.read(rows))
+
+
+def _assemble_holdout(
+    layout: Layout, config: Config, n_folds: int, shape: tuple, labels: LabelReader | None
+) -> None:
+    name, sparse = config.name, labels is not None
     parts = [_part(layout, name, k, "holdout_part") for k in range(n_folds)]
-    with ArrayWriter(layout.holdout_npy(name), (n_rows, side, side)) as writer:
-        for start in range(0, n_rows, ROW_CHUNK):
-            chunk = slice(start, min(start + ROW_CHUNK, n_rows))
+    path = layout.holdout_path(name, False)
+    with codes_writer(path, shape, sparse, config.oof.floor) as writer:
+        for start in range(0, shape[0], ROW_CHUNK):
+            chunk = np.arange(start, min(start + ROW_CHUNK, shape[0]))
             mean = np.mean([p[chunk].astype(np.float32) for p in parts], axis=0)
-            writer.write(chunk, to_codes(mean))
+            _write(writer, chunk, to_codes(mean), labels)
+    layout.holdout_path(name, not sparse).unlink(missing_ok=True)
 
 
 def _dice_of(
@@ -120,7 +146,7 @@ def _dice_of(
 
 
 def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, meta) -> dict:
-    oof = np.load(layout.oof_npy(config.name), mmap_mode="r")
+    oof = open_codes(layout.oof_npy(config.name))
     pool_labels = LabelReader(layout, data_root, pool)
     per_fold = []
     for fold in range(meta["n_folds"]):
@@ -153,7 +179,7 @@ def _summary(layout: Layout, config: Config, data_root: Path, pool, holdout, met
         "prediction_cost": prediction_cost(per_fold),
     }
     if len(holdout):
-        codes = np.load(layout.holdout_npy(config.name), mmap_mode="r")
+        codes = open_codes(layout.holdout_npy(config.name))
         holdout_labels = LabelReader(layout, data_root, holdout)
         summary["holdout_dice"] = _dice_of(holdout_labels, codes)[0]
         summary["holdout_dice_at_oof_threshold"] = _dice_of(

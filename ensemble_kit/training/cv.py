@@ -34,7 +34,7 @@ from ..inference.checkpoints import load_fold_model
 from ..inference.tta import predict_inputs
 from ..layout import Layout, fold_files
 from ..models import architecture_name, check_pretrained_weights
-from ..oof import ArrayWriter, to_codes
+from ..oof import codes_writer, sparse_path, to_codes, writes_sparse
 from ..runtime import resolve_device
 from ..task import Task, check_config_fits, resolve_task, workdir_task
 from .assembly import assemble
@@ -331,7 +331,8 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
             "%s fold %d: another process took the fold over; not writing it", config.name, fold
         )
         return None
-    summary.update(_write_parts(config, fold_dir, val, holdout, device, job.precision))
+    n_pool = int((splits["fold"] != HOLDOUT_FOLD).sum())
+    summary.update(_write_parts(config, fold_dir, val, holdout, device, n_pool, job.precision))
     summary["seconds_total"] = time.perf_counter() - started
     summary["sources"] = fold_sources(caches, splits)
     write_done(fold_dir, summary)
@@ -339,17 +340,29 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
 
 
 def _write_parts(
-    config: Config, fold_dir: Path, val: ArraySet, holdout: ArraySet, device, precision: str
+    config: Config,
+    fold_dir: Path,
+    val: ArraySet,
+    holdout: ArraySet,
+    device,
+    n_pool: int,
+    precision: str = "auto",
 ) -> dict:
-    """Predict the fold's OOF and holdout parts; returns the measured prediction cost."""
+    """Predict the fold's OOF and holdout parts; returns the measured prediction cost.
+
+    ``n_pool`` (every OOF record of the config) decides ``oof.format: auto``.
+    """
     model = load_fold_model(config, fold_dir, device)
     batch = max(1, config.train.batch_size)
     side = val.sources[0][0].shape[-1]
     clock = {"seconds": 0.0, "records": 0}
-    with ArrayWriter(fold_files(fold_dir)["oof_part"], (len(val), side, side)) as writer:
+    sparse = writes_sparse(config, n_pool, (side, side))
+    path = fold_files(fold_dir)["oof_part"]
+    with codes_writer(path, (len(val), side, side), sparse, config.oof.floor) as writer:
         parts = predict_set([model], config, val, device, batch, precision)
         for rows, probs in _timed(parts, clock):
             writer.write(rows, to_codes(probs))
+    (path if sparse else sparse_path(path)).unlink(missing_ok=True)  # the other format's
     if len(holdout):
         with atomic_path(fold_files(fold_dir)["holdout_part"]) as tmp:
             out = np.lib.format.open_memmap(

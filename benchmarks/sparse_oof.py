@@ -1,0 +1,322 @@
+"""Sparse OOF at the steel task's real size: disk per config, the blend's time and memory.
+
+Synthetic probabilities written straight to the sparse format (``oof_sparse.ekz``): most
+pixels near 0, defects as rectangular blobs, 85 % of (image, class) pairs empty, each
+config's blob a little wider than the label (its codes between the floor and ~0.45 there)
+plus some false-positive blobs; labels are a sparse file too (code 1, floor 1). With one
+class today, each (image, class) is one 256 x 1600 unit and the dice is global.
+
+Rows of the table (each step in a child process: wall time and peak ``RssAnon``):
+
+- OOF bytes per config (goal <= 1 GB);
+- the candidate pass over every config at N and N/2 units (growth);
+- the full search (``ek blend``'s: 25 steps, min-pixel + min-component grid) at
+  ``--search-units`` and half of it (growth);
+- contrails' shape (``--contrails-images`` x 256 x 256, 5 configs): the same search on
+  dense memmaps and on sparse files, ratio in the same run;
+- ``--cv``: records/s of ``ek cv``'s OOF prediction, dense against sparse (CPU).
+
+Usage: ``python benchmarks/sparse_oof.py --data /tmp/steel`` (full size: ~1 GB of disk,
+~10 min on 2 cores); ``--units 2000 --search-units 1000`` for a quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import load_note, run_measured  # noqa: E402
+
+from ensemble_kit.sparse_oof import SparseCodes, save_sparse  # noqa: E402
+
+FLOOR = 13
+STEEL_UNITS = 12_568 * 4
+CHUNK = 1024
+
+
+def blobs(rng, n_units: int, height: int, width: int, empty: float) -> dict:
+    """Label rectangles (row0, row1, col0, col1) of the non-empty units; -1 where empty."""
+    full = rng.random(n_units) >= empty
+    bh = rng.integers(height // 12, height // 2, n_units)
+    bw = rng.integers(width // 40, width // 4, n_units)
+    r0, c0 = rng.integers(0, height - bh), rng.integers(0, width - bw)
+    rect = np.stack([r0, r0 + bh, c0, c0 + bw], axis=1)
+    rect[~full] = -1
+    return {"rect": rect}
+
+
+def unit_runs(rect: np.ndarray, width: int) -> tuple[np.ndarray, ...]:
+    """Runs (per unit count, start, length) covering each rectangle; -1 rows: no run."""
+    rows = np.where(rect[:, 0] >= 0, rect[:, 1] - rect[:, 0], 0)
+    unit = np.repeat(np.arange(len(rect)), rows)
+    row = rect[unit, 0] + (np.arange(rows.sum()) - np.repeat(np.cumsum(rows) - rows, rows))
+    return (
+        rows,
+        (row * width + rect[unit, 2]).astype(np.uint32),
+        (rect[unit, 3] - rect[unit, 2]).astype(np.uint32),
+    )
+
+
+def config_rect(rng, label: np.ndarray, height: int, width: int, fp: float) -> np.ndarray:
+    """A config's blob: the label grown by a few pixels, missing 5 %, false blobs in ``fp``."""
+    grow = rng.integers(2, 10, len(label))
+    rect = np.stack(
+        [
+            np.maximum(label[:, 0] - grow, 0),
+            np.minimum(label[:, 1] + grow, height),
+            np.maximum(label[:, 2] - grow, 0),
+            np.minimum(label[:, 3] + grow, width),
+        ],
+        axis=1,
+    )
+    rect[(label[:, 0] < 0) | (rng.random(len(label)) < 0.05)] = -1
+    false = (label[:, 0] < 0) & (rng.random(len(label)) < fp)
+    r0, c0 = rng.integers(0, height - 20, len(label)), rng.integers(0, width - 60, len(label))
+    rect[false] = np.stack([r0, r0 + 20, c0, c0 + 60], axis=1)[false]
+    return rect
+
+
+def write_set(folder: Path, units: int, shape: tuple[int, int], configs: int, seed=0) -> None:
+    """``labels.ekz`` and ``c<i>.ekz`` of ``units`` units, generated chunk by chunk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = shape
+    parts: dict[str, list] = {name: [] for name in ["labels", *[f"c{i}" for i in range(configs)]]}
+    for lo in range(0, units, CHUNK):
+        rng = np.random.default_rng([seed, lo])
+        label = blobs(rng, min(CHUNK, units - lo), height, width, 0.85)["rect"]
+        parts["labels"].append(_encoded(label, width, None, label))
+        for i in range(configs):
+            rect = config_rect(rng, label, height, width, 0.05)
+            parts[f"c{i}"].append(_encoded(rect, width, rng, label))
+    for name, chunks in parts.items():
+        arrays = [np.concatenate(a) for a in zip(*chunks)]
+        save_sparse(
+            folder / f"{name}.ekz",
+            (units, height, width),
+            1 if name == "labels" else FLOOR,
+            {
+                "run_offset": np.concatenate([[0], np.cumsum(arrays[0])]),
+                "run_start": arrays[1],
+                "run_length": arrays[2],
+                "code_offset": np.concatenate([[0], np.cumsum(arrays[3])]),
+                "codes": arrays[4],
+                "below_positives": arrays[5],
+            },
+        )
+
+
+def _encoded(rect: np.ndarray, width: int, rng, label: np.ndarray) -> tuple:
+    """One chunk's arrays; codes high inside the label rectangle, low (>= floor) around it."""
+    per_unit, start, length = unit_runs(rect, width)
+    n = int(length.sum())
+    unit = np.repeat(np.repeat(np.arange(len(rect)), per_unit), length)
+    first = np.repeat(start.astype(np.int64), length)
+    flat = first + np.arange(n) - np.repeat(np.cumsum(length, dtype=np.int64) - length, length)
+    row, col = flat // width, flat % width
+    lab = label[unit]
+    inside = (row >= lab[:, 0]) & (row < lab[:, 1]) & (col >= lab[:, 2]) & (col < lab[:, 3])
+    if rng is None:
+        codes = np.ones(n, dtype=np.uint8)
+    else:
+        codes = rng.integers(FLOOR, 115, n).astype(np.uint8)
+        codes[inside] = rng.integers(60, 256, int(inside.sum())).astype(np.uint8)
+    counts = np.bincount(unit, minlength=len(rect))
+    label_area = np.where(
+        label[:, 0] >= 0, (label[:, 1] - label[:, 0]) * (label[:, 3] - label[:, 2]), 0
+    )
+    below = label_area - np.bincount(unit, inside, minlength=len(rect)).astype(np.int64)
+    return per_unit, start, length, counts, codes, below
+
+
+def child(args) -> None:
+    """One measured step: ``cands`` or ``search`` on a folder's files; prints a JSON line."""
+    from ensemble_kit.blend.candidates import build_candidates
+    from ensemble_kit.blend.ensemble_search import search
+
+    folder = Path(args.child)
+    members = [SparseCodes(p) for p in sorted(folder.glob("c*.ekz"))]
+    labels: object = SparseCodes(folder / "labels.ekz")
+    if args.dense:
+        members = [np.load(p, mmap_mode="r") for p in sorted(folder.glob("c*.npy"))]
+        labels = np.load(folder / "labels.npy", mmap_mode="r")
+    folds = np.arange(len(members[0])) % 5
+    started = time.perf_counter()
+    if args.step == "cands":
+        cands = build_candidates(members, labels, folds)
+        out = {"candidates": len(cands.labels)}
+    else:
+        result = search(members, labels, folds, steps=25)
+        out = {"dice": result.choice.dice, "weights": result.choice.weights.tolist()}
+    out["seconds"] = time.perf_counter() - started
+    print(json.dumps(out))
+
+
+def measured(folder: Path, step: str, dense: bool = False) -> dict:
+    command = [sys.executable, __file__, "--child", str(folder), "--step", step]
+    result = run_measured(command + (["--dense"] if dense else []))
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**out, "wall": result.seconds, "mb": result.peak_mb}
+
+
+def densify(folder: Path) -> None:
+    """Dense ``.npy`` copies of a small set (contrails' shape), for the dense path."""
+    for path in folder.glob("*.ekz"):
+        sparse = SparseCodes(path)
+        out = np.lib.format.open_memmap(path.with_suffix(".npy"), "w+", np.uint8, sparse.shape)
+        for lo in range(0, len(sparse), 256):
+            out[lo : lo + 256] = sparse[lo : lo + 256]
+        out.flush()
+
+
+def _row(name: str, r: dict, extra: str = "") -> str:
+    return f"| {name} | {r['wall']:.1f} s | {r['mb']:,.0f} MB | {extra} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--units", type=int, default=STEEL_UNITS, help="(image, class) units")
+    parser.add_argument("--search-units", type=int, default=4000)
+    parser.add_argument("--configs", type=int, default=5)
+    parser.add_argument("--contrails-images", type=int, default=2200)
+    parser.add_argument("--data", type=Path, help="keep the generated files here")
+    parser.add_argument("--cv", action="store_true", help="also measure ek cv records/s")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    root = args.data or Path(tempfile.mkdtemp(prefix="ek-sparse-"))
+    print(f"# sparse OOF, {args.configs} configs, {load_note()}")
+    print("| step | time | peak RssAnon | notes |\n|---|---:|---:|---|")
+    writer_cost(root)
+    steel(root, args)
+    contrails(root, args)
+    if args.cv:
+        cv_rate(root)
+
+
+def steel(root: Path, args) -> None:
+    sizes = {"full": args.units, "half": args.units // 2}
+    sizes |= {"search": args.search_units, "search_half": args.search_units // 2}
+    for name, units in sizes.items():
+        if not (root / name / "labels.ekz").is_file():
+            started = time.perf_counter()
+            write_set(root / name, units, (256, 1600), args.configs)
+            print(f"| generate {units:,} units | {time.perf_counter() - started:.1f} s | | |")
+    full = SparseCodes(root / "full" / "c0.ekz")
+    stored = int(full.unit_counts().sum()) / (len(full) * full.unit_pixels)
+    per_config = full.nbytes_on_disk() * STEEL_UNITS / args.units
+    print(
+        f"| OOF bytes per config | | | {full.nbytes_on_disk() / 1e9:.3f} GB for {args.units:,} "
+        f"units ({per_config / 1e9:.3f} GB at 12,568 x 4); {stored:.2%} of pixels stored |"
+    )
+    cands = {name: measured(root / name, "cands") for name in ("half", "full")}
+    for name, r in cands.items():
+        print(_row(f"candidate pass, {sizes[name]:,} units", r, f"{r['candidates']:,} candidates"))
+    print(f"| growth half -> full | x{_ratio(cands, 'wall')} | x{_ratio(cands, 'mb')} | |")
+    search = {name: measured(root / name, "search") for name in ("search_half", "search")}
+    for name, r in search.items():
+        print(_row(f"search (ek blend's), {sizes[name]:,} units", r, f"dice {r['dice']:.4f}"))
+    ratio = (search["search"]["wall"] / search["search_half"]["wall"], 0)
+    mb = search["search"]["mb"] / search["search_half"]["mb"]
+    print(f"| growth half -> full (search) | x{ratio[0]:.2f} | x{mb:.2f} | |")
+
+
+def _ratio(pair: dict, key: str) -> str:
+    return f"{pair['full'][key] / pair['half'][key]:.2f}"
+
+
+def contrails(root: Path, args) -> None:
+    folder = root / "contrails"
+    if not (folder / "labels.npy").is_file():
+        write_set(folder, args.contrails_images, (256, 256), args.configs, seed=1)
+        densify(folder)
+    dense, sparse = measured(folder, "search", dense=True), measured(folder, "search")
+    note = "same choice" if dense["weights"] == sparse["weights"] else "weights differ"
+    print(_row(f"contrails shape {args.contrails_images:,} x 256^2, dense search", dense))
+    print(
+        _row(
+            "the same, sparse files",
+            sparse,
+            f"x{sparse['wall'] / dense['wall']:.2f} time, x{sparse['mb'] / dense['mb']:.2f} "
+            f"memory vs dense; {note}",
+        )
+    )
+
+
+def writer_cost(root: Path) -> None:
+    """ms per record of ``to_codes`` + the OOF writer, dense against sparse (best of 3)."""
+    from ensemble_kit.oof import ArrayWriter, to_codes
+    from ensemble_kit.sparse_oof import SparseWriter
+
+    rng = np.random.default_rng(0)
+    for shape in [(64, 256, 256), (16, 4, 256, 1600)]:
+        p = np.clip(rng.normal(0.01, 0.01, shape), 0, 1).astype(np.float32)
+        p[..., 40:90, 50:200] = rng.random(p[..., 40:90, 50:200].shape) * 0.9 + 0.1
+        cost = {}
+        for fmt in ("dense", "sparse"):
+            best = np.inf
+            for _ in range(3):
+                started = time.perf_counter()
+                units = (int(np.prod(shape[:-2])), *shape[-2:])
+                writer = (
+                    SparseWriter(root / "w.ekz", shape, FLOOR)
+                    if fmt == "sparse"
+                    else ArrayWriter(root / "w.npy", units)
+                )
+                with writer:
+                    codes = to_codes(p)
+                    writer.write(slice(None), codes if fmt == "sparse" else codes.reshape(units))
+                best = min(best, time.perf_counter() - started)
+            cost[fmt] = best / shape[0] * 1e3
+        print(
+            f"| OOF writer, {' x '.join(map(str, shape[1:]))} record | | | dense "
+            f"{cost['dense']:.2f} ms, sparse {cost['sparse']:.2f} ms per record |"
+        )
+
+
+def cv_rate(root: Path) -> None:
+    """``ek cv`` of a quick config on 256 px synthetic data, dense then sparse, twice."""
+    from ensemble_kit.data.synth import write_synthetic
+
+    data = root / "synth"
+    if not data.is_dir():
+        write_synthetic(data, n_train=64, n_validation=16, n_test=0, size=256, seed=0)
+    rates: dict[str, list[float]] = {"dense": [], "sparse": []}
+    for repeat in range(2):
+        for fmt in rates:
+            rates[fmt].append(_cv_once(root / f"cv_{fmt}_{repeat}", data, fmt))
+    best = {fmt: max(r) for fmt, r in rates.items()}
+    print(
+        f"| ek cv OOF prediction, records/s (best of 2) | | | dense {best['dense']:.1f}, sparse "
+        f"{best['sparse']:.1f}: x{best['sparse'] / best['dense']:.3f} |"
+    )
+
+
+def _cv_once(folder: Path, data: Path, fmt: str) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "q.yaml"
+    config.write_text(
+        "name: q\ninput: {channels: ash, frames: [4]}\nmodel: {arch: Unet, encoder: "
+        "tu-test_resnet}\ntrain: {epochs: 1, batch_size: 8, max_steps_per_epoch: 1}\n"
+        f"oof: {{format: {fmt}}}\n"
+    )
+    from measure import ek_command
+
+    workdir = folder / "folds"
+    run_measured(ek_command("cv", "--data", data, "--workdir", workdir, "--folds", "2", config))
+    summary = json.loads((workdir / "q" / "summary.json").read_text())
+    return 1.0 / summary["prediction_cost"]["seconds_per_record"] * 2  # per fold model
+
+
+if __name__ == "__main__":
+    main()
