@@ -157,7 +157,7 @@ def run_pseudo(request: PseudoRequest) -> dict:
     existing = _existing_manifest(layout, name, source)
     if existing is not None:
         return existing
-    configs = {c: load_config(layout.config_dir(c) / "config.yaml") for c in rule.weights}
+    configs = {c: load_config(layout.config_yaml(c)) for c in rule.weights}
     windows, clamped = windows_of(configs, frames)
     pool = splits[splits["fold"] != HOLDOUT_FOLD].reset_index(drop=True)
     pool["label_row"] = np.arange(len(pool))
