@@ -522,8 +522,18 @@ def old_torch_python(version: str) -> Path:
     return python
 
 
+@pytest.fixture
+def oldest_torch_python() -> Path:
+    """Built (or skipped) before the fixtures that train: no training for a skip."""
+    from ensemble_kit.inference.bundle import TORCH_MIN
+
+    return old_torch_python(TORCH_MIN)
+
+
 @pytest.mark.slow
-def test_notebook_under_the_oldest_torch_writes_the_same_csv(trained, submitted, bundle, tmp_path):
+def test_notebook_under_the_oldest_torch_writes_the_same_csv(
+    oldest_torch_python, trained, submitted, bundle, tmp_path
+):
     """The notebook's code cells, run as one script by torch ``TORCH_MIN``'s Python."""
     import nbformat
 
@@ -531,7 +541,7 @@ def test_notebook_under_the_oldest_torch_writes_the_same_csv(trained, submitted,
 
     _, root = trained
     out, _ = bundle
-    python = old_torch_python(TORCH_MIN)
+    python = oldest_torch_python
     notebook = nbformat.read(out / "inference.ipynb", as_version=4)
     script = tmp_path / "notebook.py"
     script.write_text("\n\n".join(c.source for c in notebook.cells if c.cell_type == "code"))
