@@ -190,3 +190,16 @@ def digest_file(path: Path | str, chunk: int = 1 << 22) -> str:
 def digest_json(data: Any) -> str:
     """Digest of a JSON-serialisable value, independent of key order."""
     return digest_bytes(json.dumps(data, sort_keys=True, default=str).encode())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (owned by anyone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True

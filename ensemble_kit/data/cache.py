@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from ..config import InputSpec
 from ..errors import EkError
-from ..files import digest_json, read_json, user_errors, write_json
+from ..files import digest_json, process_alive, read_json, user_errors, write_json
 from ..layout import Layout, cache_array, cache_files, record_dir, split_dir
 from ..oof import from_codes, to_codes
 from ..task import Task
@@ -358,19 +358,9 @@ def remove_dead_builds(path: Path) -> None:
     """Remove the temporary build folders of ``path`` left by processes that died."""
     for stale in path.parent.glob(f".{path.name}.tmp-*"):
         pid = stale.name.rpartition("-")[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             log.info("%s: removing the build of a process that ended", stale)
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _install(tmp: Path, path: Path, key: str) -> None:

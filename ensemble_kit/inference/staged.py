@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import EkError
+from ..files import process_alive
 
 STAGING = ".{name}.staging-{pid}"
 REPLACED = ".{name}.old-{pid}"
@@ -67,19 +68,9 @@ def remove_leftovers(out: Path) -> None:
     for pattern in (STAGING, REPLACED):
         for path in out.parent.glob(pattern.format(name=out.name, pid="*")):
             pid = path.name.rsplit("-", 1)[-1]
-            if not pid.isdigit() or _alive(int(pid)):
+            if not pid.isdigit() or process_alive(int(pid)):
                 continue
             if pattern == REPLACED and not out.exists():
                 os.replace(path, out)
             else:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..files import digest_bytes, write_text
+from ..files import digest_bytes, process_alive, write_text
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def is_live(info: LockInfo, interval: float = HEARTBEAT_S) -> bool:
     if info.host == socket.gethostname() and info.pidns == _pidns():
         started = _process_start(info.pid)
         reused = started is not None and started > info.started + 5.0  # a later process
-        return _pid_alive(info.pid) and not reused
+        return process_alive(info.pid) and not reused
     return time.time() - info.heartbeat < STALE_AFTER * interval
 
 
@@ -199,18 +199,6 @@ def _write_temp(path: Path, info: LockInfo) -> Path:
     with os.fdopen(fd, "w") as fh:
         fh.write(json.dumps(asdict(info)))
     return Path(tmp)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
 
 
 def _process_start(pid: int) -> float | None:
