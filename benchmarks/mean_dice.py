@@ -27,10 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ensemble_kit.levels import descending_order, min_pixel_levels  # noqa: E402
-
 from ensemble_kit.blend import kernels  # noqa: E402
 from ensemble_kit.blend.candidates import build_candidates  # noqa: E402
+from ensemble_kit.blend.levels import descending_order, min_pixel_levels  # noqa: E402
 from ensemble_kit.blend.mean_dice import Pairs, empty_fixed  # noqa: E402
 from ensemble_kit.blend.sets import FoldSets  # noqa: E402
 

@@ -27,7 +27,6 @@ import numba
 import numpy as np
 
 from ..errors import EkError
-from ..levels import component_levels, descending_order, min_pixel_levels
 from .candidates import DEFAULT_FLOOR, Candidates, build_candidates
 from .kernels import (
     MEAN_DICE_SCALE,
@@ -36,6 +35,7 @@ from .kernels import (
     suffix_sums,
     weighted_sum,
 )
+from .levels import component_levels, descending_order, min_pixel_levels
 from .sets import FoldSets
 
 
