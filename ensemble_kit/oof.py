@@ -169,8 +169,10 @@ def _open_uint8(path: Path) -> np.ndarray:
         array = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as err:
         raise EkError(f"{path}: unreadable ({err})") from None
-    if array.dtype != np.uint8 or array.ndim != 3:
-        raise EkError(f"{path}: expected uint8 (N, H, W), found {array.dtype} {array.shape}")
+    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+        raise EkError(
+            f"{path}: expected uint8 (N, H, W) or (N, C, H, W), found {array.dtype} {array.shape}"
+        )
     return array
 
 

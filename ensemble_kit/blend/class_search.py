@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import EkError
-from .candidates import DEFAULT_FLOOR, Candidates
+from .candidates import DEFAULT_FLOOR, Candidates, build_candidates
 from .ensemble_search import MIN_COMPONENT_GRID, MIN_PIXELS_GRID
 from .mean_dice import (
     MeanDiceChoice,
@@ -327,3 +327,81 @@ def pair_dice_mean(
         totals += dice.sum(axis=0)
     per_class = totals / max(len(labels), 1)
     return float(per_class.mean()), [float(d) for d in per_class]
+
+
+def holdout_thresholds(
+    rule: BlendRule, codes: dict[str, np.ndarray], labels: np.ndarray, empty_score: float = 1.0
+) -> BlendRule:
+    """``--threshold-from holdout``: each class's threshold chosen on the holdout (one set of
+    one fold), exact; weights and postprocessing stay the OOF's.
+
+    Args:
+        rule: The rule chosen on OOF (one class, or several).
+        codes: Member name -> uint8 holdout codes, shaped as ``labels``.
+        labels: uint8 ``(N, C, H, W)`` holdout labels (``(N, H, W)`` for a one-class rule).
+        empty_score: Score of a pair empty in both truth and prediction.
+    """
+    if not rule.classes:
+        own = ClassRule("mask", rule.threshold_sum, None, rule.min_pixels, rule.min_component)
+        wrapped = replace(rule, classes=(own,))
+        chosen = holdout_thresholds(
+            wrapped,
+            {n: np.asarray(c)[:, None] for n, c in codes.items()},
+            np.asarray(labels)[:, None],
+            empty_score,
+        )
+        return replace(
+            rule, threshold_sum=chosen.classes[0].threshold_sum, threshold_from="holdout"
+        )
+    single = FoldSets.nested(1)
+    classes = []
+    for c, own in enumerate(rule.classes):
+        weights = rule.class_rule(c).weights
+        cands = build_candidates(
+            [np.asarray(codes[name])[:, c] for name in weights],
+            np.asarray(labels[:, c]),
+            np.zeros(len(labels), dtype=np.int64),
+            rule.floor,
+        )
+        grids = ((own.min_pixels,), (own.min_component,))
+        tables = mean_dice_tables([cands], np.array(list(weights.values())), *grids, empty_score)
+        threshold = choose_per_class(tables, single, 0).classes[0].threshold_sum
+        classes.append(replace(own, threshold_sum=threshold))
+    return replace(rule, classes=tuple(classes), threshold_from="holdout")
+
+
+def class_score_fields(result: ClassSearchResult, folds: np.ndarray, metric: str) -> dict:
+    """The ``scores`` section of ``blend.json`` for a per-class search (the holdout fields
+    are filled later, when there is a holdout)."""
+    choice = result.choice
+    per_class = {
+        name: {
+            "dice": c.dice,
+            "nested": result.nested["per_class"][i],
+            "threshold": c.threshold_sum / (255.0 * int(choice.weights[i].sum())),
+            "threshold_sum": c.threshold_sum,
+            "min_pixels": c.min_pixels,
+            "min_component": c.min_component,
+            "holdout": None,
+        }
+        for i, (name, c) in enumerate(zip(result.class_names, choice.classes))
+    }
+    return {
+        "metric": metric,
+        "empty_score": result.empty_score,
+        "weights": result.option,
+        "per_class": per_class,
+        "per_config": result.per_config,
+        "blend_oof": choice.dice,
+        "blend_oof_per_fold": result.per_fold,
+        "blend_oof_no_postprocess": result.no_postprocess,
+        "nested": result.nested,
+        "holdout": None,
+        "best_single": max(result.per_config, key=lambda n: result.per_config[n]["nested"]),
+        "selection_path": [
+            {"step": i + 1, "config": result.names[c], "dice": d}
+            for i, (c, d) in enumerate(result.path)
+        ],
+        "search_floor": result.floor / 255.0,
+        "n_records": int(len(folds)),
+    }
