@@ -20,7 +20,7 @@ from ensemble_kit.blend.mean_dice import (
 from ensemble_kit.blend.selection import best_prefix_weights, greedy_paths, refine_weights
 from ensemble_kit.blend.sets import FoldSets
 from ensemble_kit.errors import EkError
-from ensemble_kit.oof import to_uint8
+from ensemble_kit.oof import to_codes
 from ensemble_kit.postprocess import (
     apply_min_pixels_reference,
     remove_small_components_batch,
@@ -109,7 +109,7 @@ def _problem(seed, n=12, n_classes=2, n_configs=3, side=12, empty_class=False):
     oofs = []
     for k in range(n_configs):
         noise = rng.normal(0, 0.2 + 0.05 * k, labels.shape)
-        oofs.append(to_uint8(np.clip(labels * 0.5 + 0.1 + noise, 0, 1) ** 2))
+        oofs.append(to_codes(np.clip(labels * 0.5 + 0.1 + noise, 0, 1) ** 2))
     return oofs, labels, np.arange(n) % 3
 
 
