@@ -10,10 +10,12 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+from click.testing import CliRunner
 
 from ensemble_kit.blend.class_search import search_classes
 from ensemble_kit.blend.rule import BlendRule
 from ensemble_kit.blend.run import run_blend
+from ensemble_kit.cli import main
 from ensemble_kit.errors import EkError
 from ensemble_kit.layout import Layout
 
@@ -199,4 +201,13 @@ def test_global_dice_with_several_classes_is_refused(tmp_path):
         _blend(layout, labels, holdout_labels, metric="global_dice")
     with pytest.raises(EkError, match="label cache"):
         run_blend(layout, steps=2)
+    assert not layout.blend_json.exists()
+
+
+def test_cli_without_labels_of_several_classes_is_one_line(tmp_path):
+    layout, _, _ = _workdir(tmp_path, n_train=9, n_holdout=3)
+    result = CliRunner().invoke(main, ["blend", "--oof", "--workdir", str(layout.workdir)])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("ek: error: ") and "label cache" in line
     assert not layout.blend_json.exists()

@@ -94,7 +94,8 @@ def search_classes(
         steps: Greedy selection rounds (>= 1).
         names: Config names (default ``config_0``, ...).
         class_names: Class names (default ``class_0``, ...).
-        metric: ``mean_dice`` (``global_dice`` is refused for several classes).
+        metric: ``mean_dice`` (``global_dice`` is refused: for one class it is
+            :func:`~.ensemble_search.search`).
         empty_score: Score of a pair empty in both truth and prediction.
         per_class_weights: Also try one selection per class, kept when cross-validation
             inside each set of folds prefers it.
@@ -278,7 +279,7 @@ def _with_zero(grid) -> tuple[int, ...]:
 def _check(oofs, labels, folds, steps, metric, class_names) -> None:
     if metric not in METRICS:
         raise EkError(f"metric: {metric!r} is not one of {METRICS}")
-    if metric == "global_dice" and labels.ndim == 4 and labels.shape[1] > 1:
+    if metric == "global_dice":  # one class: ensemble_search.search; several: not supported
         raise EkError("metric: global_dice with several classes is not supported; use mean_dice")
     if steps < 1:
         raise EkError(f"steps: {steps}; the greedy selection needs at least 1 round")
