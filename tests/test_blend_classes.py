@@ -178,7 +178,11 @@ def test_per_class_weights_are_an_option_judged_nested(tmp_path):
     layout, labels, holdout_labels = _workdir(tmp_path, seed=6)
     written = _blend(layout, labels, holdout_labels, per_class_weights=True)
     scores, rule = written.scores, written.rule
-    assert set(scores["nested"]["options"]) == {"shared", "per_class"}
+    nested = scores["nested"]
+    assert set(nested["options"]) == {"shared", "per_class"}
+    assert nested["pooled"] == pytest.approx(np.mean(nested["per_fold"]), abs=1e-12)  # 8 each
+    assert nested["pooled"] == pytest.approx(np.mean(nested["per_class"]), abs=1e-12)
+    assert set(nested["picked"]) <= {"shared", "per_class"} and len(nested["picked"]) == 3
     assert scores["weights"] in ("shared", "per_class")
     assert all((c.weights is None) == (scores["weights"] == "shared") for c in rule.classes)
     holdout = _pair_dice(rule.apply(_codes_of(layout, rule, "holdout")), holdout_labels)
@@ -193,6 +197,13 @@ def test_mean_dice_on_one_class_oof_writes_a_one_class_rule(tmp_path):
     several = search_classes([o[:, None] for o in oofs], labels, np.arange(24) % 3, steps=2)
     assert result.choice.dice == several.choice.dice
     assert result.nested["pooled"] == several.nested["pooled"]
+
+
+def test_without_per_class_weights_the_nested_estimate_is_the_shared_option(tmp_path):
+    layout, labels, holdout_labels = _workdir(tmp_path, n_train=9, n_holdout=3)
+    nested = _blend(layout, labels, holdout_labels).scores["nested"]
+    assert nested["picked"] == ["shared"] * 3 and list(nested["options"]) == ["shared"]
+    assert nested["pooled"] == nested["options"]["shared"]
 
 
 def test_global_dice_with_several_classes_is_refused(tmp_path):

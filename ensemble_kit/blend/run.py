@@ -96,6 +96,8 @@ def run_blend(
     _check_sources(layout, pool, data_root)
     first = pool[0]
     if first.probs.ndim == 4 or metric == "mean_dice":
+        if refine:
+            log.warning("blend: --refine is not searched per class; the greedy weights are kept")
         options = ClassOptions(metric or "mean_dice", empty_score, class_names, per_class_weights)
         inputs = (labels, holdout_labels, costs, max_seconds_per_record)
         return _run_class_blend(
