@@ -189,7 +189,7 @@ def test_per_class_weights_are_an_option_judged_nested(tmp_path):
     assert scores["holdout"] == pytest.approx(holdout.mean(), abs=1e-12)
 
 
-def test_mean_dice_on_one_class_oof_writes_a_one_class_rule(tmp_path):
+def test_one_class_mean_dice_search_equals_the_one_channel_search(tmp_path):
     rng = np.random.default_rng(8)
     labels = _labels(rng, 24, n_classes=1)
     oofs = [_codes(rng, labels, 0.2)[:, 0], _codes(rng, labels, 0.3)[:, 0]]
