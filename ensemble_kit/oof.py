@@ -198,8 +198,10 @@ def read_oof(layout: Layout, name: str) -> OofSet:
 
 def _open_uint8(path: Path) -> Any:
     array = open_codes(path)
-    if array.ndim != 3:
-        raise EkError(f"{path}: expected uint8 (N, H, W), found {array.dtype} {array.shape}")
+    if array.ndim not in (3, 4):
+        raise EkError(
+            f"{path}: expected uint8 (N, H, W) or (N, C, H, W), found {array.dtype} {array.shape}"
+        )
     return array
 
 

@@ -186,3 +186,50 @@ def _holdout_lines(scores: dict, source: str) -> list[str]:
             f"(min {min(crossfit['per_split']):.4f}, max {max(crossfit['per_split']):.4f})"
         )
     return lines
+
+
+def write_class_report(report_dir: Path, blend: BlendFile) -> list[Path]:
+    """The report of a per-class blend: the selection path and ``report.txt`` (one row per
+    class and per config)."""
+    report_dir = Path(report_dir)
+    paths = [plot_selection_path(blend.scores["selection_path"], report_dir / "selection.png")]
+    text = report_dir / "report.txt"
+    write_text(text, format_class_table(blend))
+    return [*paths, text]
+
+
+def format_class_table(blend: BlendFile) -> str:
+    """A short text summary of a per-class blend: weights, one row per class, one per config."""
+    rule, s = blend.rule, blend.scores
+    weights = ", ".join(f"{n} x{w}" for n, w in rule.weights.items())
+    metric = f"{s['metric']} (empty pairs score {s['empty_score']:g})"
+    lines = [
+        f"metric: {metric}",
+        f"weights: {weights} [{s['weights']}, threshold from {rule.threshold_from}]",
+        _cost_line(blend.cost),
+        "",
+        f"{'class':16s} {'OOF':>8s} {'nested':>8s} {'holdout':>8s} {'thr':>6s} "
+        f"{'min_px':>6s} {'min_cc':>6s}",
+    ]
+    for name, c in s["per_class"].items():
+        holdout = "-" if c["holdout"] is None else f"{c['holdout']:.4f}"
+        lines.append(
+            f"{name:16s} {c['dice']:8.4f} {c['nested']:8.4f} {holdout:>8s} "
+            f"{c['threshold']:6.3f} {c['min_pixels']:6d} {c['min_component']:6d}"
+        )
+    lines += ["", f"{'':16s} {'OOF':>8s} {'nested':>8s}"]
+    for name, c in s["per_config"].items():
+        lines.append(f"{name:16s} {c['dice']:8.4f} {c['nested']:8.4f}")
+    nested = s["nested"]
+    holdout = "-" if s["holdout"] is None else f"{s['holdout']:.4f}"
+    lines += [
+        f"{'blend':16s} {s['blend_oof']:8.4f} {nested['pooled']:8.4f}",
+        f"blend without postprocessing (OOF): {s['blend_oof_no_postprocess']:.4f}",
+        "weights, each option fixed (only `nested` is honest): "
+        + ", ".join(f"{label} {dice:.4f}" for label, dice in nested["options"].items()),
+        f"nested per fold: {' '.join(f'{d:.4f}' for d in nested['per_fold'])}",
+        f"nested option per fold: {' '.join(nested['picked'])}",
+        f"holdout: {holdout}"
+        + (" (thresholds chosen on it: optimistic)" if rule.threshold_from == "holdout" else ""),
+    ]
+    return "\n".join(lines) + "\n"

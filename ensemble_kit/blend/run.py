@@ -20,6 +20,14 @@ from ..layout import Layout
 from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
 from . import report
+from .class_search import (
+    METRICS,
+    class_rule_of,
+    class_score_fields,
+    holdout_thresholds,
+    pair_dice_mean,
+    search_classes,
+)
 from .ensemble_search import SearchResult, search
 from .gallery import write_gallery
 from .holdout import CROSSFIT_SEED, check_holdout
@@ -42,8 +50,19 @@ def run_blend(
     refine: bool = False,
     max_seconds_per_record: float | None = None,
     threshold_from: str = "oof",
+    *,
+    metric: str | None = None,
+    empty_score: float = 1.0,
+    class_names: list[str] | None = None,
+    per_class_weights: bool = False,
+    labels: np.ndarray | None = None,
+    holdout_labels: np.ndarray | None = None,
 ) -> BlendFile:
     """``ek blend --oof``: search on every finished config's OOF, write blend.json and a report.
+
+    OOF of several classes (uint8 ``(N, C, H, W)``), or ``metric="mean_dice"``, take the
+    per-class search (:mod:`.class_search`): shared weights (per-class weights as an option),
+    each class's threshold, min-pixels and min-component.
 
     Args:
         layout: The workdir :class:`~ensemble_kit.layout.Layout`.
@@ -55,6 +74,15 @@ def run_blend(
             config's ``prediction_cost`` in its summary.json) fits; None: no limit.
         threshold_from: ``oof`` (default) or ``holdout``: where the threshold (and top
             fraction) is chosen; weights and postprocessing always come from OOF.
+        metric: ``global_dice`` or ``mean_dice``; None: global dice for one class, mean dice
+            over (image, class) pairs for several.
+        empty_score: Score of a pair empty in both truth and prediction (mean dice).
+        class_names: The task's class names (default ``class_0``, ...).
+        per_class_weights: Also try one weight selection per class (mean dice), kept when
+            the nested cross-validation prefers it.
+        labels: uint8 labels of the OOF records in OOF order; default: read from the data
+            (one class only until the task's label cache lands).
+        holdout_labels: The same for the holdout records.
 
     Returns:
         The :class:`~.rule.BlendFile` written to ``layout.blend_json``: the rule, its scores,
@@ -62,15 +90,18 @@ def run_blend(
     """
     if steps < 1:
         raise EkError(f"--steps {steps}: the greedy selection needs at least 1 round")
+    classes = ClassOptions(metric, empty_score, class_names, per_class_weights)
     with exclusive_lock(layout.blend_lock, "ek blend"):
         return _run_blend_locked(
-            layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from
-        )
+            layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from,
+            classes, labels, holdout_labels,
+        )  # fmt: skip
 
 
 def _run_blend_locked(
-    layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from
-) -> BlendFile:
+    layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from,
+    classes, labels, holdout_labels,
+) -> BlendFile:  # fmt: skip
     pool = _read_pool(layout, configs)
     _check_threshold_source(layout, pool[0], threshold_from)
     costs = _read_costs(layout, pool, required=max_seconds_per_record is not None)
@@ -78,7 +109,19 @@ def _run_blend_locked(
     data_root = Path(data_root) if data_root is not None else _splits_data_root(layout)
     _check_sources(layout, pool, data_root)
     first = pool[0]
-    labels = _load_labels(layout, data_root, first.ids, splits)
+    metric = classes.metric
+    if first.probs.ndim == 4 or metric == "mean_dice":
+        if refine:
+            log.warning("blend: --refine is not searched per class; the greedy weights are kept")
+        options = replace(classes, metric=metric or "mean_dice")
+        inputs = (labels, holdout_labels, costs, max_seconds_per_record)
+        return _run_class_blend(
+            layout, data_root, pool, splits, steps, threshold_from, options, inputs
+        )
+    if metric not in (None, "global_dice"):
+        raise EkError(f"metric: {metric!r} is not one of {METRICS}")
+    if labels is None:
+        labels = _load_labels(layout, data_root, first.ids, splits)
     log.info("blend: %d configs, %d OOF records", len(pool), len(first.ids))
     known = (
         None
@@ -98,7 +141,9 @@ def _run_blend_locked(
     rule = rule_of(result)
     scores = score_fields(result, first.folds)
     cost = _cost_fields(pool, costs, rule, max_seconds_per_record)
-    rule = _holdout_scores(layout, data_root, rule, scores, result, pool, splits, threshold_from)
+    rule = _holdout_scores(
+        layout, data_root, rule, scores, result, pool, splits, threshold_from, holdout_labels
+    )
     blend = BlendFile(rule, scores, cost, _digests(layout, pool))
     write_blend_outputs(
         layout, blend, lambda staged: _write_report(staged, data_root, blend, result, pool, labels)
@@ -154,6 +199,77 @@ def skipped_configs(layout: Layout) -> list[str]:
             "finish it with ek cv"
         )
     return lines
+
+
+@dataclass(frozen=True)
+class ClassOptions:
+    """The task's side of a per-class blend: metric, empty score, class names, weights."""
+
+    metric: str | None = "mean_dice"
+    empty_score: float = 1.0
+    class_names: list[str] | None = None
+    per_class_weights: bool = False
+
+
+def _run_class_blend(
+    layout, data_root, pool, splits, steps, threshold_from, options: ClassOptions, inputs
+) -> BlendFile:
+    """The per-class ``ek blend --oof``: search, rule, holdout, blend.json and report."""
+    labels, holdout_labels, costs, limit = inputs
+    metric = options.metric or "mean_dice"
+    first = pool[0]
+    if limit is not None:
+        raise EkError("--max-seconds-per-record: not supported yet with several classes")
+    if labels is None:
+        labels = _class_labels(layout, data_root, first, first.ids, splits)
+    log.info("blend: %d configs, %d OOF records, per class", len(pool), len(first.ids))
+    result = search_classes(
+        [o.probs for o in pool],
+        labels,
+        first.folds,
+        steps,
+        [o.name for o in pool],
+        options.class_names,
+        metric,
+        options.empty_score,
+        options.per_class_weights,
+    )
+    rule = class_rule_of(result, one_class=first.probs.ndim == 3)
+    scores = class_score_fields(result, first.folds, metric)
+    chosen = [o for o in pool if o.name in rule.members]
+    if chosen[0].holdout is not None and chosen[0].holdout_ids:
+        if holdout_labels is None:
+            holdout_labels = _class_labels(layout, data_root, first, first.holdout_ids, splits)
+        codes = {o.name: o.holdout for o in chosen}
+        if threshold_from == "holdout":
+            rule = holdout_thresholds(rule, codes, holdout_labels, options.empty_score)
+        _class_holdout(scores, rule, codes, holdout_labels, options.empty_score)
+    blend = BlendFile(rule, scores, _cost_fields(pool, costs, rule, limit), _digests(layout, pool))
+    write_blend_outputs(
+        layout, blend, lambda staged: report.write_class_report(staged.blend_report_dir, blend)
+    )
+    log.info("blend: no gallery for several classes or mean dice (not drawn yet)")
+    log.info("blend: wrote %s (nested mean dice %.4f)", layout.blend_json, result.nested["pooled"])
+    return blend
+
+
+def _class_labels(layout, data_root, first, ids, splits) -> np.ndarray:
+    if first.probs.ndim == 4:
+        raise EkError(
+            f"{layout.oof_npy(first.name)}: labels of several classes come from the task's "
+            "label cache, not available yet; pass labels= to run_blend"
+        )
+    return _load_labels(layout, data_root, ids, splits)
+
+
+def _class_holdout(scores: dict, rule: BlendRule, codes, labels, empty_score: float) -> None:
+    """The task metric of the rule on the holdout, applied as ``ek submit`` applies it."""
+    mean, per_class = pair_dice_mean(rule, codes, labels, empty_score)
+    scores["holdout"] = mean
+    applied = [c.threshold_sum for c in rule.classes] or [rule.threshold_sum]
+    for name, dice, threshold in zip(scores["per_class"], per_class, applied):
+        scores["per_class"][name]["holdout"] = dice
+        scores["per_class"][name]["threshold_sum_applied"] = threshold
 
 
 def rule_of(result: SearchResult) -> BlendRule:
@@ -259,14 +375,15 @@ def _cost_fields(pool, costs: dict, rule: BlendRule, limit: float | None) -> dic
 
 
 def _holdout_scores(
-    layout, data_root, rule: BlendRule, scores: dict, result, pool, splits, threshold_from
+    layout, data_root, rule: BlendRule, scores: dict, result, pool, splits, threshold_from, labels
 ) -> BlendRule:
     """Fill the holdout scores; returns the rule, with the holdout's threshold when
     ``threshold_from == "holdout"``."""
     chosen = [o for o in pool if o.name in rule.weights]
     if any(o.holdout is None for o in chosen) or not chosen[0].holdout_ids:
         return rule
-    labels = _load_labels(layout, data_root, chosen[0].holdout_ids, splits)
+    if labels is None:
+        labels = _load_labels(layout, data_root, chosen[0].holdout_ids, splits)
     check = check_holdout(
         [o.holdout for o in chosen],
         labels,

@@ -9,14 +9,28 @@ weight, since each config's fold models run once per record however often it was
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from ..errors import EkError
-from .scorer import Scorer
+from .candidates import Candidates
+from .sets import FoldSets
 
 REFINE_SCALE = 4
 REFINE_ROUNDS = 30
+
+
+class MoveScorer(Protocol):
+    """What the selection reads of a scorer (:class:`~.scorer.Scorer` for global dice,
+    :class:`~.mean_dice.MeanDiceScorer` for mean dice): per move, scores on every set first."""
+
+    cands: Candidates
+    sets: FoldSets
+
+    def moves(self, bases: list[np.ndarray], moves: list[tuple[int, int, int]]) -> list[tuple]:
+        """Scores of ``bases[b] + sign * e_config`` for each ``(b, config, sign)`` move."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,7 @@ class Budget:
 
 
 def greedy_paths(
-    scorer: Scorer, steps: int, budget: Budget | None = None
+    scorer: MoveScorer, steps: int, budget: Budget | None = None
 ) -> list[list[tuple[int, float]]]:
     """Caruana forward selection with replacement, run on every set of folds at once.
 
@@ -89,7 +103,7 @@ def best_prefix_weights(path: list[tuple[int, float]], n_configs: int) -> np.nda
 
 
 def refine_weights(
-    scorer: Scorer, weights: list[np.ndarray], budget: Budget | None = None
+    scorer: MoveScorer, weights: list[np.ndarray], budget: Budget | None = None
 ) -> list[np.ndarray]:
     """Integer coordinate search from ``REFINE_SCALE * weights``: +-1 moves while they gain.
 
