@@ -40,7 +40,8 @@ def _existing_folder(ctx: click.Context, param: click.Parameter, value: Path | N
 
 def _at_least_one(ctx: click.Context, param: click.Parameter, value: int | None):
     if value is not None and value < 1:
-        raise _error_at(f"--{param.opts[0].lstrip('-')} {value}", "must be at least 1")
+        option = f"--{param.opts[0].lstrip('-')}"
+        raise _error_at(f"{option} {value}", f"{option} must be at least 1")
     return value
 
 

@@ -144,8 +144,20 @@ def test_typos_are_one_line_errors_before_any_work(tmp_path, tiny_config_path):
             *work,
             str(tiny_config_path),
         ],
-        "--folds 0: must be at least 1": ["cv", "--folds", "0", *work, str(tiny_config_path)],
-        "--epochs 0: must be at least 1": ["cv", "--epochs", "0", *work, str(tiny_config_path)],
+        "--folds 0: --folds must be at least 1": [
+            "cv",
+            "--folds",
+            "0",
+            *work,
+            str(tiny_config_path),
+        ],
+        "--epochs 0: --epochs must be at least 1": [
+            "cv",
+            "--epochs",
+            "0",
+            *work,
+            str(tiny_config_path),
+        ],
         "--max-seconds-per-record nan: must be": [
             "blend",
             "--oof",
