@@ -242,3 +242,14 @@ def test_a_record_without_a_mask_is_named(small_data, tmp_path):
     records = pd.DataFrame({"record_id": ids, "split": "train"})
     with pytest.raises(EkError, match=rf"train/{ids[1]}: no human_pixel_masks.npy \(1 such"):
         load_labels(layout, small_data, records)
+
+
+def test_annotator_masks_of_another_size_are_named(small_data, tmp_path):
+    """Was ``ValueError: could not broadcast``, with no file named."""
+    layout = Layout(tmp_path / "folds")
+    ids = sorted(p.name for p in (small_data / "train").iterdir())
+    folder = small_data / "train" / ids[0]
+    np.save(folder / "human_individual_masks.npy", np.zeros((8, 8, 1, 3), np.int32))
+    records = pd.DataFrame({"record_id": ids, "split": "train"})
+    with pytest.raises(EkError, match=rf"{ids[0]}/human_individual_masks.npy: shape \(8, 8\)"):
+        load_labels(layout, small_data, records)

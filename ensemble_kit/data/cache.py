@@ -59,6 +59,7 @@ from .images import (
     split_folder,
 )
 from .records import (
+    INDIVIDUAL_FILE,
     MASK_FILE,
     N_FRAMES,
     band_file,
@@ -275,6 +276,11 @@ def _fill_labels(arrays: dict[str, np.ndarray], rows: range, folders: list[Path]
         if mask.shape != arrays["labels"].shape[1:]:
             raise EkError(f"{folder / MASK_FILE}: shape {mask.shape} differs from the others")
         soft = load_soft_label(folder)
+        if soft is not None and soft.shape != mask.shape:
+            raise EkError(
+                f"{folder / INDIVIDUAL_FILE}: shape {soft.shape} differs from "
+                f"{MASK_FILE}'s {mask.shape}"
+            )
         arrays["labels"][row] = mask
         arrays["soft"][row] = mask * 255 if soft is None else to_codes(soft)
 
