@@ -46,4 +46,11 @@ def os_error(error: OSError, needed_bytes: int | None = None) -> EkError | None:
         return None
     path = error.filename if error.filename is not None else "ek"
     needed = f" (needed ~{max(1, round(needed_bytes / 2**20))} MB)" if needed_bytes else ""
-    return EkError(f"{path}: {what}{needed}")
+    return UserOSError(f"{path}: {what}{needed}")
+
+
+class UserOSError(EkError, OSError):
+    """A full disk, read-only folder or missing permission, as one line naming the path.
+
+    Still an :class:`OSError`, so code that handles write failures as before keeps doing so.
+    """
