@@ -182,6 +182,12 @@ def parse_ints(option: str, texts: tuple[str, ...]) -> tuple[int, ...]:
         raise EkError(f"{option}: expected whole numbers, got {' '.join(words)!r}") from None
 
 
+class EkSubGroup(EkCommand, click.Group):
+    """A command group under ``ek`` (``ek tasks``): a command itself, whose commands are too."""
+
+    command_class = EkCommand
+
+
 class EkGroup(click.Group):
     """Shows :class:`EkError` (and a disk or permission error) as one line on stderr, exit 2."""
 
@@ -394,7 +400,7 @@ def pseudo(workdir: Path, data_root, frames, name: str, device: str) -> None:
         click.echo(line)
 
 
-@main.group(invoke_without_command=True)
+@main.group(cls=EkSubGroup, invoke_without_command=True)
 @click.pass_context
 def tasks(ctx: click.Context) -> None:
     """List the built-in tasks (`ek tasks show NAME` prints one as YAML to copy)."""

@@ -8,10 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from ensemble_kit import blend
 from ensemble_kit.blend.candidates import build_candidates
 from ensemble_kit.blend.ensemble_search import search
+from ensemble_kit.blend.run import run_blend
 from ensemble_kit.blend.sparse import check_rule_floor
+from ensemble_kit.blend.verify import verify_blend
 from ensemble_kit.errors import EkError
 from ensemble_kit.oof import load_codes
 from ensemble_kit.sparse_oof import (
@@ -210,7 +211,7 @@ def _to_sparse(folder, labels=None):
 
 
 def _scores(result):
-    kept = {k: v for k, v in result.items() if k not in ("digests", "cost")}  # cost: timed
+    kept = {k: v for k, v in result.to_dict().items() if k not in ("digests", "cost")}  # timed
     return json.loads(json.dumps(kept))
 
 
@@ -224,11 +225,11 @@ def test_run_blend_all_sparse_equals_mixed(tmp_path):
     _to_sparse(mixed_dir / "folds" / "beta")
     for name in ("alpha", "beta", "gamma"):
         _to_sparse(sparse_dir / "folds" / name)
-    mixed = blend.run_blend(type(layout)(mixed_dir / "folds"), steps=4)
-    all_sparse = blend.run_blend(type(layout)(sparse_dir / "folds"), steps=4)
+    mixed = run_blend(type(layout)(mixed_dir / "folds"), steps=4)
+    all_sparse = run_blend(type(layout)(sparse_dir / "folds"), steps=4)
     assert _scores(mixed) == _scores(all_sparse)
-    assert set(all_sparse["digests"]["oof"]) == {"alpha", "beta", "gamma"}
-    assert blend.verify_blend(type(layout)(sparse_dir / "folds"))
+    assert set(all_sparse.digests["oof"]) == {"alpha", "beta", "gamma"}
+    assert verify_blend(type(layout)(sparse_dir / "folds"))
 
 
 # ----------------------------------------------------------------------------- trained
@@ -305,8 +306,8 @@ def test_trained_blends_all_sparse_and_mixed_alike(trained, tmp_path):
     for split in ("oof", "holdout"):
         (mixed / "qb" / f"{split}.npy").unlink()
         shutil.copy(sparse / "qb" / f"{split}_sparse.ekz", mixed / "qb")
-    all_sparse = blend.run_blend(Layout(sparse), steps=3)
-    assert _scores(blend.run_blend(Layout(mixed), steps=3)) == _scores(all_sparse)
+    all_sparse = run_blend(Layout(sparse), steps=3)
+    assert _scores(run_blend(Layout(mixed), steps=3)) == _scores(all_sparse)
     assert all_sparse["scores"]["search_floor"] == 13 / 255
     alone = search([SparseCodes(sparse / "qa" / "oof_sparse.ekz")], *_labels_folds(sparse))
     plain = search([np.load(dense / "qa" / "oof.npy")], *_labels_folds(sparse))
