@@ -25,6 +25,7 @@ def test_refuses_without_cuda(gpu_check):
         gpu_check.main([])
 
 
+@pytest.mark.slow  # about 4 minutes on 2 cores since the Kaggle-hardware rows (make test-all)
 def test_smoke_run_prints_every_row(gpu_check, capsys, tmp_path):
     gpu_check.main(["--smoke", "--device", "cpu", "--out", str(tmp_path / "gpu.md")])
     table = capsys.readouterr().out
