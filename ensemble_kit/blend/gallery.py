@@ -389,7 +389,8 @@ def write_gallery(
         panels.append(load_images(panel, record_dir(data_root, splits[rid], rid), False))
     gallery_png = layout.blend_report_dir / GALLERY_PNG
     drawn = draw_gallery(panels, gallery_png, folder)
-    log.info("gallery: wrote %s (%d records)", gallery_png, len(panels))
+    # named as the swapped-in report folder holds it (ek blend writes it in a staged folder)
+    log.info("gallery: wrote blend/%s (%d records)", GALLERY_PNG, len(panels))
     return list(zip(panels, drawn))
 
 
