@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import EkError
 from .candidates import DEFAULT_FLOOR, Candidates, build_candidates
-from .ensemble_search import MIN_COMPONENT_GRID, MIN_PIXELS_GRID
+from .ensemble_search import MIN_COMPONENT_GRID, MIN_PIXELS_GRID, check_pool, with_zero
 from .mean_dice import (
     MeanDiceChoice,
     MeanDiceScorer,
@@ -106,7 +106,7 @@ def search_classes(
     names = names or [f"config_{i}" for i in range(len(oofs))]
     class_names = class_names or [f"class_{c}" for c in range(n_classes)]
     _check(oofs, labels, folds, steps, metric, class_names)
-    grids = (_with_zero(grids[0]), _with_zero(grids[1]))
+    grids = (with_zero(grids[0]), with_zero(grids[1]))
     classes = class_candidates(oofs, labels, folds, floor)
     sets = FoldSets.nested(classes[0].n_folds)
     tables = _Tables(classes, grids, empty_score)
@@ -272,10 +272,6 @@ def _named(names: list[str], weights: np.ndarray) -> dict[str, int]:
     return {name: int(w) for name, w in zip(names, weights) if w > 0}
 
 
-def _with_zero(grid) -> tuple[int, ...]:
-    return tuple(sorted({0, *map(int, grid)}))
-
-
 def _check(oofs, labels, folds, steps, metric, class_names) -> None:
     if metric not in METRICS:
         raise EkError(f"metric: {metric!r} is not one of {METRICS}")
@@ -283,21 +279,10 @@ def _check(oofs, labels, folds, steps, metric, class_names) -> None:
         raise EkError("metric: global_dice with several classes is not supported; use mean_dice")
     if steps < 1:
         raise EkError(f"steps: {steps}; the greedy selection needs at least 1 round")
-    if not oofs:
-        raise EkError("nothing to blend: the pool of configs is empty")
-    for i, oof in enumerate(oofs):
-        if oof.dtype != np.uint8 or oof.shape != labels.shape:
-            raise EkError(
-                f"config {i}: OOF {oof.dtype} {oof.shape} does not match labels {labels.shape}"
-            )
+    check_pool(oofs, labels, folds)
     n_classes = 1 if labels.ndim == 3 else labels.shape[1]
     if len(class_names) != n_classes:
         raise EkError(f"class_names: {len(class_names)} names for {n_classes} classes")
-    folds = np.asarray(folds)
-    if folds.shape != (labels.shape[0],) or folds.min() < 0 or len(np.unique(folds)) < 2:
-        raise EkError(
-            f"folds: need one fold >= 0 per OOF row and at least 2 folds, got {np.unique(folds)}"
-        )
 
 
 def pair_dice_mean(

@@ -120,7 +120,7 @@ def search(
     budget = _budget(costs, max_cost, names)
     cands = build_candidates(oofs, labels, folds, floor)
     log.info("blend: %d candidate pixels of %d", len(cands.labels), int(cands.fold_pixels.sum()))
-    grids = (_with_zero(min_pixels_grid), _with_zero(min_component_grid))
+    grids = (with_zero(min_pixels_grid), with_zero(min_component_grid))
     scorer = Scorer(cands, FoldSets.nested(cands.n_folds))
     limit = budget if max_cost is not None else None
     nested = nested_search(scorer, steps, refine, grids, limit)
@@ -189,11 +189,19 @@ def _counts_at(hist: np.ndarray, threshold: int) -> tuple[int, int, int]:
     return tp, fp, int(hist[:, 1].sum()) - tp
 
 
-def _with_zero(grid) -> tuple[int, ...]:
+def with_zero(grid) -> tuple[int, ...]:
+    """A postprocessing grid, sorted and always holding 0 (off)."""
     return tuple(sorted({0, *map(int, grid)}))
 
 
 def _check_arrays(oofs, labels, folds) -> None:
+    check_pool(oofs, labels, folds)
+    if not (labels.any() if isinstance(labels, SparseCodes) else np.asarray(labels).any()):
+        raise EkError("every OOF label is empty: there is nothing to fit a threshold to")
+
+
+def check_pool(oofs, labels, folds) -> None:
+    """One-line errors for an empty pool, OOF not shaped like the labels, or bad folds."""
     if not oofs:
         raise EkError("nothing to blend: the pool of configs is empty")
     for i, oof in enumerate(oofs):
@@ -206,5 +214,3 @@ def _check_arrays(oofs, labels, folds) -> None:
         raise EkError(
             f"folds: need one fold >= 0 per OOF row and at least 2 folds, got {np.unique(folds)}"
         )
-    if not (labels.any() if isinstance(labels, SparseCodes) else np.asarray(labels).any()):
-        raise EkError("every OOF label is empty: there is nothing to fit a threshold to")

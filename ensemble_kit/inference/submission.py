@@ -68,32 +68,43 @@ def write_submission(path: Path | str, record_ids: Sequence[str], rles: Sequence
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _read_rows(path: Path) -> list[tuple[int, str, str]]:
-    """``(line, record_id, rle)`` per data row, after checking the header and field counts.
+def _read_rows(path: Path, header: str = HEADER, parse=None) -> list[tuple[int, str, str]]:
+    """``(line, id, rle)`` per data row, after checking the header and field counts.
 
     Read with the csv module rather than pandas: pandas silently turns a first column into
     the index when rows have one field more than the header, and renumbers lines.
+
+    Args:
+        header: The expected first line.
+        parse: ``(path, line, fields) -> (line, id, rle)``; default :func:`_row` (contrails'
+            digit-string record ids).
     """
+    parse = parse or _row
     if not path.is_file():
         raise EkError(f"{path}: no such file")
     try:
         with open(path, encoding="utf-8", newline="") as fh:
-            header = fh.readline().rstrip("\r\n")
-            if header != HEADER:
-                raise EkError(f"{path}: line 1: header is {header[:80]!r}, expected {HEADER!r}")
+            first = fh.readline().rstrip("\r\n")
+            if first != header:
+                raise EkError(f"{path}: line 1: header is {first[:80]!r}, expected {header!r}")
             reader = csv.reader(fh)
             # line_num counts from the reader's first line, which is the file's line 2.
-            return [_row(path, reader.line_num + 1, fields) for fields in reader]
+            return [parse(path, reader.line_num + 1, fields) for fields in reader]
     except (csv.Error, UnicodeDecodeError) as error:
         raise EkError(f"{path}: not a readable CSV: {error}") from None
 
 
-def _row(path: Path, line: int, fields: list[str]) -> tuple[int, str, str]:
-    """One data row as ``(line, record_id, rle)``; EkError for a blank line or bad id."""
+def _two_fields(path: Path, line: int, fields: list[str]) -> tuple[int, str, str]:
+    """One data row as ``(line, id, rle)``; EkError for a blank line or another field count."""
     if len(fields) != 2:
         what = "blank line" if not fields else f"{len(fields)} fields, expected 2"
         raise EkError(f"{path}: line {line}: {what}")
-    record_id, rle = fields
+    return line, fields[0], fields[1]
+
+
+def _row(path: Path, line: int, fields: list[str]) -> tuple[int, str, str]:
+    """One data row as ``(line, record_id, rle)``; EkError for a blank line or bad id."""
+    _, record_id, rle = _two_fields(path, line, fields)
     if not (record_id.isascii() and record_id.isdigit()):
         hint = " (a float-mangled id? keep ids as strings)" if "e+" in record_id.lower() else ""
         raise EkError(
@@ -306,21 +317,4 @@ def check_task_submission(
 
 def _read_task_rows(path: Path, task: Task) -> list[tuple[int, str, str]]:
     """``(line, row id, rle)`` per data row after checking the header and field counts."""
-    header = ",".join(task.submission.header)
-    if not path.is_file():
-        raise EkError(f"{path}: no such file")
-    try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            first = handle.readline().rstrip("\r\n")
-            if first != header:
-                raise EkError(f"{path}: line 1: header is {first[:80]!r}, expected {header!r}")
-            rows: list[tuple[int, str, str]] = []
-            for fields in csv.reader(handle):
-                line = len(rows) + 2
-                if len(fields) != 2:
-                    what = "blank line" if not fields else f"{len(fields)} fields, expected 2"
-                    raise EkError(f"{path}: line {line}: {what}")
-                rows.append((line, fields[0], fields[1]))
-            return rows
-    except (csv.Error, UnicodeDecodeError) as error:
-        raise EkError(f"{path}: not a readable CSV: {error}") from None
+    return _read_rows(path, ",".join(task.submission.header), _two_fields)
