@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from .. import postprocess
+from .. import postprocess, registry
 from ..errors import EkError
 from ..files import write_json
 
 RULE_VERSION = 1
 MODES = ("value", "top_fraction")
-THRESHOLD_SOURCES = ("oof", "holdout")
+THRESHOLD_SOURCES = registry.THRESHOLD_SOURCES.names  # declared once, in the registry
 RERUN = "re-run `ek blend --oof`"
 
 

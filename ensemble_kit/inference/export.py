@@ -28,13 +28,14 @@ from ..data.splits import read_meta
 from ..errors import EkError
 from ..files import atomic_path, write_json
 from ..layout import Layout, bundle_files, bundle_model
+from ..registry import EXPORT_FORMATS
 from ..sparse_oof import open_codes
 from .bundle import MODEL_FORMATS, TORCH_MIN
 from .checkpoints import load_fold_model
 from .staged import staged_folder
 
 log = logging.getLogger(__name__)
-FORMATS = ("torchscript", "onnx")
+FORMATS = EXPORT_FORMATS.names  # declared once, in the registry
 TOLERANCE = 1e-4
 
 
