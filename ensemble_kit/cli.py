@@ -253,6 +253,8 @@ def synth(
 
         written = write_synthetic_task(out, synth_task(task_name, classes, size), counts, seed)
     click.echo(f"wrote {written} to {out}")
+    if task_name == "folder":
+        click.echo(f"task file: {out}/task.yaml (ek folds --data {out} --task {out}/task.yaml)")
 
 
 @main.command()
@@ -569,6 +571,8 @@ def submit(
     )
     if "dice" in result:
         click.echo(f"global dice on {split}: {result['dice']:.4f}")
+    if "score" in result:
+        click.echo(f"{result['metric']} on {split}: {result['score']:.4f}")
     click.echo(f"wrote {out}")
 
 

@@ -105,8 +105,9 @@ class AugmentSpec:
     hflip: float = 0.0
     vflip: float = 0.0
     rot90: float = 0.0
-    crop: float = 0.0  # random resized crop
+    crop: float | tuple[int, int] = 0.0  # probability of a random resized crop; or [h, w]
     crop_scale: tuple[float, float] = (0.6, 1.0)
+    crop_masked: float = 0.0  # crop: [h, w]: share of crops centred on a masked pixel
     cutout: float = 0.0
     cutout_holes: int = 4
     cutout_size: float = 0.125  # fraction of the side
@@ -191,7 +192,8 @@ RANGES: dict[tuple[str, ...], tuple[float, float, str]] = {
     ("model", "upsample"): (0, math.inf, "(]"),
     ("loss", "weight"): (0, math.inf, "[]"),
     ("tta_chunk",): (0, math.inf, "[]"),
-    **{("augment", p): (0, 1, "[]") for p in ("hflip", "vflip", "rot90", "crop", "cutout")},
+    **{("augment", p): (0, 1, "[]") for p in ("hflip", "vflip", "rot90", "cutout")},
+    ("augment", "crop_masked"): (0, 1, "[]"),
     **{("augment", p): (0, 1, "[]") for p in ("cutmix", "mixup")},
 }
 
@@ -288,6 +290,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if not (isinstance(value, bool) or value == "auto"):
             raise EkError(f"{source}: '{key}' must be true, false or auto, got {value!r}")
         return value
+    if hint == (float | tuple[int, int]):  # augment.crop: a probability, or [h, w]
+        if isinstance(value, list | tuple):
+            return _coerce(tuple[int, int], value, source, key)
+        return _number(float, value, source, key)
     if hint == (int | None) and value is not None:
         return _number(int, value, source, key)
     if hint is float:
@@ -364,6 +370,11 @@ def _validate_ranges(config: Config, source: str) -> None:
                 raise EkError(f"{source}: '{'.'.join(path)}' is {value!r}; it must be in {shown}")
     if config.model.upsample_size is not None and config.model.upsample_size < 1:
         raise EkError(f"{source}: 'model.upsample_size' must be at least 1")
+    crop = config.augment.crop
+    if isinstance(crop, tuple) and min(crop) < 1:
+        raise EkError(f"{source}: 'augment.crop' [h, w] needs sides of at least 1, got {crop}")
+    if not isinstance(crop, tuple) and not 0 <= crop <= 1:
+        raise EkError(f"{source}: 'augment.crop' is {crop!r}; a probability in [0, 1] or [h, w]")
     if not config.input.frames:
         raise EkError(f"{source}: 'input.frames' needs at least one frame")
     if not config.input.bands:

@@ -228,7 +228,8 @@ def threshold_sweep(
     ``fn = labels.sum()``.
 
     Args:
-        probs_uint8: uint8 codes, ``(H, W)`` or ``(N, H, W)``.
+        probs_uint8: uint8 codes, ``(H, W)``, ``(N, H, W)`` or ``(N, C, H, W)`` (global dice
+            over every class's pixels).
         labels: 0/1 labels of the same shape.
 
     Returns:
@@ -283,11 +284,14 @@ def best_threshold(probs_uint8: np.ndarray, labels: np.ndarray) -> tuple[int, fl
 
 
 def _as_3d(array: np.ndarray) -> np.ndarray:
+    """``(H, W)``, ``(N, H, W)`` or several classes' ``(N, C, H, W)`` as ``(N', H, W)``."""
     array = np.asarray(array)
     if array.ndim == 2:
         array = array[None]
+    if array.ndim == 4:
+        array = array.reshape(-1, *array.shape[2:])
     if array.ndim != 3:
-        raise ValueError(f"expected (H, W) or (N, H, W), got shape {array.shape}")
+        raise ValueError(f"expected (H, W), (N, H, W) or (N, C, H, W), got shape {array.shape}")
     if array.dtype == bool:
         array = array.view(np.uint8)
     return array

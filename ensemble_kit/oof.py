@@ -52,13 +52,14 @@ def from_codes(codes: np.ndarray) -> np.ndarray:
 
 
 class ArrayWriter:
-    """Streams rows of a uint8 ``(N, H, W)`` array to ``path`` via a temporary memmap.
+    """Streams rows of a uint8 ``(N, H, W)`` (or ``(N, C, H, W)``) array to ``path`` via a
+    temporary memmap.
 
     Use as a context manager; the file appears under its real name only when every row
     was written and the block exits without an exception.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int, int]):
+    def __init__(self, path: Path, shape: tuple[int, ...]):
         self.path = Path(path)
         self.shape = shape
         self._atomic = atomic_path(self.path)
@@ -94,7 +95,7 @@ def codes_writer(
     :class:`~.sparse_oof.SparseWriter` on :func:`sparse_path` of it."""
     if sparse:
         return SparseWriter(sparse_path(path), shape, floor)
-    return ArrayWriter(path, (shape[0], shape[-2], shape[-1]))
+    return ArrayWriter(path, tuple(shape))
 
 
 def sparse_path(path: Path) -> Path:

@@ -173,6 +173,8 @@ def task_from_dict(raw: dict, source: str = "<dict>") -> Task:
             parent = yaml.safe_load(builtin_text(base))
         except EkError as err:
             raise EkError(f"{source}: 'extends': {err}") from None
+        if "metric" not in raw and len(raw.get("classes") or ()) > 1:
+            raw["metric"] = "mean_dice"  # several classes inherit the pairs' metric
         raw = _merged(parent, raw)
     task = dataclass_from_dict(Task, raw, source)
     _validate(task, source)
@@ -219,6 +221,11 @@ def _validate(task: Task, source: str) -> None:
         raise EkError(f"{source}: 'size' must be two positive sides [H, W] (or [0, 0]: auto)")
     if (task.kind == "contrails") != (task.masks.source == "records"):
         raise EkError(f"{source}: 'masks.source' records goes with kind contrails, and only it")
+    if task.metric == "global_dice" and task.n_classes > 1:
+        raise EkError(
+            f"{source}: 'metric' global_dice scores one class; with {task.n_classes} classes "
+            "use mean_dice (mean over (image, class) pairs)"
+        )
     if not 0.0 <= task.empty_score <= 1.0:
         raise EkError(f"{source}: 'empty_score' must be in [0, 1]")
     _validate_submission(task, source)

@@ -360,3 +360,47 @@ def test_a_64px_batch_is_quick():
     out_images, out_targets = augmenter(images, targets, generator)
     assert time.perf_counter() - start < 5.0  # ~0.05 s alone; generous for a shared machine
     assert out_images.shape == images.shape and out_targets.shape == targets.shape
+
+
+def test_training_crop_cuts_the_same_window_from_image_and_target():
+    from ensemble_kit.training.augment import Augmenter
+
+    images = torch.arange(3 * 2 * 8 * 10, dtype=torch.float32).reshape(3, 2, 8, 10)
+    targets = images[:, :1] * 2
+    augmenter = Augmenter(AugmentSpec(crop=(4, 6)))
+    out_images, out_targets = augmenter(images, targets, torch.Generator().manual_seed(3))
+    assert out_images.shape == (3, 2, 4, 6) and out_targets.shape == (3, 1, 4, 6)
+    for b in range(3):
+        first = out_images[b, 0, 0, 0]
+        (top, left) = [int(v) for v in torch.nonzero(images[b, 0] == first)[0]]
+        assert torch.equal(out_images[b], images[b, :, top : top + 4, left : left + 6])
+        assert torch.equal(out_targets[b], targets[b, :, top : top + 4, left : left + 6])
+
+
+def test_masked_crops_hold_a_masked_pixel_and_a_too_large_crop_is_refused():
+    from ensemble_kit.training.augment import Augmenter
+
+    images = torch.rand(6, 1, 32, 40)
+    targets = torch.zeros(6, 2, 32, 40)
+    for b in range(6):  # one masked pixel per sample, far from the others, class b % 2
+        targets[b, b % 2, 3 + 4 * b, 37 - 5 * b] = 1
+    augmenter = Augmenter(AugmentSpec(crop=(8, 8), crop_masked=1.0))
+    for seed in range(5):
+        _, cropped = augmenter(images, targets, torch.Generator().manual_seed(seed))
+        assert cropped.shape == (6, 2, 8, 8)
+        assert all(cropped[b].sum() == 1 for b in range(6))
+    with pytest.raises(EkError, match="larger than the images"):
+        Augmenter(AugmentSpec(crop=(64, 8)))(images, targets, torch.Generator())
+
+
+def test_crop_takes_a_probability_or_a_size_in_configs():
+    from ensemble_kit.config import config_from_dict
+
+    assert config_from_dict({"name": "a", "augment": {"crop": [256, 400]}}).augment.crop == (
+        256,
+        400,
+    )
+    assert config_from_dict({"name": "a", "augment": {"crop": 0.5}}).augment.crop == 0.5
+    for bad in ([0, 4], 1.5, [1, 2, 3]):
+        with pytest.raises(EkError, match="augment.crop"):
+            config_from_dict({"name": "a", "augment": {"crop": bad}})

@@ -210,15 +210,13 @@ def test_global_dice_with_several_classes_is_refused(tmp_path):
     layout, labels, holdout_labels = _workdir(tmp_path, n_train=9, n_holdout=3)
     with pytest.raises(EkError, match="global_dice with several classes"):
         _blend(layout, labels, holdout_labels, metric="global_dice")
-    with pytest.raises(EkError, match="label cache"):
-        run_blend(layout, steps=2)
     assert not layout.blend_json.exists()
 
 
-def test_cli_without_labels_of_several_classes_is_one_line(tmp_path):
+def test_cli_without_the_data_of_several_classes_is_one_line(tmp_path):
     layout, _, _ = _workdir(tmp_path, n_train=9, n_holdout=3)
     result = CliRunner().invoke(main, ["blend", "--oof", "--workdir", str(layout.workdir)])
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("ek: error: ") and "label cache" in line
+    assert line.startswith("ek: error: ") and "no 'train/' folder" in line
     assert not layout.blend_json.exists()

@@ -19,6 +19,7 @@ from ..files import atomic_path, digest_json, exclusive_lock, staged_folder
 from ..layout import Layout
 from ..metrics import dice_from_counts
 from ..oof import read_ids, read_oof
+from ..task import workdir_task
 from . import report
 from .class_search import (
     METRICS,
@@ -52,7 +53,7 @@ def run_blend(
     threshold_from: str = "oof",
     *,
     metric: str | None = None,
-    empty_score: float = 1.0,
+    empty_score: float | None = None,
     class_names: list[str] | None = None,
     per_class_weights: bool = False,
     labels: np.ndarray | None = None,
@@ -74,14 +75,15 @@ def run_blend(
             config's ``prediction_cost`` in its summary.json) fits; None: no limit.
         threshold_from: ``oof`` (default) or ``holdout``: where the threshold (and top
             fraction) is chosen; weights and postprocessing always come from OOF.
-        metric: ``global_dice`` or ``mean_dice``; None: global dice for one class, mean dice
-            over (image, class) pairs for several.
-        empty_score: Score of a pair empty in both truth and prediction (mean dice).
-        class_names: The task's class names (default ``class_0``, ...).
+        metric: ``global_dice`` or ``mean_dice``; None: the workdir task's (``folds/task.yaml``;
+            contrails: global dice) for one class, mean dice for several.
+        empty_score: Score of a pair empty in both truth and prediction (mean dice); None:
+            the task's.
+        class_names: Class names; None: the task's when the OOF has its classes.
         per_class_weights: Also try one weight selection per class (mean dice), kept when
             the nested cross-validation prefers it.
         labels: uint8 labels of the OOF records in OOF order; default: read from the data
-            (one class only until the task's label cache lands).
+            (the task's label cache).
         holdout_labels: The same for the holdout records.
 
     Returns:
@@ -90,7 +92,10 @@ def run_blend(
     """
     if steps < 1:
         raise EkError(f"--steps {steps}: the greedy selection needs at least 1 round")
-    classes = ClassOptions(metric, empty_score, class_names, per_class_weights)
+    task = workdir_task(layout)
+    empty = task.empty_score if empty_score is None else empty_score
+    names = class_names or (list(task.classes) if task.n_classes > 1 else None)
+    classes = ClassOptions(metric, empty, names, per_class_weights, task.metric)
     with exclusive_lock(layout.blend_lock, "ek blend"):
         return _run_blend_locked(
             layout, data_root, configs, steps, refine, max_seconds_per_record, threshold_from,
@@ -109,7 +114,7 @@ def _run_blend_locked(
     data_root = Path(data_root) if data_root is not None else _splits_data_root(layout)
     _check_sources(layout, pool, data_root)
     first = pool[0]
-    metric = classes.metric
+    metric = classes.metric or (classes.task_metric if first.probs.ndim == 3 else "mean_dice")
     if first.probs.ndim == 4 or metric == "mean_dice":
         if refine:
             log.warning("blend: --refine is not searched per class; the greedy weights are kept")
@@ -209,6 +214,7 @@ class ClassOptions:
     empty_score: float = 1.0
     class_names: list[str] | None = None
     per_class_weights: bool = False
+    task_metric: str = "global_dice"  # the workdir task's, where ``metric`` is None
 
 
 def _run_class_blend(
@@ -254,12 +260,13 @@ def _run_class_blend(
 
 
 def _class_labels(layout, data_root, first, ids, splits) -> np.ndarray:
-    if first.probs.ndim == 4:
+    labels = _load_labels(layout, data_root, ids, splits)
+    if labels.shape[1:] != first.probs.shape[1:]:
         raise EkError(
-            f"{layout.oof_npy(first.name)}: labels of several classes come from the task's "
-            "label cache, not available yet; pass labels= to run_blend"
+            f"{layout.oof_npy(first.name)}: records of shape {first.probs.shape[1:]}, but the "
+            f"task's labels are {labels.shape[1:]}; rerun ek cv for this task"
         )
-    return _load_labels(layout, data_root, ids, splits)
+    return labels
 
 
 def _class_holdout(scores: dict, rule: BlendRule, codes, labels, empty_score: float) -> None:
@@ -513,7 +520,8 @@ def _splits_data_root(layout) -> Path:
 
 
 def _load_labels(layout, data_root: Path, ids: list[str], splits: dict[str, str]) -> np.ndarray:
-    """Labels of ``ids`` in that order as a read-only, file-backed uint8 ``(N, H, W)`` memmap.
+    """Labels of ``ids`` in that order as a read-only, file-backed uint8 memmap, ``(N, H, W)``
+    (``(N, C, H, W)`` for several classes).
 
     Never a byte per pixel in this process's anonymous memory (1.35 GB at 20,529 records):
     the split's label cache itself when ``ids`` are its rows in order, else a copy written

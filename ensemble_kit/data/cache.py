@@ -48,12 +48,13 @@ from ..errors import EkError
 from ..files import digest_json, process_alive, read_json, user_errors, write_json
 from ..layout import Layout, cache_array, cache_files, record_dir, split_dir
 from ..oof import from_codes, to_codes
-from ..task import Task
+from ..task import Task, workdir_task
 from .images import (
     MASK_SUFFIX,
     image_files,
     list_images,
     mask_location,
+    mask_rows,
     read_image,
     read_masks,
     split_folder,
@@ -177,18 +178,21 @@ class LabelReader:
         if len(records) == 0:
             raise EkError("no records to load labels for (empty pool)")
         key = "soft" if soft else "labels"
+        task = workdir_task(layout)
         self.splits = records["split"].to_numpy()
         self.rows = np.empty(len(records), dtype=np.int64)
         self.arrays = {}
         for split in pd.unique(self.splits):
-            entry = ensure_labels(layout, data_root, str(split))
+            entry = split_labels(layout, data_root, str(split), task)
             members = self.splits == split
-            _refuse_unlabelled(data_root, str(split), records["record_id"][members], entry)
-            self.arrays[split] = entry.arrays[key]
+            if task.kind == "contrails":
+                _refuse_unlabelled(data_root, str(split), records["record_id"][members], entry)
+            self.arrays[split] = entry.arrays.get(key, entry.arrays["labels"])
             self.rows[members] = entry.index_of(records["record_id"][members].tolist())
 
     def read(self, positions: slice | np.ndarray = slice(None)) -> np.ndarray:
-        """uint8 ``(n, H, W)`` labels of the records at ``positions``, in row order."""
+        """uint8 labels ``(n, H, W)`` (``(n, C, H, W)`` for several classes) of the records at
+        ``positions``, in row order."""
         splits, rows = self.splits[positions], self.rows[positions]
         first = next(iter(self.arrays.values()))
         result = np.empty((len(rows), *first.shape[1:]), dtype=np.uint8)
@@ -197,6 +201,22 @@ class LabelReader:
             if members.any():
                 result[members] = array[rows[members]]
         return result
+
+
+def split_labels(layout: Layout, data_root: Path, split: str, task: Task) -> CacheEntry:
+    """The label cache of a split of the workdir's task (contrail records or image masks)."""
+    if task.kind == "contrails":
+        return ensure_labels(layout, data_root, split)
+    return ensure_image_labels(layout, task, data_root, split)
+
+
+def split_inputs(
+    layout: Layout, data_root: Path, split: str, spec: InputSpec, task: Task
+) -> CacheEntry:
+    """The input cache of a split: a config's contrail inputs, or the task's images."""
+    if task.kind == "contrails":
+        return ensure_inputs(layout, data_root, split, spec)
+    return ensure_image_inputs(layout, task, data_root, split)
 
 
 def _refuse_unlabelled(data_root: Path, split: str, ids, entry: CacheEntry) -> None:
@@ -515,12 +535,10 @@ def ensure_image_labels(layout: Layout, task: Task, data_root: Path, split: str)
         sources = [location / f"{Path(i).stem}{MASK_SUFFIX}" for i in ids]
     name = digest_json([str(Path(data_root).resolve()), task.digest, split])
     path = layout.cache_dir / f"{split}-labels-{name}"
-    masks = read_masks(task, data_root, split, ids) if task.masks.source == "csv" else None
+    rows = mask_rows(task, data_root, split) if task.masks.source == "csv" else None
 
     def fill(arrays: dict[str, np.ndarray], start: int, chunk: list[str]) -> None:
-        block = masks[start : start + len(chunk)] if masks is not None else None
-        if block is None:
-            block = read_masks(task, data_root, split, chunk)
+        block = read_masks(task, data_root, split, chunk, rows)
         arrays["labels"][start : start + len(chunk)] = block[:, 0] if task.n_classes == 1 else block
 
     classes = () if task.n_classes == 1 else (task.n_classes,)

@@ -237,8 +237,18 @@ def fit_task(task: Task, data_root: Path | str) -> Task:
     return replace(task, size=size, channels=channels)
 
 
-def read_masks(task: Task, data_root: Path | str, split: str, ids: list[str]) -> np.ndarray:
-    """Masks of ``ids`` in a split, uint8 ``(N, C, H, W)`` (``C`` classes, sizes checked)."""
+def read_masks(
+    task: Task,
+    data_root: Path | str,
+    split: str,
+    ids: list[str],
+    rows: dict[str, list[MaskRow]] | None = None,
+) -> np.ndarray:
+    """Masks of ``ids`` in a split, uint8 ``(N, C, H, W)`` (``C`` classes, sizes checked).
+
+    ``rows``: the split's CSV rows by image (:func:`mask_rows`), when the caller reads many
+    chunks of one CSV; read here otherwise.
+    """
     location = mask_location(task, data_root, split)
     if location is None:
         raise EkError(f"task {task.name} has no masks for split '{split}'")
@@ -247,6 +257,17 @@ def read_masks(task: Task, data_root: Path | str, split: str, ids: list[str]) ->
         for i, image_id in enumerate(ids):
             out[i] = read_mask_file(task, location / f"{Path(image_id).stem}{MASK_SUFFIX}")
         return out
+    by_image = mask_rows(task, data_root, split) if rows is None else rows
+    for i, image_id in enumerate(ids):
+        out[i] = paint_rows(task, by_image.get(image_id, []), task.size)
+    return out
+
+
+def mask_rows(task: Task, data_root: Path | str, split: str) -> dict[str, list[MaskRow]]:
+    """The rows of a split's mask CSV by image id; EkError for an image not in the data."""
+    location = mask_location(task, data_root, split)
+    if location is None:
+        raise EkError(f"task {task.name} has no masks for split '{split}'")
     by_image: dict[str, list[MaskRow]] = {}
     for row in read_mask_csv(task, location, task.size):
         by_image.setdefault(row.image_id, []).append(row)
@@ -254,6 +275,4 @@ def read_masks(task: Task, data_root: Path | str, split: str, ids: list[str]) ->
     for image_id, rows in by_image.items():
         if image_id not in known:
             raise EkError(f"{location}: row {rows[0].line}: image {image_id!r} is not in the data")
-    for i, image_id in enumerate(ids):
-        out[i] = paint_rows(task, by_image.get(image_id, []), task.size)
-    return out
+    return by_image

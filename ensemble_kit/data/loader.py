@@ -110,8 +110,9 @@ def to_float(inputs: torch.Tensor) -> torch.Tensor:
 
 
 def labels_to_float(labels: torch.Tensor, soft: bool) -> torch.Tensor:
-    """Cached labels (0/1, or soft x 255) to a float ``(B, 1, H, W)`` target."""
+    """Cached labels (0/1, or soft x 255) to a float target: ``(B, H, W)`` to
+    ``(B, 1, H, W)``; several classes' ``(B, C, H, W)`` keep their shape."""
     target = labels.float()
     if soft:
         target = target.div_(255.0)
-    return target.unsqueeze(1)
+    return target.unsqueeze(1) if target.ndim == 3 else target

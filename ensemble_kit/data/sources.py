@@ -99,6 +99,8 @@ def changed_sources(data_root: Path, recorded: dict, memo: dict | None = None) -
     memo = {} if memo is None else memo
     changed = []
     for name, source in sorted(recorded.items()):
+        if source is None:  # an image task's cache: keyed by its files, not recorded here
+            continue
         key = (name, tuple(source["files"]))
         if key not in memo:
             memo[key] = _fingerprint_now(data_root, name, key[1])

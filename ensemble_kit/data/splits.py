@@ -22,7 +22,7 @@ from ..layout import Layout
 from ..oof import read_ids, write_ids
 from ..task import Task, builtin_task, task_path, workdir_task
 from .cache import LabelReader
-from .images import fit_task, has_masks, list_images, read_masks
+from .images import fit_task, has_masks, list_images, mask_rows, read_masks
 from .records import has_labels, list_records
 
 HOLDOUT_FOLD = -1
@@ -69,8 +69,9 @@ def image_mask_sizes(task: Task, data_root: Path, records: pd.DataFrame) -> np.n
     for split in pd.unique(records["split"]):
         members = np.flatnonzero(records["split"].to_numpy() == split)
         ids = records["record_id"].to_numpy()[members].tolist()
+        rows = mask_rows(task, data_root, str(split)) if task.masks.source == "csv" else None
         for lo in range(0, len(ids), SIZE_CHUNK):
-            masks = read_masks(task, data_root, str(split), ids[lo : lo + SIZE_CHUNK])
+            masks = read_masks(task, data_root, str(split), ids[lo : lo + SIZE_CHUNK], rows)
             counts = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)
             sizes[members[lo : lo + len(masks)]] = counts
     return sizes

@@ -5,8 +5,10 @@
   (image, class) pair, RLE 1-indexed column-major) and ``sample_submission.csv``
   (``ImageId_ClassId,EncodedPixels``, four rows per test image, empty RLEs).
 - ``folder``: ``train/``, ``validation/`` and ``test/`` with ``images/<id>.png`` (RGB) and,
-  but for test, ``masks/<id>.png`` (one class: 0/255; several: the class index 1..C), and a
-  ``sample_submission.csv`` (``id,rle``).
+  but for test, ``masks/<id>.png`` (one class: 0/255; several: the class index 1..C), a
+  ``sample_submission.csv`` (``id,rle``) and ``task.yaml``, the task file to pass to
+  ``ek folds --task`` (``extends: folder``, its size, and for several classes their names
+  and ``metric: mean_dice``).
 
 Each (image, class) pair holds a defect with probability ``PRESENT`` (about 75 % of pairs are
 empty, so the empty-or-not decision of ``mean_dice`` matters). A defect is a filled ellipse
@@ -21,12 +23,14 @@ import io
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from ..errors import EkError
 from ..files import atomic_path, write_text
 from ..task import Task, task_from_dict
 
 PRESENT = 0.25
+TASK_FILE = "task.yaml"  # a folder set's task file, written beside its splits
 SPLIT_SEEDS = {"train": 11, "validation": 12, "test": 13}
 
 
@@ -38,10 +42,16 @@ def synth_task(name: str, classes: int = 1, size: int = 64) -> Task:
         raise EkError(f"--task {name!r}: ek synth writes contrails, steel or folder data")
     if not 1 <= classes <= 9:
         raise EkError(f"--classes {classes}: choose 1 to 9")
-    names = ["mask"] if classes == 1 else [f"class_{i + 1}" for i in range(classes)]
-    return task_from_dict(
-        {"extends": "folder", "classes": names, "size": [size, size]}, source="ek synth"
-    )
+    return task_from_dict(folder_overrides(classes, size), source="ek synth")
+
+
+def folder_overrides(classes: int, size: int) -> dict:
+    """The task file of a synthetic ``folder`` set: ``extends: folder`` and what differs
+    (several classes are scored, as most competitions do, with ``mean_dice``)."""
+    overrides: dict = {"extends": "folder", "size": [size, size]}
+    if classes > 1:
+        overrides.update(classes=[f"class_{i + 1}" for i in range(classes)], metric="mean_dice")
+    return overrides
 
 
 def draw_masks(rng: np.random.Generator, task: Task) -> np.ndarray:
@@ -126,6 +136,11 @@ def write_synthetic_task(
         else:
             _write_folder_split(out, task, split, ids, rng)
         written[split] = n
+    if task.name == "folder":
+        overrides = folder_overrides(task.n_classes, task.size[0])
+        write_text(
+            out / TASK_FILE, "# ek folds --task DATA/task.yaml\n" + yaml.safe_dump(overrides)
+        )
     return written
 
 

@@ -32,6 +32,7 @@ from ..config import config_from_dict
 from ..errors import EkError
 from ..layout import bundle_files, bundle_model
 from ..runtime import resolve_devices
+from ..task import Task, task_from_dict
 from .ensemble import Ensemble, PredictOptions, predict_submission
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,21 @@ def load_bundle(folder: Path | str, device: torch.device) -> tuple[Ensemble, Ble
             _load_model(bundle_model(folder, name, k).with_suffix(fmt.suffix), fmt, device, fix)
             for k in range(manifest["n_folds"])
         ]
-    return Ensemble(configs, models, stats, sides, weights=dict(rule.weights)), rule
+    task = _task_of(files["manifest"], manifest)
+    shapes: dict = sides if task is None else {n: tuple(task.size) for n in sides}  # traced (H, W)
+    return Ensemble(configs, models, stats, shapes, weights=dict(rule.weights), task=task), rule
+
+
+def bundle_task(folder: Path | str) -> Task | None:
+    """The image task a bundle was exported for (``manifest.json``'s ``task``); None for a
+    contrails bundle."""
+    path = bundle_files(folder)["manifest"]
+    return _task_of(path, read_json(path, "run `ek kaggle` (or `ek export`) to write it"))
+
+
+def _task_of(path: Path, manifest: dict) -> Task | None:
+    entry = manifest.get("task")
+    return None if entry is None else task_from_dict(entry, source=f"{path} (task)")
 
 
 def bundle_rule(path: Path, fix: str) -> BlendRule:

@@ -39,6 +39,8 @@ from ..errors import EkError
 from ..files import atomic_path
 from ..layout import record_dir
 from ..oof import to_codes
+from ..task import Task
+from .images import ImageInputs, encoder_of, split_images, write_rows
 from .rle import encode
 from .submission import SAMPLE_SUBMISSION, check_submission, write_submission
 from .tta import predict_inputs
@@ -59,10 +61,16 @@ class Ensemble:
     configs: dict[str, Config]
     models: dict[str, list[torch.nn.Module]]
     stats: dict[str, dict | None]
-    sides: dict[str, int] = field(default_factory=dict)
+    sides: dict[str, int | tuple[int, int]] = field(default_factory=dict)  # side, or (H, W)
     weights: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     trimmed: int = 0
+    task: Task | None = None  # an image task (kind images); None: contrail records
+
+    @property
+    def images(self) -> Task | None:
+        """The image task whose images are predicted, or None for contrail records."""
+        return self.task if self.task is not None and self.task.kind == "images" else None
 
     def trim(self, level: int) -> None:
         """Trim to ``level`` steps, each halving every config's TTA copies or, once all are at
@@ -84,10 +92,11 @@ class Ensemble:
 
     def check_side(self, name: str, x: torch.Tensor) -> None:
         side = self.sides.get(name)
-        if side is not None and tuple(x.shape[-2:]) != (side, side):
+        shape = (side, side) if isinstance(side, int) else side
+        if shape is not None and tuple(x.shape[-2:]) != tuple(shape):
             raise EkError(
-                f"the exported models of '{name}' take {side}x{side} inputs, but the records "
-                f"are {x.shape[-2]}x{x.shape[-1]}; export at that size"
+                f"the exported models of '{name}' take {shape[0]}x{shape[1]} inputs, but the "
+                f"records are {x.shape[-2]}x{x.shape[-1]}; export at that size"
             )
 
     @property
@@ -157,7 +166,8 @@ class _RecordInputs(Dataset):
 
     def __init__(self, folders: list[Path], ensemble: Ensemble, lenient: bool):
         self.folders, self.specs, self.stats = folders, ensemble.specs, ensemble.spec_stats()
-        self.lenient, self.side = lenient, max(ensemble.sides.values(), default=None)
+        sides = [s for s in ensemble.sides.values() if isinstance(s, int)]  # contrails: squares
+        self.lenient, self.side = lenient, max(sides, default=None)
 
     def __len__(self) -> int:
         return len(self.folders)
@@ -255,8 +265,10 @@ def memory_plan(options: PredictOptions, device: torch.device, ensemble: Ensembl
     if not options.memory_safe or device.type != "cuda":
         return MemoryPlan(options.batch_size, None, copies)
     free, _ = torch.cuda.mem_get_info(device)
-    side = max(ensemble.sides.values(), default=RECORD_SIDE)
-    per_copy = BYTES_PER_PIXEL * side * side
+    per_copy = BYTES_PER_PIXEL * max(
+        (int(np.prod(s)) if isinstance(s, tuple) else s * s for s in ensemble.sides.values()),
+        default=RECORD_SIDE**2,
+    )
     fits = max(1, int(free / 2 / per_copy))
     if fits >= options.batch_size * copies:
         return MemoryPlan(options.batch_size, 0, copies)
@@ -313,25 +325,35 @@ def predict_codes(
     options: PredictOptions | None = None,
 ) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
     """Yield ``(record_ids, {config: uint8 codes (B, H, W)})`` batch by batch, one device."""
-    ids = split_records(data_root, split)
+    ids = split_ids(ensemble, data_root, split)
     options = replace(options or PredictOptions(), batch_size=batch_size)
     eta = Eta(len(ids), options.report_every)
     yield from _predict_shard(ensemble, data_root, split, ids, device, options, timer, eta,
                               progress)  # fmt: skip
 
 
-def split_records(data_root: Path, split: str) -> list[str]:
-    """The record ids to predict (an :class:`EkError` when there are none)."""
+def split_ids(ensemble: Ensemble, data_root: Path, split: str) -> list[str]:
+    """The record (or image) ids to predict (an :class:`EkError` when there are none)."""
+    if ensemble.images is not None:
+        return list(split_images(ensemble.images, data_root, split))
     ids = list_records(data_root, split)
     if not ids:
         raise EkError(f"{Path(data_root) / split}: no records to predict")
     return ids
 
 
+def _inputs_of(ensemble: Ensemble, data_root: Path, split: str, ids, lenient: bool) -> Dataset:
+    task = ensemble.images
+    if task is None:
+        folders = [record_dir(data_root, split, rid) for rid in ids]
+        return _RecordInputs(folders, ensemble, lenient)
+    files = split_images(task, data_root, split)
+    return ImageInputs(task, [files[i] for i in ids], len(ensemble.specs), lenient)
+
+
 def _predict_shard(ensemble, data_root, split, ids, device, options, timer, eta, progress=None):
     """Yield the batches of the records ``ids`` predicted on ``device``."""
-    folders = [record_dir(data_root, split, rid) for rid in ids]
-    dataset = _RecordInputs(folders, ensemble, options.lenient)
+    dataset = _inputs_of(ensemble, data_root, split, ids, options.lenient)
     workers = options.read_workers
     workers = (0 if len(ids) < 64 else 2) if workers is None else workers
     loader = DataLoader(dataset, batch_size=options.batch_size, num_workers=workers)
@@ -362,7 +384,7 @@ def predict_codes_on(
     Shards are contiguous and cut at whole batches, so every batch holds the records it holds
     with one worker: on CPU at equal threads the codes are the same bytes.
     """
-    ids = split_records(data_root, split)
+    ids = split_ids(workers[0][0], data_root, split)
     eta = Eta(len(ids), options.report_every, budget=options.budget_seconds)
     if len(workers) == 1:
         ensemble, device = workers[0]
@@ -477,25 +499,32 @@ def predict_submission(
 
     Returns:
         ``{"ids", "threshold_sum", "records", "seconds", "records_per_second",
-        "seconds_by_stage", "check"}``; ``threshold_sum`` is the threshold applied.
+        "seconds_by_stage", "check"}``; ``threshold_sum`` is the threshold applied; ``ids``
+        are the CSV's row ids (an image task's: one per (image, class)).
     """
     started, timer = time.perf_counter(), Timer()
     options = replace(options or PredictOptions(), batch_size=batch_size)
     workers = list(workers) or [(ensemble, device or torch.device("cpu"))]
     batches = predict_codes_on(workers, data_root, split, options, timer, progress)
-    ids, rles, shape, threshold = blend_batches(rule, batches, timer)
-    ids, rles = sample_order(Path(data_root), split, ids, rles)
+    task = workers[0][0].images
+    encoder = None if task is None else encoder_of(task)
+    ids, rles, shape, threshold = blend_batches(rule, batches, timer, encoder)
     out = Path(out)
     with atomic_path(out) as tmp:
-        write_submission(tmp, ids, rles)
-        checked = check_submission(tmp, data_root, split, shape=shape)
+        if task is not None:
+            checked = write_rows(tmp, task, ids, rles, Path(data_root), split)
+        else:
+            ids, rles = sample_order(Path(data_root), split, ids, rles)
+            write_submission(tmp, ids, rles)
+            checked = check_submission(tmp, data_root, split, shape=shape)
     seconds = time.perf_counter() - started
+    records = len(ids) // (task.n_classes if task is not None else 1)  # rows per image: C
     return {
         "ids": ids,
         "threshold_sum": threshold,
-        "records": len(ids),
+        "records": records,
         "seconds": seconds,
-        "records_per_second": len(ids) / max(seconds, 1e-9),
+        "records_per_second": records / max(seconds, 1e-9),
         "seconds_by_stage": timer.seconds,
         "check": {**checked, "path": str(out)},
     }
@@ -515,18 +544,28 @@ def sample_order(
     return [ids[i] for i in order], [rles[i] for i in order]
 
 
+def encode_records(ids: list[str], masks: np.ndarray) -> tuple[list[str], list[str]]:
+    """Contrails' rows of one batch: one RLE per record."""
+    return ids, [encode(mask) for mask in masks]
+
+
 def blend_batches(
-    rule: BlendRule, batches: Iterable, timer: Timer
+    rule: BlendRule, batches: Iterable, timer: Timer, encoder: Callable | None = None
 ) -> tuple[list[str], list[str], tuple[int, ...], int]:
     """Threshold, postprocess and encode batch by batch (:meth:`BlendRule.apply`);
     ``top_fraction`` mode first stores the whole split's codes in a temporary file, to take
     the threshold from the split's histogram.
 
+    Args:
+        encoder: ``encoder(ids, masks) -> (row ids, RLEs)`` of a batch; default one
+            contrails row per record (:func:`encode_records`).
+
     Returns:
-        ``(ids, rles, mask shape, the threshold sum applied)``.
+        ``(row ids, rles, mask shape, the threshold sum applied)``.
     """
+    encoder = encoder or encode_records
     if rule.mode == "top_fraction":
-        return _blend_top_fraction(rule, batches, timer)
+        return _blend_top_fraction(rule, batches, timer, encoder)
     ids: list[str] = []
     rles: list[str] = []
     shape: tuple[int, ...] = (256, 256)
@@ -534,14 +573,15 @@ def blend_batches(
     for batch_ids, codes in batches:
         clock = time.perf_counter()
         masks = rule.apply(codes, threshold)
-        ids += batch_ids
-        rles += [encode(mask) for mask in masks]
+        rows, batch_rles = encoder(batch_ids, masks)
+        ids += rows
+        rles += batch_rles
         shape = masks.shape[1:]
         timer.add("encode", clock)
     return ids, rles, shape, threshold
 
 
-def _blend_top_fraction(rule: BlendRule, batches: Iterable, timer: Timer):
+def _blend_top_fraction(rule: BlendRule, batches: Iterable, timer: Timer, encoder: Callable):
     members = rule.members
     ids: list[str] = []
     shape: tuple[int, ...] = (256, 256)
@@ -563,11 +603,16 @@ def _blend_top_fraction(rule: BlendRule, batches: Iterable, timer: Timer):
         for start in range(0, len(ids), step):
             histogram += rule.histogram({n: stored[n][start : start + step] for n in members})
         threshold = rule.threshold_for(histogram)
-        rles = []
+        rows: list[str] = []
+        rles: list[str] = []
         for start in range(0, len(ids), step):
             clock = time.perf_counter()
             chunk = {n: np.asarray(stored[n][start : start + step]) for n in members}
-            rles += [encode(mask) for mask in rule.apply(chunk, threshold)]
+            chunk_rows, chunk_rles = encoder(
+                ids[start : start + step], rule.apply(chunk, threshold)
+            )
+            rows += chunk_rows
+            rles += chunk_rles
             timer.add("encode", clock)
         del stored
-    return ids, rles, shape, threshold
+    return rows, rles, shape, threshold

@@ -30,6 +30,7 @@ from ..files import atomic_path, write_json
 from ..layout import Layout, bundle_files, bundle_model
 from ..registry import EXPORT_FORMATS
 from ..sparse_oof import open_codes
+from ..task import model_channels, task_dict, workdir_task
 from .bundle import MODEL_FORMATS, TORCH_MIN
 from .checkpoints import load_fold_model
 from .staged import staged_folder
@@ -44,10 +45,14 @@ def exported_path(layout: Layout, name: str, fold: int, fmt: str = "torchscript"
     return bundle_model(layout.export_dir, name, fold, fmt)
 
 
-def sample_inputs(in_channels: int, side: int, count: int = 2, seed: int = 0) -> torch.Tensor:
-    """Inputs in the value range models see (cached inputs lie in [0, 1] or are standardised)."""
+def sample_inputs(
+    in_channels: int, side: int | tuple[int, int], count: int = 2, seed: int = 0
+) -> torch.Tensor:
+    """Inputs in the value range models see (cached inputs lie in [0, 1] or are standardised);
+    ``side``: a square's side or an image task's ``(H, W)``."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(count, in_channels, side, side, generator=generator)
+    height, width = (side, side) if isinstance(side, int) else side
+    return torch.rand(count, in_channels, height, width, generator=generator)
 
 
 def parity(reference: torch.nn.Module, exported, inputs: torch.Tensor) -> float:
@@ -90,6 +95,7 @@ def write_bundle(
     """:func:`export_models` into ``out_dir`` as it is (the caller stages it)."""
     names = names or _blended_names(layout)
     meta = read_meta(layout)
+    task = workdir_task(layout, meta)
     manifest: dict = {
         "format": fmt,
         "n_folds": meta["n_folds"],
@@ -97,11 +103,16 @@ def write_bundle(
         "torch_min": TORCH_MIN,
         "configs": {},
     }
+    if task.kind == "images":
+        manifest["task"] = task_dict(task)  # contrails bundles stay as they were
     for name in names:
         config = load_config(layout.config_yaml(name))
         size = side or _label_side(layout, name)
+        shape: int | tuple[int, int] = task.size if task.kind == "images" else size
+        channels = model_channels(config, task)
         worst = max(
-            _export_fold(layout, config, k, fmt, size, out_dir) for k in range(meta["n_folds"])
+            _export_fold(layout, config, k, fmt, shape, out_dir, channels)
+            for k in range(meta["n_folds"])
         )
         manifest["configs"][name] = {
             "config": resolved_dict(config),
@@ -136,10 +147,17 @@ def _band_stats(layout: Layout, config: Config, meta: dict) -> dict | None:
 
 
 def _export_fold(
-    layout: Layout, config: Config, fold: int, fmt: str, side: int, out_dir: Path
+    layout: Layout,
+    config: Config,
+    fold: int,
+    fmt: str,
+    side: int | tuple[int, int],
+    out_dir: Path,
+    channels: tuple[int, int],
 ) -> float:
-    model = load_fold_model(config, layout.fold_dir(config.name, fold), torch.device("cpu"))
-    inputs = sample_inputs(config.input.in_channels, side)
+    fold_dir = layout.fold_dir(config.name, fold)
+    model = load_fold_model(config, fold_dir, torch.device("cpu"), channels)
+    inputs = sample_inputs(channels[0], side)
     path = bundle_model(out_dir, config.name, fold, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":

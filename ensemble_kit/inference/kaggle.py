@@ -27,11 +27,13 @@ from pathlib import Path
 
 from .. import __version__
 from ..blend.verify import verify_blend
+from ..data.images import image_files, list_images, split_folder
 from ..data.records import list_records
 from ..data.splits import read_meta
 from ..errors import EkError
 from ..files import write_json, write_text
 from ..layout import DEFAULT_KAGGLE_DIR, Layout, bundle_files
+from ..task import Task, workdir_task
 from .bundle import TORCH_MIN, predict_bundle
 from .export import write_bundle
 from .notebook import notebook_json
@@ -123,9 +125,9 @@ def write_dataset(request: KaggleRequest, names: list[str], user: str, folder: P
     files = bundle_files(folder)
     write_json(files["manifest"], manifest)
     write_json(files["metadata"], dataset_metadata(request.slug, request.title, user))
-    write_text(
-        files["notebook"], notebook_json(request.slug, request.title, wheel.name, __version__)
-    )
+    task = workdir_task(request.layout)
+    notebook = notebook_json(request.slug, request.title, wheel.name, __version__, task)
+    write_text(files["notebook"], notebook)
     write_text(files["readme"], bundle_readme(request.slug, request.title, wheel.name, manifest))
     return manifest
 
@@ -160,31 +162,51 @@ def measure_bundle(folder: Path, layout: Layout, device: str | None) -> dict:
     first; the result is the second run, on up to :data:`MEASURE_RECORDS` records.
     """
     data_root = Path(read_meta(layout)["data_root"])
-    split, ids = _records_to_time(data_root)
+    task = workdir_task(layout)
+    split, ids = _records_to_time(data_root, task)
     if not ids:
         return {"skipped": f"no records under {data_root} to time the bundle on"}
     with tempfile.TemporaryDirectory(prefix="ek-kaggle-") as scratch:
-        _time_on(folder, data_root, split, ids[:WARMUP_RECORDS], Path(scratch) / "warmup", device)
-        result = _time_on(folder, data_root, split, ids[:MEASURE_RECORDS], Path(scratch), device)
+        warmup = ids[:WARMUP_RECORDS]
+        _time_on(folder, data_root, split, warmup, Path(scratch) / "warmup", device, task)
+        result = _time_on(folder, data_root, split, ids[:MEASURE_RECORDS], Path(scratch), device,
+                          task)  # fmt: skip
     return {**result, "split": split}
 
 
 def _time_on(
-    folder: Path, data_root: Path, split: str, ids: list[str], root: Path, device: str | None
+    folder: Path,
+    data_root: Path,
+    split: str,
+    ids: list[str],
+    root: Path,
+    device: str | None,
+    task: Task,
 ) -> dict:
-    """:func:`predict_bundle` on a data folder of links to the given records."""
-    (root / split).mkdir(parents=True)
-    for record_id in ids:
-        (root / split / record_id).symlink_to((data_root / split / record_id).resolve())
+    """:func:`predict_bundle` on a data folder of links to the given records (or images)."""
+    files = (
+        {rid: data_root / split / rid for rid in ids}
+        if task.kind == "contrails"
+        else {rid: image_files(task, data_root, split)[rid] for rid in ids}
+    )
+    target = root / split if task.kind == "contrails" else root / str(split_folder(task, "", split))
+    target.mkdir(parents=True)
+    for path in files.values():
+        (target / path.name).symlink_to(path.resolve())
     return predict_bundle(folder, root, root / "submission.csv", split, device)
 
 
-def _records_to_time(data_root: Path) -> tuple[str, list[str]]:
+def _records_to_time(data_root: Path, task: Task) -> tuple[str, list[str]]:
     """The first split of test, validation, train with enough records (else the largest)."""
     found = [
-        (split, list_records(data_root, split))
+        (
+            split,
+            list_records(data_root, split)
+            if task.kind == "contrails"
+            else list_images(task, data_root, split),
+        )  # fmt: skip
         for split in ("test", "validation", "train")
-        if (data_root / split).is_dir()
+        if (split_folder(task, data_root, split) or Path("/nonexistent")).is_dir()
     ]
     for split, ids in found:
         if len(ids) >= MEASURE_RECORDS:

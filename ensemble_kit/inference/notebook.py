@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+from ..task import Task
+
 COMPETITION_DATA = "/kaggle/input/google-research-identify-contrails-reduce-global-warming"
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_OUT = "/kaggle/working/submission.csv"
@@ -41,8 +43,8 @@ def fail(message):
     raise SystemExit("ek: error: " + message)
 
 
-if not (DATA / SPLIT).is_dir():
-    fail(f"{{DATA / SPLIT}}: no competition data; Add Input > Competitions > the contrails data")
+{split_line}if not ({split_dir}).is_dir():
+    fail(f"{{{split_dir}}}: no competition data; Add Input > Competitions > {data_name}")
 if not (BUNDLE / "manifest.json").is_file():
     fail(f"{{BUNDLE}}: no ek bundle; Add Input > Datasets > {slug} (written by `ek kaggle`)")
 MANIFEST = json.loads((BUNDLE / "manifest.json").read_text())
@@ -89,29 +91,53 @@ CHECK = """# Validate the CSV with the checker of `ek submit --check`: header, i
 from ensemble_kit.inference.submission import check_submission
 
 print(check_submission(OUT, DATA, SPLIT))"""
+TASK_CHECK = """# Validate the CSV with the checker of `ek submit --check`: header, ids, every RLE.
+from ensemble_kit.inference.bundle import bundle_task
+from ensemble_kit.inference.submission import check_task_submission
+
+print(check_task_submission(OUT, bundle_task(BUNDLE), DATA, SPLIT))"""
 TIMING = """# Throughput here, and the time the hidden test set (about 2,000 records) would take.
 print(throughput_line(result))"""
 INTRO = """# {title}
 
-Predicts the contrail masks of the competition's test records with the fold models of the
+Predicts the {what} of the competition's test {records} with the fold models of the
 `{slug}` dataset, written by `ek kaggle` (ensemble-kit {version}), and writes
 `submission.csv`. Runs with the internet off: ensemble-kit is installed from the wheel in the
 dataset, and nothing outside Kaggle's Python image is needed. Attach the competition data and
 the `{slug}` dataset, then run all cells."""
 
 
-def notebook(slug: str, title: str, wheel: str, version: str) -> dict:
-    """The notebook as an nbformat 4 dict (``json.dump`` it to an ``.ipynb``)."""
+def notebook(slug: str, title: str, wheel: str, version: str, task: Task | None = None) -> dict:
+    """The notebook as an nbformat 4 dict (``json.dump`` it to an ``.ipynb``).
+
+    ``task``: an image task (``kind: images``): its Kaggle data path, image folders and
+    submission checker; None (contrails) gives the contrails notebook, unchanged.
+    """
+    images = task if task is not None and task.kind == "images" else None
+    data = COMPETITION_DATA if images is None else f"{KAGGLE_INPUT}/{images.kaggle_slug}"
     parameters = PARAMETERS.format(
-        data=COMPETITION_DATA, input=KAGGLE_INPUT, slug=slug, out=KAGGLE_OUT, site=SITE_FOLDER
+        data=data, input=KAGGLE_INPUT, slug=slug, out=KAGGLE_OUT, site=SITE_FOLDER
     )  # fmt: skip
+    if images is None:
+        checks = CHECKS.format(
+            slug=slug, split_line="", split_dir="DATA / SPLIT", data_name="the contrails data"
+        )
+        what, records, check = "contrail masks", "records", CHECK
+    else:
+        folders = {s: getattr(images.images, s) for s in ("train", "validation", "test")}
+        line = f"IMAGES = DATA / {json.dumps({k: v for k, v in folders.items() if v})}[SPLIT]\n"
+        checks = CHECKS.format(
+            slug=slug, split_line=line, split_dir="IMAGES", data_name="the competition's data"
+        )
+        what, records, check = f"masks of task {images.name}", "images", TASK_CHECK
+    intro = INTRO.format(title=title, slug=slug, version=version, what=what, records=records)
     cells = [
-        _cell("markdown", "intro", INTRO.format(title=title, slug=slug, version=version)),
+        _cell("markdown", "intro", intro),
         _cell("code", "parameters", parameters, tags=["parameters"]),
-        _cell("code", "checks", CHECKS.format(slug=slug)),
+        _cell("code", "checks", checks),
         _cell("code", "install", INSTALL),
         _cell("code", "predict", PREDICT),
-        _cell("code", "check", CHECK),
+        _cell("code", "check", check),
         _cell("code", "timing", TIMING),
     ]
     return {
@@ -125,8 +151,8 @@ def notebook(slug: str, title: str, wheel: str, version: str) -> dict:
     }
 
 
-def notebook_json(slug: str, title: str, wheel: str, version: str) -> str:
-    return json.dumps(notebook(slug, title, wheel, version), indent=1) + "\n"
+def notebook_json(slug: str, title: str, wheel: str, version: str, task: Task | None = None) -> str:
+    return json.dumps(notebook(slug, title, wheel, version, task), indent=1) + "\n"
 
 
 def _cell(kind: str, cell_id: str, text: str, tags: list[str] | None = None) -> dict:

@@ -286,7 +286,7 @@ def check_task_submission(
         EkError: one line naming the file and, for a bad row, its line (the header is 1).
     """
     path = Path(path)
-    rows = _read_task_rows(path, task)
+    rows = read_task_rows(path, task)
     _check_unique(path, rows)
     if data_root is not None:
         ids = {row_id for _, row_id, _ in rows}
@@ -315,6 +315,6 @@ def check_task_submission(
     }
 
 
-def _read_task_rows(path: Path, task: Task) -> list[tuple[int, str, str]]:
+def read_task_rows(path: Path, task: Task) -> list[tuple[int, str, str]]:
     """``(line, row id, rle)`` per data row after checking the header and field counts."""
     return _read_rows(path, ",".join(task.submission.header), _two_fields)

@@ -27,6 +27,7 @@ from ..blend.rule import BlendRule
 from ..blend.verify import verify_blend
 from ..config import load_config, tta_list
 from ..data.cache import band_stats
+from ..data.images import has_masks
 from ..data.records import has_labels, load_mask
 from ..data.splits import read_meta
 from ..errors import EkError
@@ -34,9 +35,11 @@ from ..files import atomic_group, digest_file
 from ..layout import DEFAULT_SUBMISSION, Layout, bundle_files, record_dir
 from ..metrics import dice_from_counts
 from ..runtime import resolve_devices
+from ..task import model_channels, workdir_task
 from .bundle import load_bundle
 from .checkpoints import load_fold_model
 from .ensemble import Ensemble, PredictOptions, predict_submission
+from .images import csv_score
 from .rle import decode
 
 log = logging.getLogger(__name__)
@@ -59,11 +62,13 @@ def load_ensemble(layout: Layout, rule: BlendRule, device: torch.device) -> Ense
     architecture is built without pretrained weights)."""
     configs, models, stats = {}, {}, {}
     meta = read_meta(layout)
+    task = workdir_task(layout, meta)
     for name in rule.weights:
         config = load_config(layout.config_yaml(name))
         configs[name] = config
+        channels = model_channels(config, task)
         models[name] = [
-            load_fold_model(config, layout.fold_dir(name, k), device)
+            load_fold_model(config, layout.fold_dir(name, k), device, channels)
             for k in range(meta["n_folds"])
         ]
         stats[name] = (
@@ -71,7 +76,7 @@ def load_ensemble(layout: Layout, rule: BlendRule, device: torch.device) -> Ense
             if config.input.channels == "bands"
             else None
         )
-    return Ensemble(configs, models, stats, weights=dict(rule.weights))
+    return Ensemble(configs, models, stats, weights=dict(rule.weights), task=task)
 
 
 def load_exported_ensemble(layout: Layout, device: torch.device) -> Ensemble:
@@ -111,7 +116,12 @@ def run_submit(request: SubmitRequest) -> dict:
         provenance = _provenance(layout, rule, ensemble, request, result, started)
         provenance["csv_digest"] = digest_file(csv_tmp)
         ids = result["ids"]
-        if request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
+        if ensemble.images is not None:
+            if request.split != "test" and has_masks(ensemble.images, data_root, request.split):
+                task = ensemble.images
+                provenance["metric"] = task.metric
+                provenance["score"] = csv_score(csv_tmp, task, data_root, request.split)
+        elif request.split != "test" and all(has_labels(data_root, request.split, r) for r in ids):
             provenance["dice"] = _dice_against_masks(csv_tmp, data_root, request.split, ids)
         json_tmp.write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return provenance
@@ -128,6 +138,14 @@ def _dice_against_masks(path: Path, data_root: Path, split: str, ids: list[str])
         n_pred += int(np.count_nonzero(predicted))
         n_true += int(np.count_nonzero(mask))
     return dice_from_counts(tp, n_pred - tp, n_true - tp)
+
+
+def _threshold(applied, rule: BlendRule):
+    """The probability threshold applied (one per class with several classes)."""
+    scale = 255.0 * rule.weight_total
+    if isinstance(applied, tuple):
+        return [t / scale for t in applied]
+    return applied / scale
 
 
 def _provenance(layout, rule: BlendRule, ensemble, request, result, started) -> dict:
@@ -148,7 +166,7 @@ def _provenance(layout, rule: BlendRule, ensemble, request, result, started) -> 
         },
         "rule": rule.to_dict(),
         "threshold_sum_applied": result["threshold_sum"],
-        "threshold": result["threshold_sum"] / (255.0 * rule.weight_total),
+        "threshold": _threshold(result["threshold_sum"], rule),
         "min_pixels": rule.min_pixels,
         "min_component": rule.min_component,
         "exported": request.exported,

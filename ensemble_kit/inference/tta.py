@@ -94,9 +94,9 @@ def predict_inputs(
     precision: str = "auto",
     chunk: int | None = None,
 ) -> np.ndarray:
-    """Probabilities ``(B, H, W)`` of float inputs on the models' device: the config's TTA and
-    merge, mean over models, the half-pixel correction undone — the one path OOF and
-    submission share.
+    """Probabilities ``(B, H, W)`` (``(B, C, H, W)`` for several classes) of float inputs on
+    the models' device: the config's TTA and merge, mean over models, the half-pixel
+    correction undone — the one path OOF and submission share.
 
     Args:
         models: The fold models.
@@ -115,7 +115,7 @@ def predict_inputs(
         probs = _predict_at(models, config, x, None, chunk)
     if config.label.shift_correct:
         probs = shift_label(probs, 0.5, 0.5)
-    return probs[:, 0].cpu().numpy()
+    return (probs[:, 0] if probs.shape[1] == 1 else probs).cpu().numpy()
 
 
 def _predict_at(

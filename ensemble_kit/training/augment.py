@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from ..config import AugmentSpec
 from ..errors import EkError
 
-PROBABILITIES = ("hflip", "vflip", "rot90", "crop", "cutmix", "mixup", "cutout")
+PROBABILITIES = ("hflip", "vflip", "rot90", "cutmix", "mixup", "cutout")
 
 
 class Augmenter:
     """Random batch augmentations from an :class:`AugmentSpec`, in a fixed order.
 
-    Order: hflip, vflip, rot90 (square inputs only), random resized crop, cutmix, mixup,
-    cutout. Each probability applies per sample.
+    Order: a training crop (``crop: [h, w]``), hflip, vflip, rot90 (square inputs only),
+    random resized crop (``crop`` a probability), cutmix, mixup, cutout. Each probability
+    applies per sample.
     """
 
     def __init__(self, spec: AugmentSpec):
@@ -33,9 +34,21 @@ class Augmenter:
         self.spec = spec
 
     @property
+    def crop_size(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the training crops (``augment.crop: [h, w]``), else None."""
+        return self.spec.crop if isinstance(self.spec.crop, tuple) else None
+
+    @property
+    def resized_crop(self) -> float:
+        """Probability of a random resized crop (``augment.crop`` as a number)."""
+        return 0.0 if isinstance(self.spec.crop, tuple) else float(self.spec.crop)
+
+    @property
     def enabled(self) -> bool:
-        """False when every probability is 0 (``__call__`` is then the identity)."""
-        return any(getattr(self.spec, name) > 0 for name in PROBABILITIES)
+        """False when every probability is 0 and no crop size is set (``__call__`` is then
+        the identity)."""
+        probabilities = [getattr(self.spec, name) for name in PROBABILITIES]
+        return self.crop_size is not None or max(probabilities + [self.resized_crop]) > 0
 
     def __call__(
         self, images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator
@@ -46,14 +59,17 @@ class Augmenter:
         if generator.device.type != "cpu":
             raise ValueError("the augmentation generator must live on the CPU")
         spec, draw = self.spec, _Draw(generator, images.shape[0], images.device)
+        if self.crop_size is not None:
+            images, targets = training_crop(images, targets, self.crop_size, spec.crop_masked, draw)
         if spec.hflip > 0:
             images, targets = _flip(images, targets, draw.chosen(spec.hflip), dim=-1)
         if spec.vflip > 0:
             images, targets = _flip(images, targets, draw.chosen(spec.vflip), dim=-2)
         if spec.rot90 > 0 and images.shape[-2] == images.shape[-1]:
             images, targets = _rot90(images, targets, draw.quarter_turns(spec.rot90))
-        if spec.crop > 0:
-            images, targets = _crop(images, targets, draw.chosen(spec.crop), draw, spec.crop_scale)
+        if self.resized_crop > 0:
+            chosen = draw.chosen(self.resized_crop)
+            images, targets = _crop(images, targets, chosen, draw, spec.crop_scale)
         if spec.cutmix > 0 and images.shape[0] > 1:
             images, targets = _cutmix(images, targets, draw.chosen(spec.cutmix), draw)
         if spec.mixup > 0 and images.shape[0] > 1:
@@ -66,9 +82,17 @@ class Augmenter:
 
 
 def _check_spec(spec: AugmentSpec) -> None:
-    for name in PROBABILITIES:
+    for name in PROBABILITIES + ("crop_masked",):
         if not 0.0 <= getattr(spec, name) <= 1.0:
             raise EkError(f"augment.{name} is a probability in [0, 1], got {getattr(spec, name)}")
+    crop = spec.crop
+    if (
+        isinstance(crop, tuple)
+        and min(crop) < 1
+        or not isinstance(crop, tuple)
+        and not 0 <= crop <= 1
+    ):
+        raise EkError(f"augment.crop is a probability in [0, 1] or a size [h, w], got {crop}")
     low, high = spec.crop_scale
     if not 0.0 < low <= high <= 1.0:
         raise EkError(f"augment.crop_scale needs 0 < low <= high <= 1, got {spec.crop_scale}")
@@ -129,6 +153,44 @@ def _rot90(images, targets, turns):
             where, torch.rot90(targets, k, dims=(-2, -1)), rotated_targets
         )
     return rotated_images, rotated_targets
+
+
+def training_crop(images, targets, size: tuple[int, int], masked: float, draw):
+    """A random ``h x w`` window of each sample (the same for its image and target); with
+    probability ``masked`` per sample the window is centred, as far as the borders allow, on
+    a random masked pixel of its target (when it has one).
+
+    Raises:
+        EkError: The crop is larger than the images.
+    """
+    height, width = images.shape[-2], images.shape[-1]
+    crop_h, crop_w = size
+    if crop_h > height or crop_w > width:
+        raise EkError(
+            f"augment.crop {[crop_h, crop_w]} is larger than the images ({height}x{width})"
+        )
+    top = (draw.uniform().cpu() * (height - crop_h + 1)).long().clamp_(max=height - crop_h)
+    left = (draw.uniform().cpu() * (width - crop_w + 1)).long().clamp_(max=width - crop_w)
+    if masked > 0:
+        centred = draw.chosen(masked).cpu()
+        pick = draw.uniform().cpu()
+        for b in torch.nonzero(centred).flatten().tolist():
+            rows, cols = torch.nonzero(targets[b].amax(dim=0) > 0, as_tuple=True)
+            if len(rows):
+                k = min(int(pick[b] * len(rows)), len(rows) - 1)
+                top[b] = int(rows[k]) - crop_h // 2
+                left[b] = int(cols[k]) - crop_w // 2
+        top.clamp_(0, height - crop_h)
+        left.clamp_(0, width - crop_w)
+    return _window(images, top, left, size), _window(targets, top, left, size)
+
+
+def _window(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size) -> torch.Tensor:
+    """``x[b, :, top[b]:top[b]+h, left[b]:left[b]+w]`` of every sample ``b``, stacked."""
+    rows = top.to(x.device)[:, None] + torch.arange(size[0], device=x.device)
+    cols = left.to(x.device)[:, None] + torch.arange(size[1], device=x.device)
+    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 def _crop(images, targets, chosen, draw, scale):

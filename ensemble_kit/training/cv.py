@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from ..config import Config, load_config, seed_members
-from ..data.cache import ensure_inputs, ensure_labels
+from ..data.cache import split_inputs, split_labels
 from ..data.loader import ArraySet, batches, to_float
 from ..data.splits import HOLDOUT_FOLD, ensure_splits
 from ..errors import EkError
@@ -36,7 +36,7 @@ from ..layout import Layout, fold_files
 from ..models import architecture_name, check_pretrained_weights
 from ..oof import codes_writer, sparse_path, to_codes, writes_sparse
 from ..runtime import resolve_device
-from ..task import Task, check_config_fits, resolve_task, workdir_task
+from ..task import Task, check_config_fits, model_channels, resolve_task, workdir_task
 from .assembly import assemble
 from .backends import BackendOptions, FoldResult, FoldsFailed, run_jobs
 from .lock import FoldLock, acquire
@@ -73,11 +73,6 @@ def _check_task(request: CvRequest, task: Task) -> None:
     """One-line errors for a config built for another task, before anything trains."""
     for path in request.config_paths:
         check_config_fits(load_config(path), task, str(path))
-    if task.kind != "contrails":
-        raise EkError(
-            f"task {task.name}: training on image tasks is not wired into `ek cv` yet "
-            "(splits, readers and the submission format are; see docs/how-to/other-competitions.md)"
-        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +83,7 @@ class FoldJob:
     fold: int
     device: str | None
     precision: str = "auto"  # of the OOF and holdout prediction (runtime.choose_precision)
+    channels: tuple[int, int] | None = None  # the model's (input, output): task.model_channels
 
     def __str__(self) -> str:
         return f"{self.config.name} fold {self.fold}"
@@ -121,13 +117,22 @@ def run_cv(
         request.layout, request.data_root, request.n_folds, request.seed, task
     )
     data_root = Path(request.data_root or meta["data_root"])
-    _check_task(request, workdir_task(request.layout, meta))
+    task = workdir_task(request.layout, meta)
+    _check_task(request, task)
     folds = request.folds or tuple(range(meta["n_folds"]))
     for fold in folds:
         if not 0 <= fold < meta["n_folds"]:
             raise EkError(f"--fold {fold}: folds are 0..{meta['n_folds'] - 1}")
     jobs = [
-        FoldJob(c, request.layout, data_root, f, request.device, request.precision)
+        FoldJob(
+            c,
+            request.layout,
+            data_root,
+            f,
+            request.device,
+            request.precision,
+            model_channels(c, task),
+        )
         for c in configs
         for f in folds
     ]
@@ -221,11 +226,13 @@ def _check_unique_names(configs: list[Config], paths) -> None:
 
 
 def open_caches(layout: Layout, data_root: Path, config: Config, splits: pd.DataFrame) -> dict:
-    """``{split: (input entry, label entry)}`` of every split in ``splits``."""
+    """``{split: (input entry, label entry)}`` of every split in ``splits`` (the workdir's
+    task decides: contrail records or image files)."""
+    task = workdir_task(layout)
     return {
         split: (
-            ensure_inputs(layout, data_root, split, config.input),
-            ensure_labels(layout, data_root, split),
+            split_inputs(layout, data_root, split, config.input, task),
+            split_labels(layout, data_root, split, task),
         )
         for split in pd.unique(splits["split"])
     }
@@ -246,7 +253,8 @@ def fold_sets(
     lookup: dict = {}
     for split, (inputs, labels) in caches.items():
         lookup[split] = (len(sources), inputs.index_of, labels.index_of)
-        sources.append((inputs.arrays["inputs"], labels.arrays["labels"], labels.arrays["soft"]))
+        hard = labels.arrays["labels"]
+        sources.append((inputs.arrays["inputs"], hard, labels.arrays.get("soft", hard)))
 
     def member_set(rows: pd.DataFrame, soft: bool) -> ArraySet:
         pairs = [(s[0], s[2] if soft else s[1]) for s in sources]
@@ -325,14 +333,14 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
     pseudo = (
         pseudo_set(layout, job.data_root, config, splits, fold) if config.label.pseudo else None
     )
-    summary = train_fold(config, fold_dir, fold, train, val, device, pseudo)
+    summary = train_fold(config, fold_dir, fold, train, val, device, pseudo, job.channels)
     if lock.lost:
         log.warning(
             "%s fold %d: another process took the fold over; not writing it", config.name, fold
         )
         return None
     n_pool = int((splits["fold"] != HOLDOUT_FOLD).sum())
-    summary.update(_write_parts(config, fold_dir, val, holdout, device, n_pool, job.precision))
+    summary.update(_write_parts(job, fold_dir, val, holdout, device, n_pool))
     summary["seconds_total"] = time.perf_counter() - started
     summary["sources"] = fold_sources(caches, splits)
     write_done(fold_dir, summary)
@@ -340,25 +348,23 @@ def _train_and_predict(job: FoldJob, fold_dir: Path, lock: FoldLock) -> dict | N
 
 
 def _write_parts(
-    config: Config,
-    fold_dir: Path,
-    val: ArraySet,
-    holdout: ArraySet,
-    device,
-    n_pool: int,
-    precision: str = "auto",
+    job: FoldJob, fold_dir: Path, val: ArraySet, holdout: ArraySet, device, n_pool: int
 ) -> dict:
     """Predict the fold's OOF and holdout parts; returns the measured prediction cost.
 
+    A record's shape is its label's: ``(H, W)``, or ``(C, H, W)`` for several classes.
     ``n_pool`` (every OOF record of the config) decides ``oof.format: auto``.
     """
-    model = load_fold_model(config, fold_dir, device)
+    config, precision = job.config, job.precision
+    model = load_fold_model(config, fold_dir, device, job.channels)
     batch = max(1, config.train.batch_size)
-    side = val.sources[0][0].shape[-1]
+    labels = val.sources[0][1]
+    assert labels is not None  # validation sets carry labels
+    record = tuple(labels.shape[1:])
     clock = {"seconds": 0.0, "records": 0}
-    sparse = writes_sparse(config, n_pool, (side, side))
+    sparse = writes_sparse(config, n_pool, record)
     path = fold_files(fold_dir)["oof_part"]
-    with codes_writer(path, (len(val), side, side), sparse, config.oof.floor) as writer:
+    with codes_writer(path, (len(val), *record), sparse, config.oof.floor) as writer:
         parts = predict_set([model], config, val, device, batch, precision)
         for rows, probs in _timed(parts, clock):
             writer.write(rows, to_codes(probs))
@@ -366,7 +372,7 @@ def _write_parts(
     if len(holdout):
         with atomic_path(fold_files(fold_dir)["holdout_part"]) as tmp:
             out = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.float32, shape=(len(holdout), side, side)
+                tmp, mode="w+", dtype=np.float32, shape=(len(holdout), *record)
             )
             parts = predict_set([model], config, holdout, device, batch, precision)
             for rows, probs in _timed(parts, clock):

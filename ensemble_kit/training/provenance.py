@@ -15,12 +15,13 @@ from pathlib import Path
 import pandas as pd
 
 from ..config import Config, config_digest, dump_config, load_config, resolved_dict
-from ..data.cache import CacheEntry, ensure_labels
+from ..data.cache import CacheEntry, split_labels
 from ..data.sources import changed_sources
 from ..data.splits import HOLDOUT_FOLD
 from ..errors import EkError
 from ..files import read_json, write_text
 from ..layout import Layout, fold_files
+from ..task import workdir_task
 
 
 def refuse_changed_data(layout: Layout, data_root: Path, configs: list[Config], n_folds: int):
@@ -60,8 +61,9 @@ def summary_sources(layout: Layout, data_root: Path, name: str, n_folds: int, ho
                 f"delete {layout.config_dir(name)} to retrain every fold on the same data"
             )
     sources = dict(recorded[0] or {})
+    task = workdir_task(layout)
     for split in pd.unique(holdout["split"]):
-        sources[f"{split}/labels"] = ensure_labels(layout, data_root, split).sources
+        sources[f"{split}/labels"] = split_labels(layout, data_root, split, task).sources
     return sources
 
 

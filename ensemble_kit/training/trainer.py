@@ -73,10 +73,11 @@ class Trainer:
     config: Config
     runtime: Runtime
     total_steps: int
+    channels: tuple[int, int] | None = None  # (input, output): task.model_channels
     model: torch.nn.Module = field(init=False)
 
     def __post_init__(self):
-        self.model = build_model(self.config).to(self.runtime.device)
+        self.model = build_model(self.config, channels=self.channels).to(self.runtime.device)
         if self.runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.config.optim, self.model.parameters())
@@ -272,7 +273,7 @@ def evaluate(trainer: Trainer, val: ArraySet) -> tuple[float, float, float]:
         probs = torch.sigmoid(logits.float())
         if trainer.config.label.shift_correct:
             probs = shift_label(probs, 0.5, 0.5)
-        codes.append(to_codes(probs[:, 0]).cpu().numpy())
+        codes.append(to_codes(probs[:, 0] if probs.shape[1] == 1 else probs).cpu().numpy())
         targets.append(labels.numpy().astype(np.uint8))
     with torch_threads_kept():  # a numba parallel kernel (see ensemble_kit.runtime)
         threshold, dice = best_threshold(np.concatenate(codes), np.concatenate(targets))
@@ -287,10 +288,12 @@ def train_fold(
     val: ArraySet,
     device: torch.device,
     pseudo: ArraySet | None = None,
+    channels: tuple[int, int] | None = None,
 ) -> dict:
     """Train (or resume) one fold; writes checkpoints and metrics, returns the fold summary.
 
-    ``pseudo``: pseudo-labelled frames mixed into each batch (``label.pseudo``). With
+    ``pseudo``: pseudo-labelled frames mixed into each batch (``label.pseudo``).
+    ``channels``: the model's ``(input, output)`` channels (``task.model_channels``). With
     ``train.average_top_k`` >= 2, ``best.pt`` ends as the average of the K best epochs.
 
     The ``DONE`` marker is not written here: the caller writes it once the fold's OOF part
@@ -302,7 +305,7 @@ def train_fold(
     epochs = config.train.epochs
     total_steps = optimizer_steps(config, len(train))
     seed_everything(epoch_seed(config.train.seed, fold, 1_000_000))  # model initialisation
-    trainer = Trainer(config, resolve_runtime(config, device), total_steps)
+    trainer = Trainer(config, resolve_runtime(config, device), total_steps, channels)
     state = FoldState()
     if files["last"].is_file():
         state = trainer.load_state_dict(
