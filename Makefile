@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-all lint format docs demo bench clean
+.PHONY: install test test-all lint format docs demo demo-steel bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ format: install
 demo: install
 	bash scripts/demo.sh $(EK)
 
+demo-steel: install
+	bash scripts/demo_steel.sh $(EK)
+
 bench: install
 	$(PY) benchmarks/loader.py
 	$(PY) benchmarks/train_throughput.py
@@ -42,7 +45,7 @@ bench: install
 	$(PY) benchmarks/tta.py
 
 clean:
-	rm -rf demo .pytest_cache
+	rm -rf demo demo-steel .pytest_cache
 
 docs: install
 	$(PY) scripts/gen_docs.py

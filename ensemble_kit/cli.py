@@ -312,14 +312,14 @@ def prepare(
 ) -> None:
     """Build the input caches the configs need (once per split and input spec)."""
     from .config import load_config
-    from .data.cache import ensure_inputs
+    from .data.cache import prepare_inputs
 
     layout = Layout(workdir)
     for path in configs:
         spec = load_config(path).input
         for split in split_names:
-            if (Path(data_root) / split).is_dir():
-                entry = ensure_inputs(layout, data_root, split, spec, workers)
+            entry = prepare_inputs(layout, data_root, split, spec, workers)
+            if entry is not None:
                 click.echo(f"{path} {split}: {entry.path} {entry.arrays['inputs'].shape}")
 
 

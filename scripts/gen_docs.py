@@ -84,7 +84,8 @@ DESCRIPTIONS: dict[str, str] = {
     "augment.vflip": "mirror top–bottom (image and label)",
     "augment.rot90": "rotate by 90°, 180° or 270° (chosen at random); square inputs only, "
     "ignored otherwise",
-    "augment.crop": "random resized crop",
+    "augment.crop": "a probability of a random resized crop, or [h, w]: train on random "
+    "h x w windows and predict whole images",
     "augment.crop_scale": "range of the box's area fraction",
     "augment.cutout": "set `cutout_holes` square holes of side `cutout_size` to zero in the "
     "image only",

@@ -289,3 +289,21 @@ def test_model_outputs_one_channel_per_class():
     model = build_model(config, pretrained=False, channels=(1, 4)).eval()
     with torch.no_grad():
         assert model(torch.zeros(2, 1, 64, 96)).shape == (2, 4, 64, 96)
+
+
+def test_several_classes_default_to_mean_dice_and_refuse_global_dice():
+    two = task_from_dict({"extends": "folder", "classes": ["a", "b"]})
+    assert two.metric == "mean_dice"
+    assert task_from_dict({"extends": "folder"}).metric == "global_dice"
+    with pytest.raises(EkError, match="global_dice scores one class"):
+        task_from_dict({"extends": "folder", "classes": ["a", "b"], "metric": "global_dice"})
+
+
+def test_synth_folder_writes_the_task_file_to_pass_to_folds(tmp_path):
+    result = run("synth", "--task", "folder", "--classes", "3", "--out", str(tmp_path / "d"),
+                 "--train", "4", "--validation", "0", "--test", "2", "--size", "32")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"--task {tmp_path / 'd'}/task.yaml" in result.output
+    task = load_task(tmp_path / "d" / "task.yaml")
+    assert task.classes == ("class_1", "class_2", "class_3") and task.metric == "mean_dice"
+    assert task.size == (32, 32)

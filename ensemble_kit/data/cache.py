@@ -219,6 +219,21 @@ def split_inputs(
     return ensure_image_inputs(layout, task, data_root, split)
 
 
+def prepare_inputs(
+    layout: Layout, data_root: Path, split: str, spec: InputSpec, workers: int | None = None
+) -> CacheEntry | None:
+    """``ek prepare``: the input cache of a split for the workdir's task (built when stale);
+    None where the data folder has no such split."""
+    task = workdir_task(layout)
+    if task.kind == "contrails":
+        present = (Path(data_root) / split).is_dir()
+        return ensure_inputs(layout, data_root, split, spec, workers) if present else None
+    folder = split_folder(task, data_root, split)
+    if folder is None or not folder.is_dir():
+        return None
+    return ensure_image_inputs(layout, task, data_root, split)
+
+
 def _refuse_unlabelled(data_root: Path, split: str, ids, entry: CacheEntry) -> None:
     """A record without a mask is named as such (the label cache holds labelled records)."""
     known = set(entry.ids)
