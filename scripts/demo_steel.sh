@@ -5,9 +5,9 @@ set -euo pipefail
 EK=$(realpath "${1:-ek}")
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 rm -rf "$ROOT/demo-steel" && mkdir -p "$ROOT/demo-steel" && cd "$ROOT/demo-steel"
-"$EK" synth --task steel --out data --train 48 --test 8 --seed 0
-"$EK" folds --data data --task steel --folds 3
-"$EK" cv "$ROOT/configs/tiny_steel.yaml"
+"$EK" synth --task steel --out data --train 32 --test 8 --seed 0
+"$EK" folds --data data --task steel --folds 2
+"$EK" cv --epochs 3 "$ROOT/configs/tiny_steel.yaml"
 "$EK" status
 "$EK" blend --oof
 "$EK" submit
