@@ -21,6 +21,9 @@ from PIL import Image
 from test_kaggle import RUNNER, _outputs, offline_command, shadow_packages
 
 from ensemble_kit.cli import main
+from ensemble_kit.inference.bundle import predict_bundle
+from ensemble_kit.inference.notebook import notebook
+from ensemble_kit.task import builtin_task
 
 CONFIG = """
 name: {name}
@@ -28,7 +31,7 @@ input: {{channels: image}}
 model: {{arch: Unet, encoder: tu-test_resnet, encoder_weights: none}}
 optim: {{name: adam, lr: 0.003}}
 augment: {{hflip: 0.5, crop: {crop}, crop_masked: 0.5}}
-train: {{epochs: 2, batch_size: 4, max_steps_per_epoch: 4, seed: 0}}
+train: {{epochs: 2, batch_size: 4, max_steps_per_epoch: 3, seed: 0}}
 tta: [identity, hflip]
 """
 
@@ -133,6 +136,27 @@ def run_notebook(bundle: Path, data: Path, tmp_path: Path) -> tuple[Path, str]:
     return working / "submission.csv", _outputs(executed)
 
 
+def test_folder_bundle_prediction_equals_submit(folder_run, tmp_path):
+    """The notebook's one call on the `ek export` bundle writes `ek submit`'s bytes."""
+    ek("export", "--workdir", folder_run / "folds")
+    bundle = folder_run / "folds" / "export"
+    assert json.loads((bundle / "manifest.json").read_text())["task"]["name"] == "folder"
+    out = tmp_path / "bundle.csv"
+    predict_bundle(bundle, folder_run / "data", out, device="cpu")
+    assert out.read_bytes() == (folder_run / "submission.csv").read_bytes()
+
+
+def test_task_notebook_reads_the_task_s_data_and_checks_its_csv():
+    steel = builtin_task("steel")
+    cells = notebook("steel-test", "Steel task test", "w.whl", "0", steel)["cells"]
+    text = {cell["id"]: "".join(cell["source"]) for cell in cells}
+    assert "/kaggle/input/severstal-steel-defect-detection" in text["parameters"]
+    assert '"test": "test_images"' in text["checks"] and "check_task_submission" in text["check"]
+    contrails = notebook("c-test", "Contrails test", "w.whl", "0")["cells"]
+    assert "check_task_submission" not in "".join(contrails[5]["source"])
+
+
+@pytest.mark.slow
 def test_folder_notebook_offline_equals_submit(folder_run, tmp_path):
     bundle = tmp_path / "kaggle"
     ek("kaggle", "--workdir", folder_run / "folds", "--out", bundle, "--slug", "folder-test",
