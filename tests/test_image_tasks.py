@@ -156,6 +156,22 @@ def test_task_notebook_reads_the_task_s_data_and_checks_its_csv():
     assert "check_task_submission" not in "".join(contrails[5]["source"])
 
 
+def test_folds_trained_on_changed_images_are_refused(folder_run):
+    """A DONE fold records the image and mask folders it read; a changed image refuses it."""
+    image = sorted((folder_run / "data" / "train" / "images").glob("*.png"))[0]
+    config = folder_run / "tiny_image.yaml"
+    before = image.stat()
+    try:
+        os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+        result = ek("cv", "--workdir", folder_run / "folds", config, check=False)
+        assert result.exit_code == 2
+        (line,) = result.output.strip().splitlines()
+        assert "trained on data that changed since (train/inputs (train/images))" in line
+    finally:
+        os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert ek("cv", "--workdir", folder_run / "folds", config).exit_code == 0
+
+
 @pytest.mark.slow
 def test_folder_notebook_offline_equals_submit(folder_run, tmp_path):
     bundle = tmp_path / "kaggle"

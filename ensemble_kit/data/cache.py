@@ -75,6 +75,7 @@ from .sources import (
     Sources,
     describe_change,
     input_files,
+    paths_source,
     read_sources,
     records_fingerprint,
 )
@@ -479,8 +480,12 @@ def _build_arrays(
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     fill: Callable[[dict[str, np.ndarray], int, list[str]], None],
     label: str,
+    sources: dict | None = None,
 ) -> CacheEntry:
-    """Build an image-task entry in-process, chunk by chunk, into a folder renamed into place."""
+    """Build an image-task entry in-process, chunk by chunk, into a folder renamed into place.
+
+    ``sources``: what it reads (:func:`~.sources.paths_source`), kept in ``meta.json`` for
+    the folds trained on it."""
     if _meta(path).get("key") == key:
         return open_entry(path)
     started = time.perf_counter()
@@ -498,7 +503,7 @@ def _build_arrays(
             array.flush()  # type: ignore[attr-defined]
         del arrays
         pd.DataFrame({"record_id": ids}).to_csv(tmp / "ids.csv", index=False)
-        meta = {"arrays": list(specs), "ids": digest_json(ids), "key": key}
+        meta = {"arrays": list(specs), "ids": digest_json(ids), "key": key, "sources": sources}
         (tmp / "meta.json").write_text(json.dumps(meta))
         _install(tmp, path, key)
     finally:
@@ -531,7 +536,9 @@ def ensure_image_inputs(layout: Layout, task: Task, data_root: Path, split: str)
 
     shape = (len(ids), task.channels, *task.size)
     key = _files_fingerprint(paths)
-    return _build_arrays(path, key, ids, {"inputs": (shape, dtype)}, fill, f"images {split}")
+    read = paths_source(data_root, [str(split_folder(task, "", split))])
+    spec = {"inputs": (shape, dtype)}
+    return _build_arrays(path, key, ids, spec, fill, f"images {split}", read)
 
 
 def ensure_image_labels(layout: Layout, task: Task, data_root: Path, split: str) -> CacheEntry:
@@ -560,4 +567,5 @@ def ensure_image_labels(layout: Layout, task: Task, data_root: Path, split: str)
     shape = (len(ids), *classes, *task.size)
     key = _files_fingerprint([p for p in sources if p.exists()])
     spec = {"labels": (shape, np.dtype(np.uint8))}
-    return _build_arrays(path, key, ids, spec, fill, f"labels {split}")
+    read = paths_source(data_root, [str(mask_location(task, "", split))])
+    return _build_arrays(path, key, ids, spec, fill, f"labels {split}", read)

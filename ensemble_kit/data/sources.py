@@ -99,7 +99,11 @@ def changed_sources(data_root: Path, recorded: dict, memo: dict | None = None) -
     memo = {} if memo is None else memo
     changed = []
     for name, source in sorted(recorded.items()):
-        if source is None:  # an image task's cache: keyed by its files, not recorded here
+        if source is None:  # an entry built before its sources were recorded
+            continue
+        if "paths" in source:  # an image task's folders and files (paths_source)
+            if paths_fingerprint(data_root, source["paths"]) != source["fingerprint"]:
+                changed.append(f"{name} ({', '.join(source['paths'])})")
             continue
         key = (name, tuple(source["files"]))
         if key not in memo:
@@ -140,3 +144,29 @@ def _stat_table(base: Path | str, ids: list[str], files: tuple[str, ...]) -> np.
 
 def _table_digest(table: np.ndarray) -> str:
     return digest_bytes(np.ascontiguousarray(table, dtype="<i8").tobytes())
+
+
+def paths_source(data_root: Path | str, paths: list[str]) -> dict:
+    """What an image task's cache entry read: every file in each folder of ``paths``
+    (relative to ``data_root``; a file stands for itself), as ``{"paths", "fingerprint"}``."""
+    return {"paths": list(paths), "fingerprint": paths_fingerprint(data_root, paths)}
+
+
+def paths_fingerprint(data_root: Path | str, paths: list[str]) -> str | None:
+    """Digest of the name, size and ``mtime_ns`` of the files of ``paths``; None where one
+    is gone."""
+    stats = []
+    for relative in paths:
+        path = Path(data_root) / relative
+        try:
+            files = (
+                sorted(p for p in path.iterdir() if not p.name.startswith("."))
+                if path.is_dir()
+                else [path]
+            )
+            for file in files:
+                stat = os.stat(file)
+                stats.append((relative, file.name, stat.st_size, stat.st_mtime_ns))
+        except FileNotFoundError:
+            return None
+    return digest_json(stats)
