@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 
@@ -63,22 +62,38 @@ def test_pair_histograms_match_reference(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_score_moves_matches_reference(seed):
+@pytest.mark.parametrize("workers", [1, 3])
+def test_score_moves_matches_reference(seed, workers):
     rng = np.random.default_rng(seed)
-    values, labels, pixel_fold, positives = candidates(rng)
-    base_weights = np.array([[1, 0, 2, 0], [0, 1, 1, 1]], np.int64)
-    bases = np.stack([kernels.weighted_sum_reference(values, w) for w in base_weights])
-    # (base, config, sign): adding any config, removing one the base holds
+    values, labels, pixel_fold, positives = candidates(rng, n_pixels=9000)  # > 2 MOVE_BLOCKs
+    bases = np.array([[1, 0, 2, 0], [0, 1, 1, 1], [3, 0, 0, 1]], np.int64)
+    # (base, config, sign): adding any config, removing one the base holds; base 2 unused
     moves = [(b, c, 1) for b in range(2) for c in range(4)]
-    moves += [(b, c, -1) for b in range(2) for c in range(4) if base_weights[b, c]]
+    moves += [(b, c, -1) for b in range(2) for c in range(4) if bases[b, c]]
     move_base, move_config, move_sign = (np.array(col, np.int64) for col in zip(*moves))
-    totals = base_weights.sum(axis=1)[move_base] + move_sign
+    totals = bases.sum(axis=1)[move_base] + move_sign
     n_values = 255 * int(totals.max()) + 1
     args = (bases, values, move_base, move_config, move_sign, 20 * totals, labels, pixel_fold)
     sets = FoldSets.nested(N_FOLDS).excluded
-    scratch = np.zeros((numba.get_num_threads(), N_FOLDS * n_values * 2), np.int64)
-    dice, thresholds = kernels.score_moves(*args, positives, sets, n_values, scratch)
+    dice, thresholds = kernels.score_moves(*args, positives, sets, n_values, workers)
     want_dice, want_thresholds = kernels.score_moves_reference(*args, positives, sets, n_values)
     assert dice.shape == (len(moves), len(sets))
     np.testing.assert_array_equal(thresholds, want_thresholds)
     np.testing.assert_array_equal(dice, want_dice)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("counter", [np.int32, np.int64])
+def test_base_histograms_match_reference(seed, counter):
+    rng = np.random.default_rng(seed)
+    values, labels, pixel_fold, _ = candidates(rng, n_pixels=9000)  # > 2 MOVE_BLOCKs
+    weights = np.array([2, 0, 1, 3], np.int64)
+    configs, signs = np.array([0, 1, 2, 3, 0, 3]), np.array([1, 1, 1, 1, -1, -1])
+    n_values = 255 * 7 + 1
+    hist = np.full((3, len(configs), N_FOLDS * n_values * 2), 7, dtype=counter)  # not zeroed
+    kernels.base_histograms(weights, values, configs, signs, labels, pixel_fold, n_values, hist)
+    want = kernels.base_histograms_reference(
+        weights, values, configs, signs, labels, pixel_fold, N_FOLDS, n_values
+    )
+    assert want.sum() == len(configs) * len(labels)
+    np.testing.assert_array_equal(hist.sum(axis=0), want)
