@@ -152,10 +152,37 @@ def child(args) -> None:
         cands = build_candidates(members, labels, folds)
         out = {"candidates": len(cands.labels)}
     else:
+        phases = _timed_phases()
         result = search(members, labels, folds, steps=25)
-        out = {"dice": result.choice.dice, "weights": result.choice.weights.tolist()}
+        out = {"dice": result.choice.dice, "weights": result.choice.weights.tolist(), **phases}
     out["seconds"] = time.perf_counter() - started
     print(json.dumps(out))
+
+
+def _timed_phases() -> dict:
+    """Wrap the search's three phases (candidate pass, greedy selection, threshold tables)
+    so that each adds its seconds to the returned dict."""
+    from ensemble_kit.blend import ensemble_search, nested
+
+    phases: dict[str, float] = {}
+    for module, name, key in [
+        (ensemble_search, "build_candidates", "t_candidates"),
+        (nested, "greedy_paths", "t_greedy"),
+        (nested, "threshold_tables", "t_tables"),
+    ]:
+        setattr(module, name, _timer(getattr(module, name), key, phases))
+    return phases
+
+
+def _timer(fn, key: str, phases: dict):
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[key] = phases.get(key, 0.0) + time.perf_counter() - started
+
+    return timed
 
 
 def measured(folder: Path, step: str, dense: bool = False) -> dict:
@@ -225,10 +252,18 @@ def steel(root: Path, args) -> None:
     print(f"| growth half -> full | x{_ratio(cands, 'wall')} | x{_ratio(cands, 'mb')} | |")
     search = {name: measured(root / name, "search") for name in ("search_half", "search")}
     for name, r in search.items():
-        print(_row(f"search (ek blend's), {sizes[name]:,} units", r, f"dice {r['dice']:.4f}"))
+        note = f"dice {r['dice']:.4f}; {_phases(r)}"
+        print(_row(f"search (ek blend's), {sizes[name]:,} units", r, note))
     ratio = (search["search"]["wall"] / search["search_half"]["wall"], 0)
     mb = search["search"]["mb"] / search["search_half"]["mb"]
     print(f"| growth half -> full (search) | x{ratio[0]:.2f} | x{mb:.2f} | |")
+
+
+def _phases(r: dict) -> str:
+    return (
+        f"candidates {r['t_candidates']:.1f} s, greedy {r['t_greedy']:.1f} s, "
+        f"threshold tables {r['t_tables']:.1f} s"
+    )
 
 
 def _ratio(pair: dict, key: str) -> str:
@@ -242,13 +277,19 @@ def contrails(root: Path, args) -> None:
         densify(folder)
     dense, sparse = measured(folder, "search", dense=True), measured(folder, "search")
     note = "same choice" if dense["weights"] == sparse["weights"] else "weights differ"
-    print(_row(f"contrails shape {args.contrails_images:,} x 256^2, dense search", dense))
+    print(
+        _row(
+            f"contrails shape {args.contrails_images:,} x 256^2, dense search",
+            dense,
+            _phases(dense),
+        )
+    )
     print(
         _row(
             "the same, sparse files",
             sparse,
             f"x{sparse['wall'] / dense['wall']:.2f} time, x{sparse['mb'] / dense['mb']:.2f} "
-            f"memory vs dense; {note}",
+            f"memory vs dense; {note}; {_phases(sparse)}",
         )
     )
 

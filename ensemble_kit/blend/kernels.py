@@ -274,12 +274,15 @@ def pair_differences(sums, image_start, cuts, taus, labels, pixel_fold, bounds, 
         for i in range(bounds[worker], bounds[worker + 1]):
             for p in range(image_start[i], image_start[i + 1]):
                 fold, label = pixel_fold[p], labels[p]
-                for a in range(n_cuts):
+                # rows (columns) of L all equal: every later one cancels, only the first counts
+                last_row = n_cuts if (cuts[:, i] < sums[p]).any() else 1
+                last_column = n_taus if (taus[:, p] < sums[p]).any() else 1
+                for a in range(last_row):
                     current, previous = rows[a % 2], rows[(a + 1) % 2]
                     top = min(sums[p], cuts[a, i])
-                    for b in range(n_taus):
+                    for b in range(last_column):
                         current[b] = min(top, taus[b, p])
-                    for b in range(n_taus):
+                    for b in range(last_column):
                         here, up = current[b], previous[b] if a > 0 else -1
                         left = current[b - 1] if b > 0 else -1
                         diagonal = previous[b - 1] if a > 0 and b > 0 else -1
