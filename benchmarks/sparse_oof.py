@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--contrails-images", type=int, default=2200)
     parser.add_argument("--data", type=Path, help="keep the generated files here")
     parser.add_argument("--cv", action="store_true", help="also measure ek cv records/s")
+    parser.add_argument("--cv-only", action="store_true", help="only measure ek cv records/s")
+    parser.add_argument("--cv-repeats", type=int, default=2, help="ek cv runs per format")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -224,11 +226,14 @@ def main() -> None:
     root = args.data or Path(tempfile.mkdtemp(prefix="ek-sparse-"))
     print(f"# sparse OOF, {args.configs} configs, {load_note()}")
     print("| step | time | peak RssAnon | notes |\n|---|---:|---:|---|")
+    if args.cv_only:
+        cv_rate(root, args.cv_repeats)
+        return
     writer_cost(root)
     steel(root, args)
     contrails(root, args)
     if args.cv:
-        cv_rate(root)
+        cv_rate(root, args.cv_repeats)
 
 
 def steel(root: Path, args) -> None:
@@ -325,20 +330,22 @@ def writer_cost(root: Path) -> None:
         )
 
 
-def cv_rate(root: Path) -> None:
-    """``ek cv`` of a quick config on 256 px synthetic data, dense then sparse, twice."""
+def cv_rate(root: Path, repeats: int) -> None:
+    """``ek cv`` of a quick config on 256 px synthetic data, dense then sparse, ``repeats``
+    times (alternating, so a change of the machine's load hits both formats alike)."""
     from ensemble_kit.data.synth import write_synthetic
 
     data = root / "synth"
     if not data.is_dir():
         write_synthetic(data, n_train=64, n_validation=16, n_test=0, size=256, seed=0)
     rates: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for repeat in range(2):
+    for repeat in range(repeats):
         for fmt in rates:
             rates[fmt].append(_cv_once(root / f"cv_{fmt}_{repeat}", data, fmt))
     best = {fmt: max(r) for fmt, r in rates.items()}
     print(
-        f"| ek cv OOF prediction, records/s (best of 2) | | | dense {best['dense']:.1f}, sparse "
+        f"| ek cv OOF prediction, records/s (best of {repeats}) | | | dense {best['dense']:.1f}, "
+        f"sparse "
         f"{best['sparse']:.1f}: x{best['sparse'] / best['dense']:.3f} |"
     )
 
