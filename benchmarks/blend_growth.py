@@ -84,6 +84,7 @@ def _time(module, name: str, key: str, out: dict) -> None:
 
 def measured(folder: Path, n_images: int) -> dict:
     command = [sys.executable, __file__, "--child", str(folder), "--images", str(n_images)]
+    command += ["--data", str(folder)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
         peak = peak_rss_anon(process)
         output = process.stdout.read()
