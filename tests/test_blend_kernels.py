@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble_kit.blend import kernels
+from ensemble_kit.blend import kernels, threshold
+from ensemble_kit.blend.candidates import build_candidates
 from ensemble_kit.blend.sets import FoldSets
+from ensemble_kit.blend.threshold import image_chunks
 
 SEEDS = [0, 1, 2, 3]
 N_FOLDS = 3
@@ -97,3 +99,32 @@ def test_base_histograms_match_reference(seed, counter):
     )
     assert want.sum() == len(configs) * len(labels)
     np.testing.assert_array_equal(hist.sum(axis=0), want)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_image_chunks_cover_every_image_once_within_the_limit(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 50, 40)
+    sizes[rng.integers(0, 40)] = 120  # one image past the limit: a chunk of its own
+    image_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    chunks = image_chunks(image_start, 100)
+    assert [lo for lo, _ in chunks] == [0] + [hi for _, hi in chunks[:-1]]
+    assert chunks[-1][1] == len(sizes)
+    for lo, hi in chunks:
+        assert hi > lo
+        assert image_start[hi] - image_start[lo] <= 100 or hi == lo + 1
+    assert image_chunks(np.zeros(1, dtype=np.int64), 100) == [(0, 0)]
+
+
+def test_threshold_tables_in_chunks_equal_one_pass(monkeypatch):
+    rng = np.random.default_rng(5)
+    labels = (rng.random((12, 16, 16)) < 0.2).astype(np.uint8)
+    oofs = [(rng.random((12, 16, 16)) * 255).astype(np.uint8) for _ in range(3)]
+    cands = build_candidates(oofs, labels, np.arange(12) % N_FOLDS, floor=40)
+    args = (cands, np.array([2, 1, 1]), (0, 3, 10), (0, 2, 5), FoldSets.nested(N_FOLDS))
+    whole = threshold.threshold_tables(*args)
+    monkeypatch.setattr(threshold, "TABLE_CHUNK_PIXELS", 300)  # ~4 images per chunk
+    assert len(threshold.image_chunks(cands.image_start, 300)) > 2
+    chunked = threshold.threshold_tables(*args)
+    for name in ("dice", "thresholds", "levels_hist", "sums_hist"):
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name))

@@ -63,8 +63,8 @@ def threshold_tables(
     """
     total = int(weights.sum())
     lowest, n_values = cands.floor * total, 255 * total + 1
-    shape = (len(pixel_grid), len(component_grid), cands.n_folds, n_values, 2)
-    hists = np.zeros(shape, dtype=np.int64)
+    hist_shape = (len(pixel_grid), len(component_grid), cands.n_folds, n_values, 2)
+    hists = np.zeros(hist_shape, dtype=np.int64)
     sums_hist = np.zeros((cands.n_folds, n_values), dtype=np.int64)
     for lo, hi in image_chunks(cands.image_start, TABLE_CHUNK_PIXELS):
         chunk_hists, chunk_sums = _chunk_tables(
@@ -84,7 +84,8 @@ def threshold_tables(
 def image_chunks(image_start: np.ndarray, max_pixels: int) -> list[tuple[int, int]]:
     """Runs of whole images ``(lo, hi)`` of at most ``max_pixels`` candidates each (an image
     with more is a chunk of its own); at least one chunk, even without images."""
-    bounds, lo, n_images = [], 0, len(image_start) - 1
+    bounds: list[tuple[int, int]] = []
+    lo, n_images = 0, len(image_start) - 1
     while lo < n_images or not bounds:
         hi = int(np.searchsorted(image_start, image_start[lo] + max_pixels, side="right")) - 1
         hi = min(max(hi, lo + 1), n_images)
