@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from blend import _first_rows, make_data  # noqa: E402
+from blend import first_rows, make_data  # noqa: E402
 from measure import load_note, peak_rss_anon  # noqa: E402
 
 CONFIGS = 10
@@ -34,8 +34,8 @@ def child(folder: Path, n_images: int) -> dict:
     """One timed, counted search on the first ``n_images`` rows (compiled on a tiny one first)."""
     from ensemble_kit.blend import ensemble_search, nested, scorer
 
-    oofs = [_first_rows(p, n_images) for p in sorted(folder.glob("oof_*.npy"))]
-    labels = _first_rows(folder / "labels.npy", n_images)
+    oofs = [first_rows(p, n_images) for p in sorted(folder.glob("oof_*.npy"))]
+    labels = first_rows(folder / "labels.npy", n_images)
     folds = np.load(folder / "folds.npy")[:n_images]
     ensemble_search.search([o[:10] for o in oofs[:2]], np.asarray(labels[:10]), folds[:10], 2)
     out: dict = {"passes": 0, "moves": 0, "tables": 0}
