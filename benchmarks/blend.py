@@ -149,8 +149,8 @@ def run_search_child(
     ``labels_mode``: ``memmap`` passes the labels file-backed, as ``run_blend`` does now;
     ``bytes`` loads them into memory first (a byte per pixel), as it did before.
     """
-    oofs = [_first_rows(p, n_images) for p in sorted(folder.glob("oof_*.npy"))]
-    labels = _first_rows(folder / "labels.npy", n_images)
+    oofs = [first_rows(p, n_images) for p in sorted(folder.glob("oof_*.npy"))]
+    labels = first_rows(folder / "labels.npy", n_images)
     folds = np.load(folder / "folds.npy")[:n_images]
     search([o[:10] for o in oofs[:2]], np.asarray(labels[:10]), folds[:10], steps=2)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -169,7 +169,7 @@ def run_search_child(
     }
 
 
-def _first_rows(path: Path, n_rows: int) -> np.memmap:
+def first_rows(path: Path, n_rows: int) -> np.memmap:
     """A memmap of the first rows of a .npy file (a file-backed memmap, not a view)."""
     whole = np.load(path, mmap_mode="r")
     return np.memmap(path, np.uint8, "r", offset=whole.offset, shape=(n_rows, *whole.shape[1:]))

@@ -14,7 +14,8 @@ Rows of the table (each step in a child process: wall time and peak ``RssAnon``)
   ``--search-units`` and half of it (growth);
 - contrails' shape (``--contrails-images`` x 256 x 256, 5 configs): the same search on
   dense memmaps and on sparse files, ratio in the same run;
-- ``--cv``: records/s of ``ek cv``'s OOF prediction, dense against sparse (CPU).
+- ``--cv`` (``--cv-only``): records/s of ``ek cv``'s OOF prediction step (model, codes and
+  writer), dense against sparse (CPU).
 
 Usage: ``python benchmarks/sparse_oof.py --data /tmp/steel`` (full size: ~1 GB of disk,
 ~10 min on 2 cores); ``--units 2000 --search-units 1000`` for a quick look.
@@ -152,10 +153,37 @@ def child(args) -> None:
         cands = build_candidates(members, labels, folds)
         out = {"candidates": len(cands.labels)}
     else:
+        phases = _timed_phases()
         result = search(members, labels, folds, steps=25)
-        out = {"dice": result.choice.dice, "weights": result.choice.weights.tolist()}
+        out = {"dice": result.choice.dice, "weights": result.choice.weights.tolist(), **phases}
     out["seconds"] = time.perf_counter() - started
     print(json.dumps(out))
+
+
+def _timed_phases() -> dict:
+    """Wrap the search's three phases (candidate pass, greedy selection, threshold tables)
+    so that each adds its seconds to the returned dict."""
+    from ensemble_kit.blend import ensemble_search, nested
+
+    phases: dict[str, float] = {}
+    for module, name, key in [
+        (ensemble_search, "build_candidates", "t_candidates"),
+        (nested, "greedy_paths", "t_greedy"),
+        (nested, "threshold_tables", "t_tables"),
+    ]:
+        setattr(module, name, _timer(getattr(module, name), key, phases))
+    return phases
+
+
+def _timer(fn, key: str, phases: dict):
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[key] = phases.get(key, 0.0) + time.perf_counter() - started
+
+    return timed
 
 
 def measured(folder: Path, step: str, dense: bool = False) -> dict:
@@ -187,6 +215,8 @@ def main() -> None:
     parser.add_argument("--contrails-images", type=int, default=2200)
     parser.add_argument("--data", type=Path, help="keep the generated files here")
     parser.add_argument("--cv", action="store_true", help="also measure ek cv records/s")
+    parser.add_argument("--cv-only", action="store_true", help="only measure ek cv records/s")
+    parser.add_argument("--cv-repeats", type=int, default=2, help="ek cv runs per format")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
@@ -197,11 +227,14 @@ def main() -> None:
     root = args.data or Path(tempfile.mkdtemp(prefix="ek-sparse-"))
     print(f"# sparse OOF, {args.configs} configs, {load_note()}")
     print("| step | time | peak RssAnon | notes |\n|---|---:|---:|---|")
+    if args.cv_only:
+        cv_rate(root, args.cv_repeats)
+        return
     writer_cost(root)
     steel(root, args)
     contrails(root, args)
     if args.cv:
-        cv_rate(root)
+        cv_rate(root, args.cv_repeats)
 
 
 def steel(root: Path, args) -> None:
@@ -225,10 +258,18 @@ def steel(root: Path, args) -> None:
     print(f"| growth half -> full | x{_ratio(cands, 'wall')} | x{_ratio(cands, 'mb')} | |")
     search = {name: measured(root / name, "search") for name in ("search_half", "search")}
     for name, r in search.items():
-        print(_row(f"search (ek blend's), {sizes[name]:,} units", r, f"dice {r['dice']:.4f}"))
+        note = f"dice {r['dice']:.4f}; {_phases(r)}"
+        print(_row(f"search (ek blend's), {sizes[name]:,} units", r, note))
     ratio = (search["search"]["wall"] / search["search_half"]["wall"], 0)
     mb = search["search"]["mb"] / search["search_half"]["mb"]
     print(f"| growth half -> full (search) | x{ratio[0]:.2f} | x{mb:.2f} | |")
+
+
+def _phases(r: dict) -> str:
+    return (
+        f"candidates {r['t_candidates']:.1f} s, greedy {r['t_greedy']:.1f} s, "
+        f"threshold tables {r['t_tables']:.1f} s"
+    )
 
 
 def _ratio(pair: dict, key: str) -> str:
@@ -242,13 +283,19 @@ def contrails(root: Path, args) -> None:
         densify(folder)
     dense, sparse = measured(folder, "search", dense=True), measured(folder, "search")
     note = "same choice" if dense["weights"] == sparse["weights"] else "weights differ"
-    print(_row(f"contrails shape {args.contrails_images:,} x 256^2, dense search", dense))
+    print(
+        _row(
+            f"contrails shape {args.contrails_images:,} x 256^2, dense search",
+            dense,
+            _phases(dense),
+        )
+    )
     print(
         _row(
             "the same, sparse files",
             sparse,
             f"x{sparse['wall'] / dense['wall']:.2f} time, x{sparse['mb'] / dense['mb']:.2f} "
-            f"memory vs dense; {note}",
+            f"memory vs dense; {note}; {_phases(sparse)}",
         )
     )
 
@@ -284,38 +331,56 @@ def writer_cost(root: Path) -> None:
         )
 
 
-def cv_rate(root: Path) -> None:
-    """``ek cv`` of a quick config on 256 px synthetic data, dense then sparse, twice."""
-    from ensemble_kit.data.synth import write_synthetic
+def cv_rate(root: Path, repeats: int) -> None:
+    """Records/s of ``ek cv``'s OOF prediction step, dense against sparse (CPU).
 
-    data = root / "synth"
-    if not data.is_dir():
-        write_synthetic(data, n_train=64, n_validation=16, n_test=0, size=256, seed=0)
+    ``ek cv``'s own ``prediction_cost`` times the model only (the writer runs outside its
+    clock), so it cannot see the format. Here the whole step is timed as ``ek cv`` runs it:
+    the quick config's model (``tu-test_resnet``, 256 px, batch 8) on a batch, ``to_codes``
+    and the OOF writer. The model's random weights would predict ~0.5 everywhere, so the
+    codes written are those of a trained model's output instead (``_trained_like``: near 0,
+    one blob per record). Formats alternate, ``repeats`` times; best of each.
+    """
+    import torch
+
+    from ensemble_kit.api import build_model, load_config, predict_probs, to_codes
+    from ensemble_kit.oof import codes_writer
+
+    folder = root / "cv_rate"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "q.yaml").write_text(
+        "name: q\ninput: {channels: ash, frames: [4]}\nmodel: {arch: Unet, encoder: "
+        "tu-test_resnet}\ntrain: {epochs: 1, batch_size: 8}\n"
+    )
+    model = build_model(load_config(folder / "q.yaml"), pretrained=False).eval()
+    images, probs = torch.rand(8, 3, 256, 256), _trained_like(8)
+    n_records = 64
     rates: dict[str, list[float]] = {"dense": [], "sparse": []}
-    for repeat in range(2):
+    for _ in range(repeats):
         for fmt in rates:
-            rates[fmt].append(_cv_once(root / f"cv_{fmt}_{repeat}", data, fmt))
+            started = time.perf_counter()
+            with codes_writer(
+                folder / "oof.npy", (n_records, 256, 256), fmt == "sparse", FLOOR
+            ) as w:
+                for lo in range(0, n_records, 8):
+                    with torch.no_grad():
+                        predict_probs([model], images)
+                    w.write(slice(lo, lo + 8), to_codes(probs))
+            rates[fmt].append(n_records / (time.perf_counter() - started))
     best = {fmt: max(r) for fmt, r in rates.items()}
     print(
-        f"| ek cv OOF prediction, records/s (best of 2) | | | dense {best['dense']:.1f}, sparse "
-        f"{best['sparse']:.1f}: x{best['sparse'] / best['dense']:.3f} |"
+        f"| ek cv OOF prediction (model + codes + writer), records/s, best of {repeats} | | | "
+        f"dense {best['dense']:.1f}, sparse {best['sparse']:.1f}: "
+        f"x{best['sparse'] / best['dense']:.3f} |"
     )
 
 
-def _cv_once(folder: Path, data: Path, fmt: str) -> float:
-    folder.mkdir(parents=True, exist_ok=True)
-    config = folder / "q.yaml"
-    config.write_text(
-        "name: q\ninput: {channels: ash, frames: [4]}\nmodel: {arch: Unet, encoder: "
-        "tu-test_resnet}\ntrain: {epochs: 1, batch_size: 8, max_steps_per_epoch: 1}\n"
-        f"oof: {{format: {fmt}}}\n"
-    )
-    from measure import ek_command
-
-    workdir = folder / "folds"
-    run_measured(ek_command("cv", "--data", data, "--workdir", workdir, "--folds", "2", config))
-    summary = json.loads((workdir / "q" / "summary.json").read_text())
-    return 1.0 / summary["prediction_cost"]["seconds_per_record"] * 2  # per fold model
+def _trained_like(n: int) -> np.ndarray:
+    """float32 ``(n, 256, 256)`` probabilities like a trained model's: near 0, one blob."""
+    rng = np.random.default_rng(0)
+    p = np.clip(rng.normal(0.01, 0.01, (n, 256, 256)), 0, 1).astype(np.float32)
+    p[..., 40:90, 50:200] = rng.random(p[..., 40:90, 50:200].shape) * 0.9 + 0.1
+    return p
 
 
 if __name__ == "__main__":

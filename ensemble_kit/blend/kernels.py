@@ -5,6 +5,7 @@ Arrays in, arrays out: nothing here knows about configs, files or the search aro
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -84,9 +85,11 @@ def best_per_set_reference(hist, fold_positives, lowest, excluded):
     return np.array(dice), np.array(thresholds)
 
 
-@njit(cache=True, parallel=True)
+MOVE_BLOCK = 4096  # pixels per block: a block's keys stay in L1 while each move reads them
+
+
 def score_moves(
-    bases,
+    base_weights,
     values,
     move_base,
     move_config,
@@ -97,31 +100,100 @@ def score_moves(
     fold_positives,
     excluded,
     n_values,
-    scratch,
+    n_workers,
 ):
-    """Best-threshold dice on every set of folds of each move ``bases[b] + sign * values[config]``.
+    """Best-threshold dice on every set of folds of each move ``bases[b] + sign * e[config]``.
 
-    Thresholds of move ``m`` are searched from ``move_lowest[m]`` (its floor) up.
-    ``scratch`` is int64 ``(T, >= K * n_values * 2)``: one reused histogram per worker, so
-    no call pays the page faults of fresh allocations.
+    Args:
+        base_weights: int64 ``(B, C)`` integer weights of each base. Its blend sums are
+            computed block by block and never stored (at the steel size one int32 copy of
+            the sums is 0.7 GB per base).
+        values: uint8 ``(C, P)`` codes of the candidate pixels.
+        move_base, move_config, move_sign, move_lowest: int64 ``(M,)`` per move; thresholds
+            of move ``m`` are searched from ``move_lowest[m]`` (its floor) up.
+        labels: uint8 ``(P,)``.
+        pixel_fold: int ``(P,)`` fold of each pixel.
+        fold_positives: int64 ``(K,)`` all positives per fold.
+        excluded: int64 ``(n_sets, E)`` folds each set leaves out.
+        n_values: ``255 * (largest weight total) + 1``.
+        n_workers: Parallel pixel ranges (``numba.get_num_threads()``).
+
+    Returns:
+        ``(dice, thresholds)``, each ``(M, n_sets)``. The moves of one base share one pass
+        over the pixels (:func:`base_histograms`).
     """
-    n_moves, n_folds, n_sets = move_base.shape[0], fold_positives.shape[0], excluded.shape[0]
-    dice = np.zeros((n_moves, n_sets))
-    thresholds = np.zeros((n_moves, n_sets), dtype=np.int64)
-    n_workers = scratch.shape[0]
-    for worker in prange(n_workers):
-        hist = scratch[worker, : n_folds * n_values * 2].reshape((n_folds, n_values, 2))
-        for m in range(worker, n_moves, n_workers):
-            hist[:] = 0
-            base, config, sign = bases[move_base[m]], move_config[m], move_sign[m]
-            for p in range(labels.shape[0]):
-                hist[pixel_fold[p], base[p] + sign * values[config, p], labels[p]] += 1
-            dice[m], thresholds[m] = best_per_set(hist, fold_positives, move_lowest[m], excluded)
+    n_moves, n_folds = len(move_base), len(fold_positives)
+    dice = np.zeros((n_moves, len(excluded)))
+    thresholds = np.zeros((n_moves, len(excluded)), dtype=np.int64)
+    widest = int(np.bincount(move_base).max()) if n_moves else 0
+    # int32 counters halve the histograms' cache footprint; they cannot overflow below 2**31
+    counter = np.int32 if labels.shape[0] < 2**31 else np.int64
+    buffer = np.empty((max(1, n_workers), widest, n_folds * n_values * 2), dtype=counter)
+    for b in range(len(base_weights)):
+        moves = np.flatnonzero(move_base == b)
+        if len(moves) == 0:
+            continue
+        hist = buffer[:, : len(moves)]
+        base_histograms(
+            base_weights[b],
+            values,
+            move_config[moves],
+            move_sign[moves],
+            labels,
+            pixel_fold,
+            n_values,
+            hist,
+        )
+        per_move = hist.sum(axis=0, dtype=np.int64).reshape(len(moves), n_folds, n_values, 2)
+        for i, m in enumerate(moves):
+            dice[m], thresholds[m] = best_per_set(
+                per_move[i], fold_positives, move_lowest[m], excluded
+            )
     return dice, thresholds
 
 
+@njit(cache=True, parallel=True)
+def base_histograms(weights, values, configs, signs, labels, pixel_fold, n_values, hist):
+    """Per move of one base, per-fold counts of (level, label), one worker per pixel range.
+
+    Writes ``hist`` ``(W, M, K * n_values * 2)`` (int32 or int64): worker ``w``'s counts of
+    move ``i`` at ``(fold * n_values + level) * 2 + label``, ``level = S + sign * v[config]``.
+    """
+    n_configs, n_pixels = values.shape
+    n_workers = hist.shape[0]
+    for worker in prange(n_workers):
+        hist[worker] = 0
+        keys = np.empty(MOVE_BLOCK, dtype=np.int64)
+        lo, hi = worker * n_pixels // n_workers, (worker + 1) * n_pixels // n_workers
+        for start in range(lo, hi, MOVE_BLOCK):
+            stop = min(start + MOVE_BLOCK, hi)
+            for p in range(start, stop):
+                total = 0
+                for c in range(n_configs):
+                    total += weights[c] * values[c, p]
+                keys[p - start] = (pixel_fold[p] * n_values + total) * 2 + labels[p]
+            for i in range(configs.shape[0]):
+                config, step, counts = configs[i], 2 * signs[i], hist[worker, i]
+                for p in range(start, stop):
+                    counts[keys[p - start] + step * values[config, p]] += 1
+
+
+def base_histograms_reference(
+    weights, values, configs, signs, labels, pixel_fold, n_folds, n_values
+):
+    """Numpy reference of :func:`base_histograms`, workers summed: int64
+    ``(M, n_folds * n_values * 2)``."""
+    rows = []
+    for config, sign in zip(configs, signs):
+        move = np.array(weights, dtype=np.int64)
+        move[config] += sign
+        sums = weighted_sum_reference(values, move)
+        rows.append(fold_histograms_reference(sums, labels, pixel_fold, n_folds, n_values))
+    return np.array(rows, dtype=np.int64).reshape(len(rows), -1)
+
+
 def score_moves_reference(
-    bases,
+    base_weights,
     values,
     move_base,
     move_config,
@@ -133,10 +205,12 @@ def score_moves_reference(
     excluded,
     n_values,
 ):
-    """Numpy reference of :func:`score_moves` (no scratch): ``(dice, thresholds)``."""
+    """Numpy reference of :func:`score_moves` (no workers): ``(dice, thresholds)``."""
     scores = []
     for m in range(len(move_base)):
-        sums = bases[move_base[m]].astype(np.int64) + move_sign[m] * values[move_config[m]]
+        weights = np.array(base_weights[move_base[m]], dtype=np.int64)
+        weights[move_config[m]] += move_sign[m]
+        sums = weighted_sum_reference(values, weights)
         hist = fold_histograms_reference(sums, labels, pixel_fold, len(fold_positives), n_values)
         scores.append(best_per_set_reference(hist, fold_positives, move_lowest[m], excluded))
     dice = np.array([d for d, _ in scores]).reshape(len(move_base), len(excluded))
@@ -162,24 +236,62 @@ def fold_histograms_reference(levels, labels, pixel_fold, n_folds, n_values):
     return counts.reshape(n_folds, n_values, 2).astype(np.int64)
 
 
-@njit(cache=True, parallel=True)
 def pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, n_values):
     """Per (min-pixel, min-component) pair, per-fold counts of (level, label).
 
     The level of a pixel is ``min(sum, cuts[a, image], taus[b, pixel])``: the highest
     threshold at which it survives the pair. Returns int64 ``(A, B, K, n_values, 2)``.
+
+    Counted as differences over the pair grid (:func:`pair_differences`), then summed along
+    both grid axes: most pixels have the same level under every pair and cost one count,
+    not one per pair.
+    """
+    n_images = len(image_start) - 1
+    n_workers = max(1, min(numba.get_num_threads(), n_images))
+    bounds = np.searchsorted(
+        image_start[:-1], np.arange(n_workers + 1) * image_start[-1] // n_workers
+    ).astype(np.int64)
+    bounds[-1] = n_images
+    shape = (n_workers, len(cuts), len(taus), n_folds, n_values, 2)
+    differences = np.zeros(shape, dtype=np.int64)
+    pair_differences(sums, image_start, cuts, taus, labels, pixel_fold, bounds, differences)
+    return differences.sum(axis=0).cumsum(axis=0).cumsum(axis=1)
+
+
+@njit(cache=True, parallel=True)
+def pair_differences(sums, image_start, cuts, taus, labels, pixel_fold, bounds, out):
+    """Worker ``w`` counts images ``bounds[w]:bounds[w + 1]`` into ``out[w]`` as differences.
+
+    With ``L[a, b]`` a pixel's level under pair ``(a, b)`` and ``[l]`` a count at level
+    ``l`` (none for ``l < 0``), the pixel adds ``[L[a, b]] - [L[a-1, b]] - [L[a, b-1]] +
+    [L[a-1, b-1]]`` at ``(a, b)`` (missing terms at the edges): summed over ``a' <= a`` and
+    ``b' <= b`` that is ``[L[a, b]]``. The terms cancel whenever two neighbouring rows or
+    columns of ``L`` agree, so those are skipped.
     """
     n_cuts, n_taus = cuts.shape[0], taus.shape[0]
-    hist = np.zeros((n_cuts, n_taus, n_folds, n_values, 2), dtype=np.int64)
-    for pair in prange(n_cuts * n_taus):
-        a, b = pair // n_taus, pair % n_taus
-        for i in range(image_start.shape[0] - 1):
-            cut = cuts[a, i]
+    for worker in prange(out.shape[0]):
+        rows = np.full((2, n_taus), -1, dtype=np.int64)
+        for i in range(bounds[worker], bounds[worker + 1]):
             for p in range(image_start[i], image_start[i + 1]):
-                level = min(sums[p], cut, taus[b, p])
-                if level >= 0:
-                    hist[a, b, pixel_fold[p], level, labels[p]] += 1
-    return hist
+                fold, label = pixel_fold[p], labels[p]
+                # rows (columns) of L all equal: every later one cancels, only the first counts
+                last_row = n_cuts if (cuts[:, i] < sums[p]).any() else 1
+                last_column = n_taus if (taus[:, p] < sums[p]).any() else 1
+                for a in range(last_row):
+                    current, previous = rows[a % 2], rows[(a + 1) % 2]
+                    top = min(sums[p], cuts[a, i])
+                    for b in range(last_column):
+                        current[b] = min(top, taus[b, p])
+                    for b in range(last_column):
+                        here, up = current[b], previous[b] if a > 0 else -1
+                        left = current[b - 1] if b > 0 else -1
+                        diagonal = previous[b - 1] if a > 0 and b > 0 else -1
+                        if (here == up and left == diagonal) or (here == left and up == diagonal):
+                            continue
+                        counts = out[worker, a, b, fold]
+                        for level, step in ((here, 1), (up, -1), (left, -1), (diagonal, 1)):
+                            if level >= 0:
+                                counts[level, label] += step
 
 
 def pair_histograms_reference(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, n_values):

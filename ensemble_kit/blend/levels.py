@@ -122,7 +122,7 @@ def component_levels(values, image_start, order, neighbours, min_sizes):
     return level
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")  # a call per pixel and neighbour: no call overhead
 def _grow(p, q, current, min_sizes, parent, size, reached, next_member, tail, level):
     """Merge the components of ``p`` and ``q`` (``p == q``: just check ``p``'s own size)."""
     a, b = find_root(parent, p), find_root(parent, q)
@@ -144,7 +144,7 @@ def _grow(p, q, current, min_sizes, parent, size, reached, next_member, tail, le
     reached[a] = now
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _assign_level(root, j, current, next_member, level):
     member = root
     while member != -1:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .kernels import best_per_set, fold_histograms, pair_histograms, weighted_sum
-from .levels import component_levels, descending_order, min_pixel_levels
+from .levels import component_levels, descending_order, min_pixel_levels, neighbour_table
 from .rule import fraction_threshold
 from .sets import FoldSets
 
@@ -48,45 +48,80 @@ class Tables:
     sums_hist: np.ndarray  # (K, n_values) counts of the raw blend sums
 
 
+TABLE_CHUNK_PIXELS = 1 << 22  # candidates per chunk: its per-pixel state is ~0.5 GB at most
+
+
 def threshold_tables(
     cands: Candidates, weights: np.ndarray, pixel_grid, component_grid, sets: FoldSets
 ) -> Tables:
-    """Exact best threshold of every postprocessing pair on every set of folds."""
-    sums = weighted_sum(cands.values, weights).astype(np.int64)
+    """Exact best threshold of every postprocessing pair on every set of folds.
+
+    Every postprocessing level is a property of one image, so the images are taken a chunk
+    at a time (:func:`image_chunks`) and only the per-fold counts are kept: the memory of
+    the per-pixel state (blend sums, order, neighbour table, component levels) is one
+    chunk's, whatever the number of candidates.
+    """
     total = int(weights.sum())
     lowest, n_values = cands.floor * total, 255 * total + 1
-    order = descending_order(sums, cands.image_start)
-    cuts = np.stack([min_pixel_levels(sums, cands.image_start, order, n) for n in pixel_grid])
-    hists = pair_histograms(
-        sums,
-        cands.image_start,
-        cuts,
-        _component_cuts(sums, cands, order, component_grid),
-        cands.labels,
-        cands.pixel_fold,
-        cands.n_folds,
-        n_values,
-    )
+    hist_shape = (len(pixel_grid), len(component_grid), cands.n_folds, n_values, 2)
+    hists = np.zeros(hist_shape, dtype=np.int64)
+    sums_hist = np.zeros((cands.n_folds, n_values), dtype=np.int64)
+    for lo, hi in image_chunks(cands.image_start, TABLE_CHUNK_PIXELS):
+        chunk_hists, chunk_sums = _chunk_tables(
+            cands, weights, (lo, hi), (pixel_grid, component_grid), n_values
+        )
+        hists += chunk_hists
+        sums_hist += chunk_sums
     shape = (len(pixel_grid), len(component_grid), len(sets))
     dice, thresholds = np.zeros(shape), np.zeros(shape, dtype=np.int64)
     for i, j in np.ndindex(*shape[:2]):
         dice[i, j], thresholds[i, j] = best_per_set(
             hists[i, j], cands.fold_positives, lowest, sets.excluded
         )
-    sums_hist = fold_histograms(sums, cands.labels, cands.pixel_fold, cands.n_folds, n_values).sum(
-        axis=2
-    )
     return Tables(dice, thresholds, hists, sums_hist)
 
 
-def _component_cuts(sums, cands, order, component_grid) -> np.ndarray:
+def image_chunks(image_start: np.ndarray, max_pixels: int) -> list[tuple[int, int]]:
+    """Runs of whole images ``(lo, hi)`` of at most ``max_pixels`` candidates each (an image
+    with more is a chunk of its own); at least one chunk, even without images."""
+    bounds: list[tuple[int, int]] = []
+    lo, n_images = 0, len(image_start) - 1
+    while lo < n_images or not bounds:
+        hi = int(np.searchsorted(image_start, image_start[lo] + max_pixels, side="right")) - 1
+        hi = min(max(hi, lo + 1), n_images)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def _chunk_tables(cands, weights, images, grids, n_values) -> tuple[np.ndarray, np.ndarray]:
+    """Pair histograms and raw-sum counts of the candidates of images ``lo:hi``."""
+    lo, hi = images
+    first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
+    image_start = cands.image_start[lo : hi + 1] - first
+    labels, pixel_fold = cands.labels[first:last], cands.pixel_fold[first:last]
+    sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
+    order = descending_order(sums, image_start)
+    cuts = np.stack([min_pixel_levels(sums, image_start, order, n) for n in grids[0]])
+    neighbours = (
+        neighbour_table(image_start, cands.positions[first:last], *cands.shape)
+        if any(m > 1 for m in grids[1])
+        else None
+    )
+    taus = _component_cuts(sums, image_start, order, neighbours, grids[1])
+    hists = pair_histograms(
+        sums, image_start, cuts, taus, labels, pixel_fold, cands.n_folds, n_values
+    )
+    sums_hist = fold_histograms(sums, labels, pixel_fold, cands.n_folds, n_values).sum(axis=2)
+    return hists, sums_hist
+
+
+def _component_cuts(sums, image_start, order, neighbours, component_grid) -> np.ndarray:
     """Per min-component value, each pixel's component level (the sum itself when off)."""
     taus = np.empty((len(component_grid), len(sums)), dtype=np.int64)
     sizes = [m for m in component_grid if m > 1]
     levels = (
-        component_levels(
-            sums, cands.image_start, order, cands.neighbours, np.array(sizes, dtype=np.int64)
-        )
+        component_levels(sums, image_start, order, neighbours, np.array(sizes, dtype=np.int64))
         if sizes
         else None
     )
