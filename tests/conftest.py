@@ -50,7 +50,7 @@ def tiny_config_path() -> Path:
 # U-Net and FPN decoders of a few channels: the default ones (256 ... 16 channels) are most
 # of a tiny model's CPU time at 64 px, and no test about files, backends or locks needs them.
 SMALL_UNET = {"decoder_channels": [16, 8, 8, 8, 8]}
-SMALL_FPN = {"decoder_pyramid_channels": 16, "decoder_segmentation_channels": 8}
+SMALL_FPN = {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}  # GroupNorm(32)
 
 
 @pytest.fixture(scope="session")
