@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EkError, os_error
+from .errors import EkError, interrupted, os_error
 from .layout import DEFAULT_KAGGLE_DIR, DEFAULT_SUBMISSION, DEFAULT_WORKDIR, SPLITS, Layout
 from .registry import BACKENDS, EXPORT_FORMATS, THRESHOLD_SOURCES, Registry, did_you_mean
 
@@ -189,7 +189,8 @@ class EkSubGroup(EkCommand, click.Group):
 
 
 class EkGroup(click.Group):
-    """Shows :class:`EkError` (and a disk or permission error) as one line on stderr, exit 2."""
+    """Shows :class:`EkError` (and a disk or permission error) as one line on stderr, exit 2;
+    a Ctrl-C, even one that numba wrapped, as click's ``Aborted!``, exit 1."""
 
     command_class = EkCommand
 
@@ -202,6 +203,10 @@ class EkGroup(click.Group):
                 raise
             click.echo(f"ek: error: {error}", err=True)
             sys.exit(EkError.exit_code)
+        except SystemError as err:  # a Ctrl-C inside a numba kernel arrives wrapped
+            if not interrupted(err):
+                raise
+            raise KeyboardInterrupt from None  # click prints "Aborted!", exit 1
 
 
 @click.group(cls=EkGroup, epilog=WORKFLOW, context_settings={"help_option_names": ["-h", "--help"]})

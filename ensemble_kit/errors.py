@@ -54,3 +54,21 @@ class UserOSError(EkError, OSError):
 
     Still an :class:`OSError`, so code that handles write failures as before keeps doing so.
     """
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is a Ctrl-C that compiled code wrapped in another exception.
+
+    Numba's compiled code does not check signals. When it calls back into Python (to box a
+    result, say) right after a SIGINT, the pending ``KeyboardInterrupt`` is raised there and
+    numba reports it as ``SystemError: ... returned a result with an exception set``, the
+    ``KeyboardInterrupt`` among its causes.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

@@ -45,3 +45,22 @@ def synth_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config_path() -> Path:
     return REPO / "configs" / "tiny.yaml"
+
+
+# U-Net and FPN decoders of a few channels: the default ones (256 ... 16 channels) are most
+# of a tiny model's CPU time at 64 px, and no test about files, backends or locks needs them.
+SMALL_UNET = {"decoder_channels": [16, 8, 8, 8, 8]}
+SMALL_FPN = {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}  # GroupNorm(32)
+
+
+@pytest.fixture(scope="session")
+def fast_tiny_config(tmp_path_factory) -> Path:
+    """configs/tiny.yaml (name ``tiny``) with a small U-Net decoder: the same files and logs,
+    a few times less CPU."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    raw["model"]["decoder"] = SMALL_UNET
+    path = tmp_path_factory.mktemp("fast_tiny") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

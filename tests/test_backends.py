@@ -115,7 +115,8 @@ def test_ray_retries_a_killed_worker_and_names_a_failed_fold(tmp_path, monkeypat
     assert [(r.job, r.summary["best_dice"]) for r in seen] == [(job, 0.5)]
 
 
-# ---- end to end on configs/tiny.yaml: the OOF bytes do not depend on the backend ----
+# ---- end to end on configs/tiny.yaml (small decoder): the OOF bytes do not depend on the
+# backend ----
 
 
 def cv(data: Path, workdir: Path, config: Path, *extra: str):
@@ -128,9 +129,10 @@ def oof(workdir: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, synth_root):
-    """configs/tiny.yaml, 2 folds, 2 epochs, one fold at a time, one thread per fold."""
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+def reference(tmp_path_factory, synth_root, fast_tiny_config):
+    """configs/tiny.yaml (small decoder), 2 folds, 2 epochs, one fold at a time, one thread
+    per fold."""
+    config = fast_tiny_config
     workdir = tmp_path_factory.mktemp("reference") / "w"
     result = cv(synth_root, workdir, config, "--cpus-per-job", "1")
     assert result.exit_code == 0, result.output

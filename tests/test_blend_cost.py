@@ -123,7 +123,7 @@ def test_prediction_cost_sums_the_folds():
 QUICK = """
 name: quick
 input: {channels: ash, frames: [4]}
-model: {arch: Unet, encoder: tu-test_resnet}
+model: {arch: Unet, encoder: tu-test_resnet, decoder: {decoder_channels: [16, 8, 8, 8, 8]}}
 optim: {name: adam, lr: 0.003}
 train: {epochs: 1, batch_size: 8, max_steps_per_epoch: 2, seed: 0}
 tta: [identity, hflip]

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +18,8 @@ import ensemble_kit.blend.gallery as gallery
 from ensemble_kit.blend.run import run_blend
 from ensemble_kit.cli import main
 from ensemble_kit.files import digest_file, exclusive_lock
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def snapshot(layout) -> dict:
@@ -66,3 +74,36 @@ def test_blend_says_which_configs_it_skipped(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         run_blend(layout, steps=2)
     assert "skipped gamma: no summary.json (1 of 2 folds done)" in caplog.text
+
+
+def test_ctrl_c_inside_the_numba_search_prints_aborted_and_keeps_the_old_blend(tmp_path):
+    """SIGINT to a real `ek blend --oof` once its log says the search started: numba's
+    compiled code does not check signals, so Python raises KeyboardInterrupt when the
+    running kernel returns; click prints `Aborted!`, and the old outputs stay as they were."""
+    layout, _ = _write_workdir(tmp_path, configs=("a", "b", "c", "d"), n_train=120, side=64)
+    layout.blend_json.write_text('{"old": "blend"}')
+    layout.blend_report_dir.mkdir()
+    (layout.blend_report_dir / "report.txt").write_text("the old report\n")
+    before = snapshot(layout)
+    command = [sys.executable, "-m", "ensemble_kit.cli", "blend", "--oof", "--refine"]
+    process = subprocess.Popen(
+        [*command, "--workdir", str(layout.workdir)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    logged = []
+    for line in process.stderr:  # the search starts right after this log line
+        logged.append(line)
+        if "candidate pixels" in line:
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, after = process.communicate(timeout=300)
+    assert any("candidate pixels" in line for line in logged), "".join(logged)
+    assert process.returncode == 1 and after.strip() == "Aborted!", after
+    assert snapshot(layout) == before
+    hidden = sorted(p.name for p in layout.workdir.iterdir() if p.name.startswith("."))
+    assert hidden == [".blend.lock"]

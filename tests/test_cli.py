@@ -199,6 +199,31 @@ def test_ctrl_c_prints_aborted_and_nothing_else(tmp_path, monkeypatch):
     assert result.output.strip() == "Aborted!" and result.exit_code == 1
 
 
+def test_ctrl_c_that_numba_wrapped_prints_aborted_and_a_real_system_error_is_kept(
+    tmp_path, monkeypatch
+):
+    """A SIGINT during a kernel surfaces as numba's SystemError caused by KeyboardInterrupt
+    (the real kernel: test_blend_writes.py::test_ctrl_c_inside_the_numba_search_...)."""
+    import ensemble_kit.data.synth as synth
+
+    def wrapped(out, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise SystemError("CPUDispatcher(score_moves) returned a result") from interrupt
+
+    monkeypatch.setattr(synth, "write_synthetic", wrapped)
+    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d")])
+    assert result.output.strip() == "Aborted!" and result.exit_code == 1
+
+    def broken(out, **kwargs):
+        raise SystemError("a real bug")
+
+    monkeypatch.setattr(synth, "write_synthetic", broken)
+    result = CliRunner().invoke(main, ["synth", "--out", str(tmp_path / "d")])
+    assert isinstance(result.exception, SystemError) and "Aborted!" not in result.output
+
+
 def test_every_option_has_help_and_the_group_shows_the_workflow():
     for name, command in main.commands.items():
         for param in command.params:

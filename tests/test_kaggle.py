@@ -20,6 +20,7 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 from click.testing import CliRunner
+from conftest import SMALL_FPN, SMALL_UNET
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from ensemble_kit import __version__
@@ -34,16 +35,17 @@ KAGGLE_LACKS = ("timm", "segmentation_models_pytorch", "huggingface_hub", "sklea
 CONFIG = """
 name: {name}
 input: {input}
-model: {{arch: {arch}, encoder: tu-test_resnet, encoder_weights: {weights}}}
+model: {{arch: {arch}, encoder: tu-test_resnet, encoder_weights: {weights}, decoder: {decoder}}}
 optim: {{name: adam, lr: 0.003}}
 train: {{epochs: 1, batch_size: 8, max_steps_per_epoch: 2, seed: {seed}}}
 tta: {tta}
 """
 CONFIGS = {
     "net": dict(input="{channels: ash, frames: [4]}", arch="Unet", weights="imagenet",
-                seed=0, tta="[identity, hflip]"),
+                seed=0, tta="[identity, hflip]", decoder=json.dumps(SMALL_UNET)),
     "bands": dict(input="{channels: bands, bands: [11, 14, 15], frames: [3, 4, 5]}",
-                  arch="FPN", weights="null", seed=1, tta="[identity, vflip]"),
+                  arch="FPN", weights="null", seed=1, tta="[identity, vflip]",
+                  decoder=json.dumps(SMALL_FPN)),
 }  # fmt: skip
 # The notebook as Kaggle runs it: nbclient + ipykernel, the notebook's folder as cwd.
 RUNNER = """

@@ -132,9 +132,11 @@ def _ek_cv(workdir: Path, data: Path, config: Path) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def test_two_ek_cv_at_once_train_each_fold_once_and_match_one(tmp_path, synth_root):
+def test_two_ek_cv_at_once_train_each_fold_once_and_match_one(
+    tmp_path, synth_root, fast_tiny_config
+):
     """Two `ek cv` processes on one folds/ train each fold once; the OOF is one process's."""
-    config = REPO / "configs" / "tiny.yaml"
+    config = fast_tiny_config
     shared, alone = tmp_path / "shared", tmp_path / "alone"
     processes = [_ek_cv(shared, synth_root, config) for _ in range(2)]
     args = ["cv", "--data", str(synth_root), "--workdir", str(alone), "--folds", "2"]

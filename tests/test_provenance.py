@@ -16,7 +16,7 @@ from ensemble_kit.layout import Layout
 CONFIG = """
 name: quick
 input: {channels: ash, frames: [4]}
-model: {arch: Unet, encoder: tu-test_resnet}
+model: {arch: Unet, encoder: tu-test_resnet, decoder: {decoder_channels: [16, 8, 8, 8, 8]}}
 train: {epochs: 1, batch_size: 4, max_steps_per_epoch: 2, seed: 0}
 tta: [identity]
 """

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import SMALL_FPN, SMALL_UNET
 
 from ensemble_kit.blend.rule import BlendRule
 from ensemble_kit.cli import main
@@ -23,7 +24,7 @@ from ensemble_kit.oof import load_codes, read_ids
 CONFIG = """
 name: {name}
 input: {{channels: ash, frames: {frames}}}
-model: {{arch: {arch}, encoder: tu-test_resnet}}
+model: {{arch: {arch}, encoder: tu-test_resnet, decoder: {decoder}}}
 optim: {{name: adam, lr: 0.003}}
 train: {{epochs: 1, batch_size: 8, max_steps_per_epoch: 2, seed: {seed}}}
 tta: {tta}
@@ -42,12 +43,13 @@ def blended(tmp_path_factory, synth_root):
     """Two configs x 2 folds trained, blended; returns (workdir, data root)."""
     folder = tmp_path_factory.mktemp("submit")
     configs = []
-    for name, frames, arch, seed, tta in (
-        ("a", "[4]", "Unet", 0, "[identity, hflip]"),
-        ("b", "[3, 4, 5]", "FPN", 1, "[identity, vflip]"),
+    for name, frames, arch, seed, tta, decoder in (
+        ("a", "[4]", "Unet", 0, "[identity, hflip]", SMALL_UNET),
+        ("b", "[3, 4, 5]", "FPN", 1, "[identity, vflip]", SMALL_FPN),
     ):
         path = folder / f"{name}.yaml"
-        path.write_text(CONFIG.format(name=name, frames=frames, arch=arch, seed=seed, tta=tta))
+        fields = dict(name=name, frames=frames, arch=arch, seed=seed, tta=tta)
+        path.write_text(CONFIG.format(**fields, decoder=json.dumps(decoder)))
         configs.append(path)
     workdir = folder / "folds"
     ek("cv", "--data", synth_root, "--workdir", workdir, "--folds", "2", *configs)

@@ -15,7 +15,8 @@ CPU = torch.device("cpu")
 
 
 def trainer(**overrides) -> Trainer:
-    raw = {"model": {"encoder": "tu-test_resnet"}, "train": {"batch_size": 4}, **overrides}
+    model = {"encoder": "tu-test_resnet", "decoder": {"decoder_channels": [8] * 5}}
+    raw = {"model": model, "train": {"batch_size": 4}, **overrides}
     config = config_from_dict(raw)
     torch.manual_seed(0)
     return Trainer(config, resolve_runtime(config, CPU), total_steps=100)
