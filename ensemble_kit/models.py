@@ -189,13 +189,18 @@ def _create_smp(
             f"model.decoder has {', '.join(unknown)}, unknown to {arch}; "
             f"it takes {', '.join(sorted(accepted))}"
         )
-    return cls(
-        encoder_name=spec.encoder,
-        encoder_weights=weights,
-        in_channels=in_channels,
-        classes=classes,
-        **spec.decoder,
-    )
+    try:
+        return cls(
+            encoder_name=spec.encoder,
+            encoder_weights=weights,
+            in_channels=in_channels,
+            classes=classes,
+            **spec.decoder,
+        )
+    except (ValueError, TypeError, AssertionError) as err:  # smp's own checks of the values
+        if not spec.decoder:
+            raise
+        raise EkError(f"model.decoder {spec.decoder}: {arch} refuses it ({err})") from None
 
 
 def _needs_divisible(net: nn.Module) -> bool:

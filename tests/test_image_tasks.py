@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import SMALL_UNET
 from PIL import Image
 from test_kaggle import RUNNER, _outputs, offline_command, shadow_packages
 
@@ -28,7 +29,7 @@ from ensemble_kit.task import builtin_task
 CONFIG = """
 name: {name}
 input: {{channels: image}}
-model: {{arch: Unet, encoder: tu-test_resnet, encoder_weights: none}}
+model: {{arch: Unet, encoder: tu-test_resnet, encoder_weights: none, decoder: {decoder}}}
 optim: {{name: adam, lr: 0.003}}
 augment: {{hflip: 0.5, crop: {crop}, crop_masked: 0.5}}
 train: {{epochs: 2, batch_size: 4, max_steps_per_epoch: 3, seed: 0}}
@@ -52,7 +53,7 @@ def folder_run(tmp_path_factory):
        "--validation", "8", "--test", "6", "--size", "64")  # fmt: skip
     ek("folds", "--data", data, "--task", data / "task.yaml", "--folds", "2", "--workdir", workdir)
     config = base / "tiny_image.yaml"
-    config.write_text(CONFIG.format(name="tiny_image", crop="[32, 48]"))
+    config.write_text(CONFIG.format(name="tiny_image", crop="[32, 48]", decoder=SMALL_UNET))
     ek("cv", "--workdir", workdir, config)
     ek("blend", "--oof", "--workdir", workdir, "--steps", "2")
     ek("submit", "--workdir", workdir, "--split", "validation", "--out", base / "validation.csv")
@@ -193,7 +194,9 @@ def test_steel_runs_end_to_end_with_its_submission_format(tmp_path):
     ek("folds", "--data", data, "--task", "steel", "--folds", "2", "--workdir", workdir)
     config = tmp_path / "tiny_steel.yaml"
     config.write_text(
-        CONFIG.format(name="tiny_steel", crop="[256, 400]").replace("epochs: 2", "epochs: 1")
+        CONFIG.format(name="tiny_steel", crop="[256, 400]", decoder=SMALL_UNET).replace(
+            "epochs: 2", "epochs: 1"
+        )
     )
     ek("cv", "--workdir", workdir, config)
     assert np.load(workdir / "tiny_steel" / "oof.npy", mmap_mode="r").shape == (12, 4, 256, 1600)

@@ -223,3 +223,23 @@ def test_temporal_mix_on_every_supported_architecture(arch):
     logits = model(torch.randn(2, 9, 64, 64))
     logits.mean().backward()
     assert logits.shape == (2, 1, 64, 64)
+
+
+def test_a_decoder_value_smp_refuses_is_one_line_naming_the_key():
+    from ensemble_kit.config import config_from_dict
+    from ensemble_kit.errors import EkError
+    from ensemble_kit.models import build_model
+
+    config = config_from_dict(
+        {
+            "name": "bad",
+            "model": {
+                "arch": "FPN",
+                "encoder": "tu-test_resnet",
+                "encoder_weights": None,
+                "decoder": {"decoder_segmentation_channels": 8},
+            },
+        }
+    )
+    with pytest.raises(EkError, match=r"model.decoder .*FPN refuses it"):
+        build_model(config, pretrained=False)
