@@ -216,3 +216,11 @@ def test_steel_runs_end_to_end_with_its_submission_format(tmp_path):
     )
     written, _ = run_notebook(bundle, data, tmp_path)
     assert written.read_bytes() == out.read_bytes()
+
+
+def test_show_on_an_image_task_is_one_line(folder_run):
+    result = ek("show", "anything", "--workdir", folder_run / "folds", check=False)
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "ek: error: ek show draws contrail records; task folder has images (not drawn yet)"
+    )

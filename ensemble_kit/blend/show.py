@@ -20,6 +20,7 @@ from ..errors import EkError
 from ..files import digest_file
 from ..layout import Layout, record_dir
 from ..oof import read_oof
+from ..task import workdir_task
 from .gallery import (
     GALLERY_DIR,
     META_JSON,
@@ -70,6 +71,11 @@ def show_record(
         EkError: Unknown record id, stale or missing ``blend.json``, missing files.
     """
     record_id = str(record_id)
+    task = workdir_task(layout)
+    if task.kind != "contrails":
+        raise EkError(
+            f"ek show draws contrail records; task {task.name} has images (not drawn yet)"
+        )
     set_name, split, data_root = _locate(layout, record_id, data_root)
     if set_name == "test":
         panel = Panel(record_id, "test", None, None)
