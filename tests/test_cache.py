@@ -158,22 +158,6 @@ def test_changed_sources_names_what_changed(small_data, tmp_path):
     ]
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MB tmpfs (root only); skipped where mount is not allowed."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
-
-
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_temp(
     synth_root, tiny_disk, tiny_config_path, workers

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -67,20 +66,6 @@ def test_staged_folder_is_all_old_or_all_new(tmp_path):
         (staged / "report.txt").write_text("third")
     assert [p.name for p in folder.iterdir()] == ["report.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blend"]
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 2 MB tmpfs (root only); skipped where mount is not allowed."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_full_disk_is_one_line_naming_the_path_and_leaves_no_temp(tiny_disk):
