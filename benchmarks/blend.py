@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from ensemble_kit import metrics, postprocess  # noqa: E402
 from ensemble_kit.blend.ensemble_search import MIN_COMPONENT_GRID, search  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from measure import load_note, peak_rss_anon  # noqa: E402
+from measure import load_note, run_measured  # noqa: E402
 
 
 def make_data(folder: Path, n_images: int, n_configs: int, side: int = 256, seed: int = 0) -> None:
@@ -191,12 +190,8 @@ def bench_search(
         "--labels",
         labels_mode,
     ]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
-        peak = peak_rss_anon(child)
-        output = child.stdout.read()
-    if child.returncode:
-        raise SystemExit(f"search child failed ({child.returncode})")
-    return {**json.loads(output.strip().splitlines()[-1]), "peak_rss_anon_mb": peak / 2**20}
+    result = run_measured(command)
+    return {**result.last_json, "peak_rss_anon_mb": result.peak_mb}
 
 
 def _best_of(fn, repeats: int) -> float:

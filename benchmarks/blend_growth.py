@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from blend import first_rows, make_data  # noqa: E402
-from measure import load_note, peak_rss_anon  # noqa: E402
+from measure import load_note, run_measured  # noqa: E402
 
 CONFIGS = 10
 
@@ -85,12 +84,8 @@ def _time(module, name: str, key: str, out: dict) -> None:
 def measured(folder: Path, n_images: int) -> dict:
     command = [sys.executable, __file__, "--child", str(folder), "--images", str(n_images)]
     command += ["--data", str(folder)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
-        peak = peak_rss_anon(process)
-        output = process.stdout.read()
-    if process.returncode:
-        raise SystemExit(f"search child failed ({process.returncode})")
-    return {**json.loads(output.strip().splitlines()[-1]), "mb": peak / 2**20}
+    result = run_measured(command)
+    return {**result.last_json, "mb": result.peak_mb}
 
 
 def main() -> None:

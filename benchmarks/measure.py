@@ -8,6 +8,7 @@ is not what limits a machine.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,11 @@ class Measured:
     @property
     def peak_mb(self) -> float:
         return self.peak_rss_anon / 2**20
+
+    @property
+    def last_json(self) -> dict:
+        """The JSON object a benchmark child printed as its last line."""
+        return json.loads(self.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_anon(child: subprocess.Popen, every: float = 0.01) -> int:

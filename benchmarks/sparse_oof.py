@@ -189,8 +189,7 @@ def _timer(fn, key: str, phases: dict):
 def measured(folder: Path, step: str, dense: bool = False) -> dict:
     command = [sys.executable, __file__, "--child", str(folder), "--step", step]
     result = run_measured(command + (["--dense"] if dense else []))
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    return {**out, "wall": result.seconds, "mb": result.peak_mb}
+    return {**result.last_json, "wall": result.seconds, "mb": result.peak_mb}
 
 
 def densify(folder: Path) -> None:
