@@ -198,17 +198,25 @@ RANGES: dict[tuple[str, ...], tuple[float, float, str]] = {
 }
 
 
-def load_config(path: Path | str) -> Config:
-    """Load a YAML config file; the config's name defaults to the file's stem."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The mapping a YAML file holds (empty file: ``{}``); one-line EkErrors naming the file
+    for a missing file, invalid YAML or anything but a mapping. ``what``: ``config``,
+    ``task``."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise EkError(f"{path}: config file not found") from None
+        raise EkError(f"{path}: {what} file not found") from None
     except yaml.YAMLError as err:
         raise EkError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise EkError(f"{path}: a config must be a mapping of keys")
+        raise EkError(f"{path}: a {what} must be a mapping of keys")
+    return raw
+
+
+def load_config(path: Path | str) -> Config:
+    """Load a YAML config file; the config's name defaults to the file's stem."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "config")
     raw.setdefault("name", path.stem)
     return config_from_dict(raw, source=str(path))
 

@@ -22,7 +22,14 @@ from typing import Any
 
 import yaml
 
-from .config import Config, InputSpec, LabelSpec, dataclass_from_dict, plain_data
+from .config import (
+    Config,
+    InputSpec,
+    LabelSpec,
+    dataclass_from_dict,
+    plain_data,
+    read_yaml_mapping,
+)
 from .errors import EkError
 from .files import digest_json, write_text
 from .layout import Layout
@@ -151,20 +158,14 @@ def resolve_task(name_or_file: str | Path | None) -> Task:
 def load_task(path: Path | str) -> Task:
     """Load a task YAML file; ``extends: NAME`` starts from a built-in task."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise EkError(f"{path}: task file not found") from None
-    except yaml.YAMLError as err:
-        raise EkError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise EkError(f"{path}: a task must be a mapping of keys")
-    return task_from_dict(raw, source=str(path))
+    return task_from_dict(read_yaml_mapping(path, "task"), source=str(path))
 
 
 def task_from_dict(raw: dict, source: str = "<dict>") -> Task:
     """Build a :class:`Task` from a plain dict, resolving ``extends`` and checking every key."""
     raw = dict(raw)
+    if "metric" not in raw and len(raw.get("classes") or ()) > 1:
+        raw["metric"] = "mean_dice"  # several classes, no metric named: the pairs' metric
     base = raw.pop("extends", None)
     if base is not None:
         if not isinstance(base, str):
@@ -173,8 +174,6 @@ def task_from_dict(raw: dict, source: str = "<dict>") -> Task:
             parent = yaml.safe_load(builtin_text(base))
         except EkError as err:
             raise EkError(f"{source}: 'extends': {err}") from None
-        if "metric" not in raw and len(raw.get("classes") or ()) > 1:
-            raw["metric"] = "mean_dice"  # several classes inherit the pairs' metric
         raw = _merged(parent, raw)
     task = dataclass_from_dict(Task, raw, source)
     _validate(task, source)

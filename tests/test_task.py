@@ -295,6 +295,7 @@ def test_several_classes_default_to_mean_dice_and_refuse_global_dice():
     two = task_from_dict({"extends": "folder", "classes": ["a", "b"]})
     assert two.metric == "mean_dice"
     assert task_from_dict({"extends": "folder"}).metric == "global_dice"
+    assert task_from_dict({"classes": ["a", "b"], "size": [4, 4]}).metric == "mean_dice"
     with pytest.raises(EkError, match="global_dice scores one class"):
         task_from_dict({"extends": "folder", "classes": ["a", "b"], "metric": "global_dice"})
 
