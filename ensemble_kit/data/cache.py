@@ -74,6 +74,7 @@ from .sources import (
     LABEL_FILES,
     Sources,
     describe_change,
+    files_fingerprint,
     input_files,
     paths_source,
     read_sources,
@@ -212,11 +213,17 @@ def split_labels(layout: Layout, data_root: Path, split: str, task: Task) -> Cac
 
 
 def split_inputs(
-    layout: Layout, data_root: Path, split: str, spec: InputSpec, task: Task
+    layout: Layout,
+    data_root: Path,
+    split: str,
+    spec: InputSpec,
+    task: Task,
+    workers: int | None = None,
 ) -> CacheEntry:
-    """The input cache of a split: a config's contrail inputs, or the task's images."""
+    """The input cache of a split: a config's contrail inputs (built by ``workers``
+    processes), or the task's images."""
     if task.kind == "contrails":
-        return ensure_inputs(layout, data_root, split, spec)
+        return ensure_inputs(layout, data_root, split, spec, workers)
     return ensure_image_inputs(layout, task, data_root, split)
 
 
@@ -226,13 +233,10 @@ def prepare_inputs(
     """``ek prepare``: the input cache of a split for the workdir's task (built when stale);
     None where the data folder has no such split."""
     task = workdir_task(layout)
-    if task.kind == "contrails":
-        present = (Path(data_root) / split).is_dir()
-        return ensure_inputs(layout, data_root, split, spec, workers) if present else None
-    folder = split_folder(task, data_root, split)
+    folder = split_folder(task, data_root, split)  # contrails: DATA/<split>
     if folder is None or not folder.is_dir():
         return None
-    return ensure_image_inputs(layout, task, data_root, split)
+    return split_inputs(layout, data_root, split, spec, task, workers)
 
 
 def _refuse_unlabelled(data_root: Path, split: str, ids, entry: CacheEntry) -> None:
@@ -464,15 +468,6 @@ def run_in_workers(function: Callable, tasks: list, workers: int, label: str) ->
                 future.cancel()
 
 
-def _files_fingerprint(paths: list[Path]) -> str:
-    """Digest of the name, size and ``mtime_ns`` of each file (stat calls only)."""
-    stats = []
-    for path in paths:
-        stat = os.stat(path)
-        stats.append((path.name, stat.st_size, stat.st_mtime_ns))
-    return digest_json(stats)
-
-
 def _build_arrays(
     path: Path,
     key: str,
@@ -535,7 +530,7 @@ def ensure_image_inputs(layout: Layout, task: Task, data_root: Path, split: str)
             arrays["inputs"][row] = np.rint(image * 255.0) if dtype == np.uint8 else image
 
     shape = (len(ids), task.channels, *task.size)
-    key = _files_fingerprint(paths)
+    key = files_fingerprint(paths)
     read = paths_source(data_root, [str(split_folder(task, "", split))])
     spec = {"inputs": (shape, dtype)}
     return _build_arrays(path, key, ids, spec, fill, f"images {split}", read)
@@ -557,7 +552,7 @@ def ensure_image_labels(layout: Layout, task: Task, data_root: Path, split: str)
         sources = [location / f"{Path(i).stem}{MASK_SUFFIX}" for i in ids]
     name = digest_json([str(Path(data_root).resolve()), task.digest, split])
     path = layout.cache_dir / f"{split}-labels-{name}"
-    rows = mask_rows(task, data_root, split) if task.masks.source == "csv" else None
+    rows = mask_rows(task, data_root, split)
 
     def fill(arrays: dict[str, np.ndarray], start: int, chunk: list[str]) -> None:
         block = read_masks(task, data_root, split, chunk, rows)
@@ -565,7 +560,7 @@ def ensure_image_labels(layout: Layout, task: Task, data_root: Path, split: str)
 
     classes = () if task.n_classes == 1 else (task.n_classes,)
     shape = (len(ids), *classes, *task.size)
-    key = _files_fingerprint([p for p in sources if p.exists()])
+    key = files_fingerprint([p for p in sources if p.exists()])
     spec = {"labels": (shape, np.dtype(np.uint8))}
     read = paths_source(data_root, [str(mask_location(task, "", split))])
     return _build_arrays(path, key, ids, spec, fill, f"labels {split}", read)

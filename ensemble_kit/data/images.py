@@ -246,8 +246,8 @@ def read_masks(
 ) -> np.ndarray:
     """Masks of ``ids`` in a split, uint8 ``(N, C, H, W)`` (``C`` classes, sizes checked).
 
-    ``rows``: the split's CSV rows by image (:func:`mask_rows`), when the caller reads many
-    chunks of one CSV; read here otherwise.
+    ``rows``: :func:`mask_rows` of the split, when the caller reads many chunks of one CSV;
+    read here otherwise.
     """
     location = mask_location(task, data_root, split)
     if location is None:
@@ -257,13 +257,19 @@ def read_masks(
         for i, image_id in enumerate(ids):
             out[i] = read_mask_file(task, location / f"{Path(image_id).stem}{MASK_SUFFIX}")
         return out
-    by_image = mask_rows(task, data_root, split) if rows is None else rows
+    by_image = _csv_rows(task, data_root, split) if rows is None else rows
     for i, image_id in enumerate(ids):
         out[i] = paint_rows(task, by_image.get(image_id, []), task.size)
     return out
 
 
-def mask_rows(task: Task, data_root: Path | str, split: str) -> dict[str, list[MaskRow]]:
+def mask_rows(task: Task, data_root: Path | str, split: str) -> dict[str, list[MaskRow]] | None:
+    """The rows of a split's mask CSV by image id, read once for :func:`read_masks` calls on
+    many chunks; None where the masks are files (each read with its image)."""
+    return _csv_rows(task, data_root, split) if task.masks.source == "csv" else None
+
+
+def _csv_rows(task: Task, data_root: Path | str, split: str) -> dict[str, list[MaskRow]]:
     """The rows of a split's mask CSV by image id; EkError for an image not in the data."""
     location = mask_location(task, data_root, split)
     if location is None:

@@ -153,20 +153,23 @@ def paths_source(data_root: Path | str, paths: list[str]) -> dict:
 
 
 def paths_fingerprint(data_root: Path | str, paths: list[str]) -> str | None:
-    """Digest of the name, size and ``mtime_ns`` of the files of ``paths``; None where one
-    is gone."""
+    """:func:`files_fingerprint` of the files of ``paths`` (a folder's files, or the file);
+    None where one is gone."""
+    files: list[Path] = []
+    try:
+        for relative in paths:
+            path = Path(data_root) / relative
+            listed = path.iterdir() if path.is_dir() else [path]
+            files += sorted(p for p in listed if not p.name.startswith("."))
+        return files_fingerprint(files)
+    except FileNotFoundError:
+        return None
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """Digest of the name, size and ``mtime_ns`` of each file (stat calls only)."""
     stats = []
-    for relative in paths:
-        path = Path(data_root) / relative
-        try:
-            files = (
-                sorted(p for p in path.iterdir() if not p.name.startswith("."))
-                if path.is_dir()
-                else [path]
-            )
-            for file in files:
-                stat = os.stat(file)
-                stats.append((relative, file.name, stat.st_size, stat.st_mtime_ns))
-        except FileNotFoundError:
-            return None
+    for path in paths:
+        stat = os.stat(path)
+        stats.append((path.name, stat.st_size, stat.st_mtime_ns))
     return digest_json(stats)

@@ -69,7 +69,7 @@ def image_mask_sizes(task: Task, data_root: Path, records: pd.DataFrame) -> np.n
     for split in pd.unique(records["split"]):
         members = np.flatnonzero(records["split"].to_numpy() == split)
         ids = records["record_id"].to_numpy()[members].tolist()
-        rows = mask_rows(task, data_root, str(split)) if task.masks.source == "csv" else None
+        rows = mask_rows(task, data_root, str(split))
         for lo in range(0, len(ids), SIZE_CHUNK):
             masks = read_masks(task, data_root, str(split), ids[lo : lo + SIZE_CHUNK], rows)
             counts = np.count_nonzero(masks.reshape(len(masks), -1), axis=1)

@@ -94,7 +94,7 @@ def write_rows(
 def csv_score(path: Path, task: Task, data_root: Path, split: str) -> float:
     """The task's metric of a written submission against the split's masks, image by image."""
     rows = {row_id: rle for _, row_id, rle in read_task_rows(path, task)}
-    by_image = mask_rows(task, data_root, split) if task.masks.source == "csv" else None
+    by_image = mask_rows(task, data_root, split)
     counts = []
     for image_id in image_files(task, data_root, split):
         truth = read_masks(task, data_root, split, [image_id], by_image)[0].astype(bool)

@@ -184,30 +184,29 @@ def _time_on(
     task: Task,
 ) -> dict:
     """:func:`predict_bundle` on a data folder of links to the given records (or images)."""
-    files = (
-        {rid: data_root / split / rid for rid in ids}
-        if task.kind == "contrails"
-        else {rid: image_files(task, data_root, split)[rid] for rid in ids}
-    )
-    target = root / split if task.kind == "contrails" else root / str(split_folder(task, "", split))
+    if task.kind == "contrails":
+        paths = [data_root / split / rid for rid in ids]
+    else:
+        listed = image_files(task, data_root, split)  # listed once, not once per image
+        paths = [listed[rid] for rid in ids]
+    target = split_folder(task, root, split) or root / split  # contrails: ROOT/<split>
     target.mkdir(parents=True)
-    for path in files.values():
+    for path in paths:
         (target / path.name).symlink_to(path.resolve())
     return predict_bundle(folder, root, root / "submission.csv", split, device)
 
 
 def _records_to_time(data_root: Path, task: Task) -> tuple[str, list[str]]:
     """The first split of test, validation, train with enough records (else the largest)."""
-    found = [
-        (
-            split,
-            list_records(data_root, split)
-            if task.kind == "contrails"
-            else list_images(task, data_root, split),
-        )  # fmt: skip
-        for split in ("test", "validation", "train")
-        if (split_folder(task, data_root, split) or Path("/nonexistent")).is_dir()
-    ]
+    found = []
+    for split in ("test", "validation", "train"):
+        folder = split_folder(task, data_root, split)
+        if folder is None or not folder.is_dir():
+            continue
+        if task.kind == "contrails":
+            found.append((split, list_records(data_root, split)))
+        else:
+            found.append((split, list_images(task, data_root, split)))
     for split, ids in found:
         if len(ids) >= MEASURE_RECORDS:
             return split, ids
