@@ -3,22 +3,23 @@
 Synthetic probabilities written straight to the sparse format (``oof_sparse.ekz``): most
 pixels near 0, defects as rectangular blobs, 85 % of (image, class) pairs empty, each
 config's blob a little wider than the label (its codes between the floor and ~0.45 there)
-plus some false-positive blobs; labels are a sparse file too (code 1, floor 1). With one
-class today, each (image, class) is one 256 x 1600 unit and the dice is global.
+plus some false-positive blobs; labels are a sparse file too (code 1, floor 1). The steel
+files are ``(images, 4, 256, 1600)``, and the search is the one ``ek blend --oof`` runs on
+the steel task: per class, mean Dice over (image, class) pairs (:func:`search_classes`).
 
 Rows of the table (each step in a child process: wall time and peak ``RssAnon``):
 
 - OOF bytes per config (goal <= 1 GB);
-- the candidate pass over every config at N and N/2 units (growth);
-- the full search (``ek blend``'s: 25 steps, min-pixel + min-component grid) at
-  ``--search-units`` and half of it (growth);
-- contrails' shape (``--contrails-images`` x 256 x 256, 5 configs): the same search on
-  dense memmaps and on sparse files, ratio in the same run;
+- the candidate pass over every config at N and N/2 images (growth);
+- the full search (``ek blend --oof``'s: 25 steps, min-pixel + min-component grid per
+  class) at ``--search-images`` and half of it (growth);
+- contrails' shape (``--contrails-images`` x 256 x 256, 5 configs, one class, global
+  dice): the search on dense memmaps and on sparse files, ratio in the same run;
 - ``--cv`` (``--cv-only``): records/s of ``ek cv``'s OOF prediction step (model, codes and
   writer), dense against sparse (CPU).
 
-Usage: ``python benchmarks/sparse_oof.py --data /tmp/steel`` (full size: ~1 GB of disk,
-~10 min on 2 cores); ``--units 2000 --search-units 1000`` for a quick look.
+Usage: ``python benchmarks/sparse_oof.py --data /tmp/steel`` (full size: ~1 GB of disk per
+config, ~30 min on 2 cores); ``--images 500 --search-images 250`` for a quick look.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from measure import load_note, run_measured  # noqa: E402
 from ensemble_kit.sparse_oof import SparseCodes, save_sparse  # noqa: E402
 
 FLOOR = 13
-STEEL_UNITS = 12_568 * 4
+STEEL_IMAGES, STEEL_CLASSES = 12_568, 4
 CHUNK = 1024
 
 
@@ -84,8 +85,11 @@ def config_rect(rng, label: np.ndarray, height: int, width: int, fp: float) -> n
     return rect
 
 
-def write_set(folder: Path, units: int, shape: tuple[int, int], configs: int, seed=0) -> None:
-    """``labels.ekz`` and ``c<i>.ekz`` of ``units`` units, generated chunk by chunk."""
+def write_set(
+    folder: Path, units: int, shape: tuple[int, int], configs: int, seed=0, classes: int = 1
+) -> None:
+    """``labels.ekz`` and ``c<i>.ekz`` of ``units`` units, generated chunk by chunk; with
+    ``classes`` > 1 the files are ``(units / classes, classes, H, W)`` (row-major units)."""
     folder.mkdir(parents=True, exist_ok=True)
     height, width = shape
     parts: dict[str, list] = {name: [] for name in ["labels", *[f"c{i}" for i in range(configs)]]}
@@ -100,7 +104,7 @@ def write_set(folder: Path, units: int, shape: tuple[int, int], configs: int, se
         arrays = [np.concatenate(a) for a in zip(*chunks)]
         save_sparse(
             folder / f"{name}.ekz",
-            (units, height, width),
+            (units, height, width) if classes == 1 else (units // classes, classes, height, width),
             1 if name == "labels" else FLOOR,
             {
                 "run_offset": np.concatenate([[0], np.cumsum(arrays[0])]),
@@ -138,8 +142,9 @@ def _encoded(rect: np.ndarray, width: int, rng, label: np.ndarray) -> tuple:
 
 def child(args) -> None:
     """One measured step: ``cands`` or ``search`` on a folder's files; prints a JSON line."""
-    from ensemble_kit.blend.candidates import build_candidates
+    from ensemble_kit.blend.class_search import search_classes
     from ensemble_kit.blend.ensemble_search import search
+    from ensemble_kit.blend.mean_dice import class_candidates
 
     folder = Path(args.child)
     members = [SparseCodes(p) for p in sorted(folder.glob("c*.ekz"))]
@@ -150,8 +155,12 @@ def child(args) -> None:
     folds = np.arange(len(members[0])) % 5
     started = time.perf_counter()
     if args.step == "cands":
-        cands = build_candidates(members, labels, folds)
-        out = {"candidates": len(cands.labels)}
+        cands = class_candidates(members, labels, folds)
+        out = {"candidates": sum(len(c.labels) for c in cands)}
+    elif labels.ndim == 4:
+        phases = _timed_phases()
+        result = search_classes(members, labels, folds, steps=25)
+        out = {"dice": result.choice.dice, "weights": result.choice.weights.tolist(), **phases}
     else:
         phases = _timed_phases()
         result = search(members, labels, folds, steps=25)
@@ -161,15 +170,18 @@ def child(args) -> None:
 
 
 def _timed_phases() -> dict:
-    """Wrap the search's three phases (candidate pass, greedy selection, threshold tables)
-    so that each adds its seconds to the returned dict."""
-    from ensemble_kit.blend import ensemble_search, nested
+    """Wrap the searches' three phases (candidate pass, greedy selection, threshold tables)
+    so that each adds its seconds to the returned dict (``tables``: how many were built)."""
+    from ensemble_kit.blend import class_search, ensemble_search, nested
 
     phases: dict[str, float] = {}
     for module, name, key in [
         (ensemble_search, "build_candidates", "t_candidates"),
         (nested, "greedy_paths", "t_greedy"),
         (nested, "threshold_tables", "t_tables"),
+        (class_search, "class_candidates", "t_candidates"),
+        (class_search, "greedy_paths", "t_greedy"),
+        (class_search, "mean_dice_tables", "t_tables"),
     ]:
         setattr(module, name, _timer(getattr(module, name), key, phases))
     return phases
@@ -182,6 +194,8 @@ def _timer(fn, key: str, phases: dict):
             return fn(*args, **kwargs)
         finally:
             phases[key] = phases.get(key, 0.0) + time.perf_counter() - started
+            if key == "t_tables":
+                phases["tables"] = phases.get("tables", 0) + 1
 
     return timed
 
@@ -208,8 +222,8 @@ def _row(name: str, r: dict, extra: str = "") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--units", type=int, default=STEEL_UNITS, help="(image, class) units")
-    parser.add_argument("--search-units", type=int, default=4000)
+    parser.add_argument("--images", type=int, default=STEEL_IMAGES, help="steel images (x 4)")
+    parser.add_argument("--search-images", type=int, default=STEEL_IMAGES)
     parser.add_argument("--configs", type=int, default=5)
     parser.add_argument("--contrails-images", type=int, default=2200)
     parser.add_argument("--data", type=Path, help="keep the generated files here")
@@ -237,37 +251,41 @@ def main() -> None:
 
 
 def steel(root: Path, args) -> None:
-    sizes = {"full": args.units, "half": args.units // 2}
-    sizes |= {"search": args.search_units, "search_half": args.search_units // 2}
-    for name, units in sizes.items():
-        if not (root / name / "labels.ekz").is_file():
+    sizes = {"full": args.images, "half": args.images // 2}
+    sizes |= {"search": args.search_images, "search_half": args.search_images // 2}
+    for images in sorted(set(sizes.values())):
+        folder = root / f"steel{images}"
+        if not (folder / "labels.ekz").is_file():
             started = time.perf_counter()
-            write_set(root / name, units, (256, 1600), args.configs)
-            print(f"| generate {units:,} units | {time.perf_counter() - started:.1f} s | | |")
-    full = SparseCodes(root / "full" / "c0.ekz")
-    stored = int(full.unit_counts().sum()) / (len(full) * full.unit_pixels)
-    per_config = full.nbytes_on_disk() * STEEL_UNITS / args.units
+            write_set(folder, images * STEEL_CLASSES, (256, 1600), args.configs, 0, STEEL_CLASSES)
+            print(f"| generate {images:,} x 4 units | {time.perf_counter() - started:.1f} s | | |")
+    full = SparseCodes(root / f"steel{args.images}" / "c0.ekz")
+    stored = int(full.unit_counts().sum()) / (len(full) * STEEL_CLASSES * full.unit_pixels)
+    per_config = full.nbytes_on_disk() * STEEL_IMAGES / args.images
     print(
-        f"| OOF bytes per config | | | {full.nbytes_on_disk() / 1e9:.3f} GB for {args.units:,} "
-        f"units ({per_config / 1e9:.3f} GB at 12,568 x 4); {stored:.2%} of pixels stored |"
+        f"| OOF bytes per config | | | {full.nbytes_on_disk() / 1e9:.3f} GB for {args.images:,} "
+        f"images ({per_config / 1e9:.3f} GB at 12,568 x 4 x 256 x 1600); {stored:.2%} of "
+        "pixels stored |"
     )
-    cands = {name: measured(root / name, "cands") for name in ("half", "full")}
+    cands = {name: measured(root / f"steel{sizes[name]}", "cands") for name in ("half", "full")}
     for name, r in cands.items():
-        print(_row(f"candidate pass, {sizes[name]:,} units", r, f"{r['candidates']:,} candidates"))
+        print(_row(f"candidate pass, {sizes[name]:,} images", r, f"{r['candidates']:,} candidates"))
     print(f"| growth half -> full | x{_ratio(cands, 'wall')} | x{_ratio(cands, 'mb')} | |")
-    search = {name: measured(root / name, "search") for name in ("search_half", "search")}
+    search = {
+        name: measured(root / f"steel{sizes[name]}", "search") for name in ("search_half", "search")
+    }
     for name, r in search.items():
-        note = f"dice {r['dice']:.4f}; {_phases(r)}"
-        print(_row(f"search (ek blend's), {sizes[name]:,} units", r, note))
-    ratio = (search["search"]["wall"] / search["search_half"]["wall"], 0)
+        note = f"mean dice {r['dice']:.4f}; {_phases(r)}"
+        print(_row(f"search (ek blend --oof's), {sizes[name]:,} images", r, note))
+    ratio = search["search"]["wall"] / search["search_half"]["wall"]
     mb = search["search"]["mb"] / search["search_half"]["mb"]
-    print(f"| growth half -> full (search) | x{ratio[0]:.2f} | x{mb:.2f} | |")
+    print(f"| growth half -> full (search) | x{ratio:.2f} | x{mb:.2f} | |")
 
 
 def _phases(r: dict) -> str:
     return (
         f"candidates {r['t_candidates']:.1f} s, greedy {r['t_greedy']:.1f} s, "
-        f"threshold tables {r['t_tables']:.1f} s"
+        f"threshold tables {r['t_tables']:.1f} s ({r.get('tables', 0)} tables)"
     )
 
 

@@ -19,6 +19,7 @@ dense size) and writes the file atomically when every row was written.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -204,13 +205,33 @@ class SparseCodes:
         if len(self._arrays["run_offset"]) != units + 1:
             raise EkError(f"{self.path}: run_offset does not match the shape {self.shape}")
         self.below_positives = self._arrays["below_positives"]
+        self._stride, self._first = self.per_row, 0  # row i holds units i*stride+first+...
+
+    def class_view(self, c: int) -> SparseCodes:
+        """Class ``c`` of an ``(N, C, H, W)`` file as an ``(N, H, W)`` one, read without
+        decoding the other classes (``codes[:, c]`` makes every row dense)."""
+        if self.ndim != 4 or not 0 <= c < self.shape[1]:
+            raise EkError(f"{self.path}: no class {c} in shape {self.shape}")
+        view = copy.copy(self)
+        view.shape, view.ndim, view.per_row = (self.shape[0], *self.shape[2:]), 3, 1
+        view._first = self._first + c
+        view.below_positives = self.below_positives[c :: self.shape[1]]
+        return view
+
+    def _units(self, rows: np.ndarray) -> np.ndarray:
+        """Unit indices of ``rows``, row-major (each row's classes in order)."""
+        rows = np.asarray(rows, dtype=np.int64)[:, None] * self._stride + self._first
+        return (rows + np.arange(self.per_row)).reshape(-1)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def unit_counts(self) -> np.ndarray:
         """Stored pixels (codes >= floor) per unit."""
-        return np.diff(self._arrays["code_offset"])
+        counts = np.diff(self._arrays["code_offset"])
+        if self._stride == self.per_row:
+            return counts
+        return counts.reshape(self.shape[0], self._stride)[:, self._first]
 
     def row_counts(self) -> np.ndarray:
         """Stored pixels per row (summed over its classes)."""
@@ -225,8 +246,7 @@ class SparseCodes:
     def read_rows(self, rows: np.ndarray, out: np.ndarray) -> None:
         """Dense codes of ``rows`` (ascending or not) into C-contiguous uint8 ``out``."""
         a = self._arrays
-        units = (np.asarray(rows, dtype=np.int64)[:, None] * self.per_row) + np.arange(self.per_row)
-        units = units.reshape(-1)
+        units = self._units(rows)
         runs = [_ranges(a["run_offset"], units, a[k]) for k in ("run_start", "run_length")]
         codes = _ranges(a["code_offset"], units, a["codes"])
         per_unit = a["run_offset"][units + 1] - a["run_offset"][units]

@@ -31,10 +31,10 @@ INT64_MAX = np.iinfo(np.int64).max
 THREADS = numba.get_num_threads()
 
 
-def _random_pairs(rng, n_pairs=30, n_values=40, n_groups=6):
+def _random_pairs(rng, n_pairs=30, n_values=40, n_groups=6, longest=12):
     """Sparse pairs with ties (few distinct levels), pairs with no candidates, pairs whose
     positives lie partly among dropped pixels, and caps of every kind."""
-    counts = rng.integers(0, 12, n_pairs)
+    counts = rng.integers(0, longest, n_pairs)
     counts[::5] = 0
     start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     levels = rng.integers(-1, rng.integers(2, n_values), start[-1]).astype(np.int64)
@@ -60,6 +60,28 @@ def test_fold_sums_match_the_per_pair_reference(seed):
     np.testing.assert_array_equal(kernels.suffix_sums(delta)[..., lowest:], expected[..., lowest:])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fold_sums_of_long_pairs_match_the_reference(seed):
+    """Pairs of hundreds of pixels and thousands of levels: the radix-sorted walk."""
+    rng = np.random.default_rng(seed)
+    n_values = 3000
+    arrays = _random_pairs(rng, n_pairs=12, n_values=n_values, longest=900)
+    fixed = empty_fixed(1.0)
+    delta = kernels.mean_dice_fold_sums(*arrays, 6, 5, n_values, fixed, THREADS)
+    expected = kernels.mean_dice_fold_sums_reference(*arrays, 6, 5, n_values, fixed)
+    np.testing.assert_array_equal(kernels.suffix_sums(delta)[..., 5:], expected[..., 5:])
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 700, 5000])
+@pytest.mark.parametrize("top", [1, 255, 256, 70_000, 2**40])
+def test_radix_sort_matches_numpy(count, top):
+    keys = np.random.default_rng(count + top).integers(0, top + 1, count).astype(np.int64)
+    buffer, scratch = np.append(keys, [7, 7]), np.zeros(count + 2, dtype=np.int64)
+    kernels.sort_descending(buffer, count, scratch)
+    np.testing.assert_array_equal(buffer[:count], np.sort(keys)[::-1])
+    assert list(buffer[count:]) == [7, 7]  # past count: untouched
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_best_per_set_matches_reference_with_ties(seed):
     rng = np.random.default_rng(seed)
@@ -72,21 +94,21 @@ def test_best_per_set_matches_reference_with_ties(seed):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("seed", range(15))
+@pytest.mark.parametrize("seed", range(17))
 def test_scored_moves_match_reference(seed):
     rng = np.random.default_rng(seed)
-    levels, labels, start, positives, group, _ = _random_pairs(rng, n_groups=2 * 3)
+    longest = 12 if seed < 15 else 400  # the last seeds: radix-sorted pairs
+    levels, labels, start, positives, group, _ = _random_pairs(rng, n_groups=2 * 3, longest=longest)
     values = rng.integers(0, 14, (3, len(labels))).astype(np.uint8)
-    bases = np.stack([values[0], values[0] + values[1]]).astype(np.int32)
-    moves = [np.array(c, dtype=np.int64) for c in ([0, 0, 1, 1], [0, 2, 1, 2], [1, 1, 1, -1])]
-    lowest = 2 * np.array([2, 2, 3, 1], dtype=np.int64)
+    # the moves of bases (1, 0, 0) and (1, 1, 0): +config 0, +config 2, +config 1, -config 1
+    weights = np.array([[2, 0, 0], [1, 0, 1], [1, 2, 0], [1, 0, 0]], dtype=np.int64)
+    lowest = 2 * weights.sum(axis=1)
     args = (
-        bases,
+        weights,
         values,
-        *moves,
         lowest,
         (labels, start, positives, group),
-        np.array([0, 2, 5], dtype=np.int64),
+        np.array([0, 2, 5, 100], dtype=np.int64),
         6,
         3,
         FoldSets.nested(3).excluded,

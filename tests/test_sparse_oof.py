@@ -11,7 +11,8 @@ import pytest
 from ensemble_kit.blend.candidates import build_candidates
 from ensemble_kit.blend.ensemble_search import search
 from ensemble_kit.blend.run import run_blend
-from ensemble_kit.blend.sparse import check_rule_floor
+from ensemble_kit.blend.mean_dice import class_candidates
+from ensemble_kit.blend.sparse import check_rule_floor, class_of
 from ensemble_kit.blend.verify import verify_blend
 from ensemble_kit.errors import EkError
 from ensemble_kit.oof import load_codes
@@ -147,6 +148,38 @@ def test_candidates_all_sparse_mixed_and_floored_dense_agree(tmp_path):
     # the labels themselves sparse (code 1 at every positive, floor 1)
     sparse_labels = _write(tmp_path / "labels.ekz", labels, floor=1)
     _same_candidates(build_candidates(sparse, sparse_labels, folds), reference)
+
+
+def test_a_class_view_reads_one_class_without_the_others(tmp_path):
+    rng = np.random.default_rng(3)
+    codes = _codes(rng, (9, 3, 8, 5))
+    labels = (rng.random(codes.shape) < 0.3).astype(np.uint8)
+    sparse = _write(tmp_path / "x.ekz", codes, labels, order=rng.permutation(9))
+    floored = np.where(codes >= FLOOR, codes, 0)
+    for c in range(3):
+        view = class_of(sparse, c)
+        assert view.shape == (9, 8, 5) and view.floor == FLOOR
+        np.testing.assert_array_equal(view[:], floored[:, c])
+        np.testing.assert_array_equal(view[[4, 1]], floored[[4, 1], c])
+        np.testing.assert_array_equal(view.unit_counts(), (floored[:, c] > 0).sum(axis=(1, 2)))
+        below = (labels[:, c] > 0) & (codes[:, c] < FLOOR)
+        np.testing.assert_array_equal(view.below_positives, below.sum(axis=(1, 2)))
+        np.testing.assert_array_equal(class_of(FlooredCodes(codes, FLOOR), c)[:], floored[:, c])
+    with pytest.raises(EkError, match="no class 3"):
+        sparse.class_view(3)
+
+
+def test_class_candidates_of_sparse_files_equal_the_floored_dense(tmp_path):
+    rng = np.random.default_rng(4)
+    labels = (rng.random((12, 2, 10, 10)) < 0.2).astype(np.uint8)
+    oofs = [np.where(labels > 0, 200, _codes(rng, labels.shape)).astype(np.uint8) for _ in "ab"]
+    sparse = [_write(tmp_path / f"{n}.ekz", o, labels) for n, o in zip("ab", oofs)]
+    folds = np.arange(12) % 3
+    floored = [FlooredCodes(o, FLOOR) for o in oofs]
+    for got, want in zip(
+        class_candidates(sparse, labels, folds), class_candidates(floored, labels, folds)
+    ):
+        _same_candidates(got, want)
 
 
 def test_a_higher_sparse_floor_raises_the_search_floor(tmp_path):

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from ..metrics import N_CODES
-from . import levels, sparse
+from . import sparse
 from .kernels import gather_chunk, scan_chunk
 
 DEFAULT_FLOOR = 13  # uint8 code of p = 0.05: blend thresholds below 5 % are not searched
@@ -40,17 +40,10 @@ class Candidates:
     floor: int
     shape: tuple[int, int]
     image_positives: np.ndarray  # int64 (N,) every labelled positive of each image
-    _neighbours: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def n_folds(self) -> int:
         return len(self.fold_positives)
-
-    @property
-    def neighbours(self) -> np.ndarray:
-        if self._neighbours is None:
-            self._neighbours = levels.neighbour_table(self.image_start, self.positions, *self.shape)
-        return self._neighbours
 
 
 def build_candidates(

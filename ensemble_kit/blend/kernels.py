@@ -422,8 +422,46 @@ def fixed_dice(tp, predicted, positives):
     return (4 * tp * MEAN_DICE_SCALE + denominator) // (2 * denominator)
 
 
+RADIX_BITS = 8
+SMALL_SORT = 64  # fewer keys than this: a comparison sort
+
+
 @njit(cache=True)
-def _sorted_keys(levels, labels, lo, hi, lowest, buffer):
+def sort_descending(buffer, count, scratch):
+    """Sort the non-negative ``buffer[:count]`` in descending order, in place.
+
+    An LSD radix sort (8-bit digits, each pass a stable counting sort from the largest
+    digit down), so a pair of thousands of keys costs a few passes over them instead of
+    ``n log n`` compared branches; ``scratch`` is as long as ``buffer``.
+    """
+    if count < SMALL_SORT:
+        buffer[:count] = np.sort(buffer[:count])[::-1]
+        return
+    top = 0
+    for j in range(count):
+        top = max(top, buffer[j])
+    shift, passes, source, target = 0, 0, buffer, scratch
+    counts = np.empty(1 << RADIX_BITS, dtype=np.int64)
+    mask = (1 << RADIX_BITS) - 1
+    while passes == 0 or (top >> shift) > 0:
+        counts[:] = 0
+        for j in range(count):
+            counts[(source[j] >> shift) & mask] += 1
+        at = 0
+        for d in range(mask, -1, -1):
+            at, counts[d] = at + counts[d], at
+        for j in range(count):
+            d = (source[j] >> shift) & mask
+            target[counts[d]] = source[j]
+            counts[d] += 1
+        source, target = target, source
+        shift, passes = shift + RADIX_BITS, passes + 1
+    if passes % 2:
+        buffer[:count] = scratch[:count]
+
+
+@njit(cache=True)
+def _sorted_keys(levels, labels, lo, hi, lowest, buffer, scratch):
     """``level * 2 + label`` of pixels ``lo:hi`` with ``level >= lowest``, descending, in
     ``buffer``; returns how many."""
     count = 0
@@ -431,32 +469,47 @@ def _sorted_keys(levels, labels, lo, hi, lowest, buffer):
         if levels[p] >= lowest:
             buffer[count] = levels[p] * 2 + labels[p]
             count += 1
-    buffer[:count] = np.sort(buffer[:count])[::-1]
+    sort_descending(buffer, count, scratch)
     return count
 
 
 @njit(cache=True)
-def _walk_pair(keys, count, positives, cap, lowest, n_values, empty_fixed, delta):
-    """Add one pair's fixed-point dice at every threshold ``t`` to ``delta`` as differences:
-    the dice at ``t`` is ``sum(delta[t:])``.
+def _walk_pair(keys, count, positives, caps, lowest, n_values, empty_fixed, delta, moved, steps):
+    """Add one pair's fixed-point dice at every threshold ``t`` to ``delta`` as differences,
+    under every cap: the dice at ``t`` under cap ``a`` is ``sum(delta[t:] + moved[a, t:])``.
 
-    ``keys[:count]`` are the pair's :func:`_sorted_keys`. The pair predicts a pixel at ``t``
-    iff ``min(level, cap) >= t``; as ``t`` falls, its counts change only at those values.
+    ``keys[:count]`` are the pair's :func:`_sorted_keys`. Under cap ``c`` the pair predicts a
+    pixel at ``t`` iff ``min(level, c) >= t``: the same counts as with no cap for ``t <= c``
+    and nothing above ``c``. So the pair is walked once, with no cap, into ``delta`` (one
+    step per distinct level as ``t`` falls), and under each cap the steps above ``c`` are
+    moved down to ``c`` in ``moved[a]`` (dropped when ``c < lowest``). A min-pixels cap lies
+    at the pair's ``n``-th largest level, so fewer than ``n`` keys lie above it. ``steps``
+    ``(2, >= count)`` holds the walk's (level, step) pairs.
     """
     previous = empty_fixed if positives == 0 else 0  # nothing predicted
     delta[n_values] += previous
-    tp, predicted, j = 0, 0, 0
+    tp, predicted, j, n_steps = 0, 0, 0, 0
     while j < count:
-        level = min(keys[j] >> 1, cap)
+        level = keys[j] >> 1
         if level < lowest:
             break
-        while j < count and min(keys[j] >> 1, cap) >= level:
+        while j < count and keys[j] >> 1 == level:
             predicted += 1
             tp += keys[j] & 1
             j += 1
         dice = fixed_dice(tp, predicted, positives)
         delta[level] += dice - previous
+        steps[0, n_steps], steps[1, n_steps] = level, dice - previous
+        n_steps += 1
         previous = dice
+    for a in range(caps.shape[0]):
+        cap, carried, s = caps[a], 0, 0
+        while s < n_steps and steps[0, s] > cap:
+            moved[a, steps[0, s]] -= steps[1, s]
+            carried += steps[1, s]
+            s += 1
+        if s and cap >= lowest:
+            moved[a, cap] += carried
 
 
 @njit(cache=True, parallel=True)
@@ -496,24 +549,33 @@ def mean_dice_fold_sums(
     n_caps, n_pairs = caps.shape
     n_chunks = max(1, min(n_pairs, n_workers))
     partial = np.zeros((n_chunks, n_caps, n_groups, n_values + 1), dtype=np.int64)
+    uncapped = np.zeros((n_chunks, n_groups, n_values + 1), dtype=np.int64)
     longest = np.max(np.diff(pair_start)) if n_pairs else 0
     for chunk in prange(n_chunks):
-        buffer = np.empty(longest, dtype=np.int64)
+        buffer, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
+        steps = np.empty((2, longest), dtype=np.int64)
         for i in range(chunk * n_pairs // n_chunks, (chunk + 1) * n_pairs // n_chunks):
-            count = _sorted_keys(levels, labels, pair_start[i], pair_start[i + 1], lowest, buffer)
-            for a in range(n_caps):
-                delta = partial[chunk, a, pair_group[i]]
-                _walk_pair(
-                    buffer,
-                    count,
-                    pair_positives[i],
-                    caps[a, i],
-                    lowest,
-                    n_values,
-                    empty_fixed,
-                    delta,
-                )
-    return partial.sum(axis=0)
+            count = _sorted_keys(
+                levels, labels, pair_start[i], pair_start[i + 1], lowest, buffer, scratch
+            )
+            g = pair_group[i]
+            _walk_pair(
+                buffer,
+                count,
+                pair_positives[i],
+                caps[:, i],
+                lowest,
+                n_values,
+                empty_fixed,
+                uncapped[chunk, g],
+                partial[chunk, :, g],
+                steps,
+            )
+    out = partial.sum(axis=0)
+    plain = uncapped.sum(axis=0)
+    for a in range(n_caps):
+        out[a] += plain
+    return out
 
 
 def suffix_sums(delta: np.ndarray) -> np.ndarray:
@@ -611,15 +673,17 @@ def best_mean_per_set_reference(fold_sums, lowest, n_folds, excluded):
 
 
 @njit(cache=True)
-def _move_keys(base, values, config, sign, labels, lo, hi, lowest, buffer):
-    """:func:`_sorted_keys` of the blend sums ``base + sign * values[config]``."""
+def _move_keys(weights, values, labels, lo, hi, lowest, buffer, scratch):
+    """:func:`_sorted_keys` of the blend sums ``sum_c weights[c] * values[c]``."""
     count = 0
     for p in range(lo, hi):
-        level = base[p] + sign * values[config, p]
+        level = 0
+        for c in range(weights.shape[0]):
+            level += weights[c] * values[c, p]
         if level >= lowest:
             buffer[count] = level * 2 + labels[p]
             count += 1
-    buffer[:count] = np.sort(buffer[:count])[::-1]
+    sort_descending(buffer, count, scratch)
     return count
 
 
@@ -632,41 +696,52 @@ def _min_pixel_cap(keys, count, min_pixels):
 
 
 @njit(cache=True)
-def _move_fold_sums(
-    base, values, config, sign, lowest, pairs, min_pixels, n_values, empty_fixed, delta, buffer
-):
-    """Suffix-summed :func:`mean_dice_fold_sums` of one move into ``delta`` ``(A, G, T)``."""
+def _move_fold_sums(weights, values, lowest, pairs, min_pixels, n_values, empty_fixed, work):
+    """Suffix-summed :func:`mean_dice_fold_sums` of one move into ``delta`` ``(A, G, T)``.
+
+    ``work`` is ``(delta, uncapped (G, T), buffer, scratch, steps, caps)``, one per worker.
+    """
     labels, pair_start, pair_positives, pair_group = pairs
+    delta, uncapped, buffer, scratch, steps, caps = work
     delta[:] = 0
+    uncapped[:] = 0
     for i in range(pair_group.shape[0]):
         count = _move_keys(
-            base, values, config, sign, labels, pair_start[i], pair_start[i + 1], lowest, buffer
+            weights,
+            values,
+            labels,
+            pair_start[i],
+            pair_start[i + 1],
+            lowest,
+            buffer,
+            scratch,
         )
         for a in range(min_pixels.shape[0]):
-            cap = _min_pixel_cap(buffer, count, min_pixels[a])
-            _walk_pair(
-                buffer,
-                count,
-                pair_positives[i],
-                cap,
-                lowest,
-                n_values,
-                empty_fixed,
-                delta[a, pair_group[i]],
-            )
+            caps[a] = _min_pixel_cap(buffer, count, min_pixels[a])
+        g = pair_group[i]
+        _walk_pair(
+            buffer,
+            count,
+            pair_positives[i],
+            caps,
+            lowest,
+            n_values,
+            empty_fixed,
+            uncapped[g],
+            delta[:, g],
+            steps,
+        )
     for a in range(delta.shape[0]):
         for g in range(delta.shape[1]):
+            delta[a, g, n_values] += uncapped[g, n_values]
             for t in range(n_values - 1, -1, -1):
-                delta[a, g, t] += delta[a, g, t + 1]
+                delta[a, g, t] += delta[a, g, t + 1] + uncapped[g, t]
 
 
 @njit(cache=True, parallel=True)
 def score_mean_dice_moves(
-    bases,
+    move_weights,
     values,
-    move_base,
-    move_config,
-    move_sign,
     move_lowest,
     pairs,
     min_pixels,
@@ -677,13 +752,16 @@ def score_mean_dice_moves(
     empty_fixed,
     n_workers,
 ):
-    """Best per-class mean dice of every move ``bases[b] + sign * values[config]`` on every set.
+    """Best per-class mean dice of every weight vector (a greedy move) on every set.
+
+    The blend sums are computed pixel by pixel as each move is scored, never stored (an
+    int32 per candidate and base would be GBs at the steel task's size).
 
     Args:
-        bases: int32 ``(B, P)`` blend sums of the candidate pixels of every pair.
-        values: uint8 ``(n_configs, P)``.
-        move_base, move_config, move_sign, move_lowest: int64 ``(M,)`` per move; thresholds
-            of move ``m`` are searched from ``move_lowest[m]`` up.
+        move_weights: int64 ``(M, n_configs)``: the weights of each move.
+        values: uint8 ``(n_configs, P)`` codes of the candidate pixels of every pair.
+        move_lowest: int64 ``(M,)``: thresholds of move ``m`` are searched from
+            ``move_lowest[m]`` up.
         pairs: ``(labels, pair_start, pair_positives, pair_group)`` as in
             :func:`mean_dice_fold_sums`, the group of a pair ``class * K + fold``.
         min_pixels: int64 ``(A,)`` min-pixel values searched with the threshold.
@@ -698,7 +776,7 @@ def score_mean_dice_moves(
         ``(sums, thresholds, caps)``: :func:`best_mean_per_set` of each move, int64
         ``(M, C, n_sets)``; ``caps`` index ``min_pixels``.
     """
-    n_moves = move_base.shape[0]
+    n_moves = move_weights.shape[0]
     shape = (n_moves, n_groups // n_folds, excluded.shape[0])
     sums = np.zeros(shape, dtype=np.int64)
     thresholds = np.zeros(shape, dtype=np.int64)
@@ -707,20 +785,24 @@ def score_mean_dice_moves(
     longest = np.max(np.diff(pair_start)) if pair_start.shape[0] > 1 else 0
     for worker in prange(n_workers):
         delta = np.empty((min_pixels.shape[0], n_groups, n_values + 1), dtype=np.int64)
-        buffer = np.empty(longest, dtype=np.int64)
+        work = (
+            delta,
+            np.empty((n_groups, n_values + 1), dtype=np.int64),
+            np.empty(longest, dtype=np.int64),
+            np.empty(longest, dtype=np.int64),
+            np.empty((2, longest), dtype=np.int64),
+            np.empty(min_pixels.shape[0], dtype=np.int64),
+        )
         for m in range(worker, n_moves, n_workers):
             _move_fold_sums(
-                bases[move_base[m]],
+                move_weights[m],
                 values,
-                move_config[m],
-                move_sign[m],
                 move_lowest[m],
                 pairs,
                 min_pixels,
                 n_values,
                 empty_fixed,
-                delta,
-                buffer,
+                work,
             )
             sums[m], thresholds[m], caps[m] = best_mean_per_set(
                 delta, move_lowest[m], n_folds, excluded
@@ -729,11 +811,8 @@ def score_mean_dice_moves(
 
 
 def score_mean_dice_moves_reference(
-    bases,
+    move_weights,
     values,
-    move_base,
-    move_config,
-    move_sign,
     move_lowest,
     pairs,
     min_pixels,
@@ -746,8 +825,8 @@ def score_mean_dice_moves_reference(
     """Numpy reference of :func:`score_mean_dice_moves`, a plain loop over moves and pairs."""
     labels, pair_start, pair_positives, pair_group = pairs
     results = []
-    for m in range(len(move_base)):
-        level = bases[move_base[m]].astype(np.int64) + move_sign[m] * values[move_config[m]]
+    for m in range(len(move_weights)):
+        level = move_weights[m].astype(np.int64) @ values.astype(np.int64)
         caps = np.array([_caps_reference(level, pair_start, n) for n in min_pixels])
         fold_sums = mean_dice_fold_sums_reference(
             level,
@@ -766,7 +845,7 @@ def score_mean_dice_moves_reference(
         )
     return tuple(
         np.array([r[i] for r in results]).reshape(
-            len(move_base), n_groups // n_folds, len(excluded)
+            len(move_weights), n_groups // n_folds, len(excluded)
         )
         for i in range(3)
     )

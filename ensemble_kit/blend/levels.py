@@ -12,6 +12,7 @@ the references reuse the dense kernels' references in :mod:`~ensemble_kit.postpr
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -21,9 +22,9 @@ from ..postprocess import (
     find_root,
     remove_small_components_reference,
 )
+from .kernels import sort_descending
 
 
-@njit(cache=True)
 def neighbour_table(
     image_start: np.ndarray, positions: np.ndarray, height: int, width: int
 ) -> np.ndarray:
@@ -39,20 +40,28 @@ def neighbour_table(
     Returns:
         int32 ``(P, 8)`` in the order of :data:`EIGHT_NEIGHBOURS`.
     """
+    return _neighbour_table(image_start, positions, height, width, numba.get_num_threads())
+
+
+@njit(cache=True, parallel=True)
+def _neighbour_table(image_start, positions, height, width, n_workers):
     table = np.full((positions.shape[0], 8), -1, dtype=np.int32)
-    index = np.full(height * width, -1, dtype=np.int64)  # dense scratch, reset per image
-    for i in range(image_start.shape[0] - 1):
-        lo, hi = image_start[i], image_start[i + 1]
-        for p in range(lo, hi):
-            index[positions[p]] = p
-        for p in range(lo, hi):
-            r, c = positions[p] // width, positions[p] % width
-            for k in range(8):
-                rr, cc = r + EIGHT_NEIGHBOURS[k, 0], c + EIGHT_NEIGHBOURS[k, 1]
-                if 0 <= rr < height and 0 <= cc < width:
-                    table[p, k] = index[rr * width + cc]
-        for p in range(lo, hi):
-            index[positions[p]] = -1
+    n_images = image_start.shape[0] - 1
+    n_chunks = max(1, min(n_images, n_workers))
+    for chunk in prange(n_chunks):
+        index = np.full(height * width, -1, dtype=np.int32)  # dense scratch, reset per image
+        for i in range(chunk * n_images // n_chunks, (chunk + 1) * n_images // n_chunks):
+            lo, hi = image_start[i], image_start[i + 1]
+            for p in range(lo, hi):
+                index[positions[p]] = p
+            for p in range(lo, hi):
+                r, c = positions[p] // width, positions[p] % width
+                for k in range(8):
+                    rr, cc = r + EIGHT_NEIGHBOURS[k, 0], c + EIGHT_NEIGHBOURS[k, 1]
+                    if 0 <= rr < height and 0 <= cc < width:
+                        table[p, k] = index[rr * width + cc]
+            for p in range(lo, hi):
+                index[positions[p]] = -1
     return table
 
 
@@ -69,15 +78,35 @@ def neighbour_table_reference(image_start, positions, height, width) -> np.ndarr
     return table
 
 
-@njit(cache=True)
 def descending_order(values: np.ndarray, image_start: np.ndarray) -> np.ndarray:
-    """Global indices of sparse pixels sorted by value, descending, within each image."""
+    """Global indices of sparse pixels sorted by value, descending, within each image (ties
+    in raster order).
+
+    Values must be ``>= 0``. Each image's ``(value, index)`` pairs are packed into one key
+    and radix-sorted (:func:`~.kernels.sort_descending`), images in parallel.
+    """
+    return _descending_order(values, image_start, numba.get_num_threads())
+
+
+@njit(cache=True, parallel=True)
+def _descending_order(values, image_start, n_workers):
+    n_images = image_start.shape[0] - 1
     order = np.empty(values.shape[0], dtype=np.int64)
-    for i in range(image_start.shape[0] - 1):
-        lo, hi = image_start[i], image_start[i + 1]
-        local = np.argsort(-values[lo:hi].astype(np.int64))
-        for k in range(hi - lo):
-            order[lo + k] = lo + local[k]
+    longest = np.max(image_start[1:] - image_start[:-1]) if n_images else 0
+    bits = 1
+    while (1 << bits) < longest:
+        bits += 1
+    low = (1 << bits) - 1
+    n_chunks = max(1, min(n_images, n_workers))
+    for chunk in prange(n_chunks):
+        keys, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
+        for i in range(chunk * n_images // n_chunks, (chunk + 1) * n_images // n_chunks):
+            lo, hi = image_start[i], image_start[i + 1]
+            for k in range(hi - lo):
+                keys[k] = (np.int64(values[lo + k]) << bits) | (low - k)
+            sort_descending(keys, hi - lo, scratch)
+            for k in range(hi - lo):
+                order[lo + k] = lo + low - (keys[k] & low)
     return order
 
 
@@ -112,20 +141,25 @@ def component_levels(values, image_start, order, neighbours, min_sizes):
         for k in range(image_start[i], image_start[i + 1]):
             p = order[k]
             added[p] = True
-            _grow(p, p, values[p], min_sizes, parent, size, reached, next_member, tail, level)
+            root = _grow(
+                p, p, values[p], min_sizes, parent, size, reached, next_member, tail, level
+            )
             for j in range(8):
                 q = neighbours[p, j]
                 if q >= 0 and added[q]:
-                    _grow(
-                        p, q, values[p], min_sizes, parent, size, reached, next_member, tail, level
-                    )
+                    b = find_root(parent, q)
+                    if b != root:
+                        root = _grow(
+                            root, b, values[p], min_sizes, parent, size, reached, next_member,
+                            tail, level,
+                        )  # fmt: skip
     return level
 
 
 @njit(cache=True, inline="always")  # a call per pixel and neighbour: no call overhead
-def _grow(p, q, current, min_sizes, parent, size, reached, next_member, tail, level):
-    """Merge the components of ``p`` and ``q`` (``p == q``: just check ``p``'s own size)."""
-    a, b = find_root(parent, p), find_root(parent, q)
+def _grow(a, b, current, min_sizes, parent, size, reached, next_member, tail, level):
+    """Merge the components of roots ``a`` and ``b`` (``a == b``: just check ``a``'s own
+    size); returns the root of the result."""
     total = size[a] + (size[b] if a != b else 0)
     now = 0
     while now < min_sizes.shape[0] and min_sizes[now] <= total:
@@ -142,6 +176,7 @@ def _grow(p, q, current, min_sizes, parent, size, reached, next_member, tail, le
         tail[root] = tail[child]
         a = root
     reached[a] = now
+    return a
 
 
 @njit(cache=True, inline="always")

@@ -35,8 +35,10 @@ from .kernels import (
     suffix_sums,
     weighted_sum,
 )
-from .levels import component_levels, descending_order, min_pixel_levels
+from .levels import component_levels, descending_order, min_pixel_levels, neighbour_table
 from .sets import FoldSets
+from .sparse import class_of
+from .threshold import TABLE_CHUNK_PIXELS, image_chunks
 
 
 def empty_fixed(empty_score: float) -> int:
@@ -57,7 +59,7 @@ def class_candidates(
     if labels.ndim == 3:
         return [build_candidates(oofs, labels, folds, floor)]
     return [
-        build_candidates([oof[:, c] for oof in oofs], labels[:, c], folds, floor)
+        build_candidates([class_of(oof, c) for oof in oofs], class_of(labels, c), folds, floor)
         for c in range(labels.shape[1])
     ]
 
@@ -146,9 +148,9 @@ class MeanDiceScorer:
             tuple(int(w) for w in bases[b] + sign * np.eye(len(bases[b]), dtype=np.int64)[c])
             for b, c, sign in moves
         ]
-        todo = {key: move for key, move in zip(keys, moves) if key not in self.cache}
+        todo = [key for key in dict.fromkeys(keys) if key not in self.cache]
         if todo:
-            self._evaluate(bases, list(todo), list(todo.values()))
+            self._evaluate(todo)
         return [self.cache[key] for key in keys]
 
     def score(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -158,19 +160,13 @@ class MeanDiceScorer:
     def release(self) -> None:
         """Nothing to free: present so the scorer stands in for :class:`~.scorer.Scorer`."""
 
-    def _evaluate(self, bases, keys, moves) -> None:
+    def _evaluate(self, keys) -> None:
         pairs = self.pairs
-        used = sorted({b for b, _, _ in moves})
-        base_sums = np.stack([weighted_sum(pairs.values, bases[b]) for b in used])
-        move_base = np.array([used.index(b) for b, _, _ in moves], dtype=np.int64)
-        move_config, move_sign = (np.array(col, dtype=np.int64) for col in list(zip(*moves))[1:])
-        totals = np.array([sum(key) for key in keys], dtype=np.int64)
+        move_weights = np.array(keys, dtype=np.int64).reshape(len(keys), -1)
+        totals = move_weights.sum(axis=1)
         sums, thresholds, caps = score_mean_dice_moves(
-            base_sums,
+            move_weights,
             pairs.values,
-            move_base,
-            move_config,
-            move_sign,
             pairs.floor * totals,
             pairs.arrays,
             self.pixel_grid,
@@ -241,28 +237,45 @@ def mean_dice_tables(
 
 
 def _class_sums(cands: Candidates, weights: np.ndarray, grids, fixed: int) -> np.ndarray:
-    """int64 ``(A, B, K, n_values + 1)`` summed fixed-point dice of one class."""
-    sums = weighted_sum(cands.values, weights).astype(np.int64)
+    """int64 ``(A, B, K, n_values + 1)`` summed fixed-point dice of one class.
+
+    A chunk of images at a time (:func:`~.threshold.image_chunks`): the per-pixel state
+    (blend sums, order, neighbour table, component levels) is one chunk's; the per-fold
+    differences add up across chunks.
+    """
     total = int(weights.sum())
-    order = descending_order(sums, cands.image_start)
-    caps = np.stack([min_pixel_levels(sums, cands.image_start, order, n) for n in grids[0]])
-    sizes = np.array([m for m in grids[1] if m > 1], dtype=np.int64)
-    kept = (
-        component_levels(sums, cands.image_start, order, cands.neighbours, sizes)
-        if len(sizes)
-        else None
-    )
+    n_values = 255 * total + 1
+    delta = np.zeros((len(grids[0]), len(grids[1]), cands.n_folds, n_values + 1), np.int64)
+    for lo, hi in image_chunks(cands.image_start, TABLE_CHUNK_PIXELS):
+        delta += _chunk_deltas(cands, weights, (lo, hi), grids, fixed)
+    return suffix_sums(delta)
+
+
+def _chunk_deltas(cands: Candidates, weights, images, grids, fixed: int) -> np.ndarray:
+    """:func:`_class_sums`' differences for images ``lo:hi``."""
+    lo, hi = images
+    first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
+    image_start = cands.image_start[lo : hi + 1] - first
+    sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
+    total = int(weights.sum())
+    order = descending_order(sums, image_start)
+    caps = np.stack([min_pixel_levels(sums, image_start, order, n) for n in grids[0]])
+    sizes = [m for m in grids[1] if m > 1]
+    kept = None
+    if sizes:
+        neighbours = neighbour_table(image_start, cands.positions[first:last], *cands.shape)
+        kept = component_levels(
+            sums, image_start, order, neighbours, np.array(sizes, dtype=np.int64)
+        )
     out = np.empty((len(grids[0]), len(grids[1]), cands.n_folds, 255 * total + 2), np.int64)
     for j, size in enumerate(grids[1]):
-        levels = (
-            sums if size <= 1 or kept is None else np.minimum(sums, kept[list(sizes).index(size)])
-        )
-        delta = mean_dice_fold_sums(
+        levels = sums if size <= 1 else np.minimum(sums, kept[sizes.index(size)])
+        out[:, j] = mean_dice_fold_sums(
             levels,
-            cands.labels,
-            cands.image_start,
-            cands.image_positives,
-            cands.folds,
+            cands.labels[first:last],
+            image_start,
+            cands.image_positives[lo:hi],
+            cands.folds[lo:hi],
             caps,
             cands.n_folds,
             cands.floor * total,
@@ -270,7 +283,6 @@ def _class_sums(cands: Candidates, weights: np.ndarray, grids, fixed: int) -> np
             fixed,
             numba.get_num_threads(),
         )
-        out[:, j] = suffix_sums(delta)
     return out
 
 

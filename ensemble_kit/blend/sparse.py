@@ -54,6 +54,16 @@ def floor_pool(pool: list) -> list:
     return [dataclasses.replace(o, probs=p, holdout=h) for o, p, h in zip(pool, probs, holdouts)]
 
 
+def class_of(codes: Any, c: int) -> Any:
+    """Class ``c`` of ``(N, C, H, W)`` codes (dense, sparse or floored) as ``(N, H, W)``,
+    without making a sparse file dense."""
+    if isinstance(codes, SparseCodes):
+        return codes.class_view(c)
+    if isinstance(codes, FlooredCodes):
+        return FlooredCodes(codes.array[:, c], codes.floor)
+    return codes[:, c]
+
+
 def check_rule_floor(blend: dict, floor: int, source: str) -> None:
     """Refuse a stored rule whose threshold lies below the members' floor (one line).
 
