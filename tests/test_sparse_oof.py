@@ -10,8 +10,8 @@ import pytest
 
 from ensemble_kit.blend.candidates import build_candidates
 from ensemble_kit.blend.ensemble_search import search
-from ensemble_kit.blend.run import run_blend
 from ensemble_kit.blend.mean_dice import class_candidates
+from ensemble_kit.blend.run import run_blend
 from ensemble_kit.blend.sparse import check_rule_floor, class_of
 from ensemble_kit.blend.verify import verify_blend
 from ensemble_kit.errors import EkError
