@@ -44,6 +44,7 @@ from .mean_dice import (
 from .rule import BlendRule, ClassRule
 from .selection import best_prefix_weights, greedy_paths
 from .sets import FoldSets
+from .sparse import class_of
 
 log = logging.getLogger(__name__)
 
@@ -344,8 +345,8 @@ def holdout_thresholds(
     for c, own in enumerate(rule.classes):
         weights = rule.class_rule(c).weights
         cands = build_candidates(
-            [np.asarray(codes[name])[:, c] for name in weights],
-            np.asarray(labels[:, c]),
+            [class_of(codes[name], c) for name in weights],
+            class_of(labels, c),
             np.zeros(len(labels), dtype=np.int64),
             rule.floor,
         )
