@@ -61,10 +61,11 @@ def test_fold_sums_match_the_per_pair_reference(seed):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_fold_sums_of_long_pairs_match_the_reference(seed):
-    """Pairs of hundreds of pixels and thousands of levels: the radix-sorted walk."""
+@pytest.mark.parametrize("n_values", [300, 3000])
+def test_fold_sums_of_long_pairs_match_the_reference(seed, n_values):
+    """Pairs of hundreds of pixels: levels spread wide (the radix-sorted walk) or packed
+    (the histogram walk)."""
     rng = np.random.default_rng(seed)
-    n_values = 3000
     arrays = _random_pairs(rng, n_pairs=12, n_values=n_values, longest=900)
     fixed = empty_fixed(1.0)
     delta = kernels.mean_dice_fold_sums(*arrays, 6, 5, n_values, fixed, THREADS)
@@ -94,12 +95,13 @@ def test_best_per_set_matches_reference_with_ties(seed):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("seed", range(17))
+@pytest.mark.parametrize("seed", range(18))
 def test_scored_moves_match_reference(seed):
     rng = np.random.default_rng(seed)
-    longest = 12 if seed < 15 else 400  # the last seeds: radix-sorted pairs
+    # the last seeds: long pairs, on the histogram walk (15) or radix-sorted (16, 17)
+    longest = [400, 150, 400][seed - 15] if seed >= 15 else 12
     levels, labels, start, positives, group, _ = _random_pairs(rng, n_groups=2 * 3, longest=longest)
-    values = rng.integers(0, 14, (3, len(labels))).astype(np.uint8)
+    values = rng.integers(0, 14 if seed <= 15 else 256, (3, len(labels))).astype(np.uint8)
     # the moves of bases (1, 0, 0) and (1, 1, 0): +config 0, +config 2, +config 1, -config 1
     weights = np.array([[2, 0, 0], [1, 0, 1], [1, 2, 0], [1, 0, 0]], dtype=np.int64)
     lowest = 2 * weights.sum(axis=1)

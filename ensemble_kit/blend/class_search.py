@@ -109,7 +109,9 @@ def search_classes(
     _check(oofs, labels, folds, steps, metric, class_names)
     grids = (with_zero(grids[0]), with_zero(grids[1]))
     classes = class_candidates(oofs, labels, folds, floor)
-    sets = FoldSets.nested(classes[0].n_folds)
+    # the sets that leave out a pair of folds serve only the weight option's choice
+    # (:func:`_pick`): with one option, nothing reads them, so they are not searched
+    sets = FoldSets.nested(classes[0].n_folds, depth=2 if per_class_weights else 1)
     tables = _Tables(classes, grids, empty_score)
     shared_paths = greedy_paths(MeanDiceScorer(classes, sets, empty_score, grids[0]), steps)
     weights = {"shared": [_prefix(p, len(oofs), n_classes) for p in shared_paths]}

@@ -461,47 +461,98 @@ def sort_descending(buffer, count, scratch):
 
 
 @njit(cache=True)
-def _sorted_keys(levels, labels, lo, hi, lowest, buffer, scratch):
-    """``level * 2 + label`` of pixels ``lo:hi`` with ``level >= lowest``, descending, in
-    ``buffer``; returns how many."""
+def _sorted_keys(levels, labels, lo, hi, lowest, buffer):
+    """``level * 2 + label`` of pixels ``lo:hi`` with ``level >= lowest`` into ``buffer``
+    (unordered); returns how many."""
     count = 0
     for p in range(lo, hi):
         if levels[p] >= lowest:
             buffer[count] = levels[p] * 2 + labels[p]
             count += 1
-    sort_descending(buffer, count, scratch)
     return count
 
 
-@njit(cache=True)
-def _walk_pair(keys, count, positives, caps, lowest, n_values, empty_fixed, delta, moved, steps):
-    """Add one pair's fixed-point dice at every threshold ``t`` to ``delta`` as differences,
-    under every cap: the dice at ``t`` under cap ``a`` is ``sum(delta[t:] + moved[a, t:])``.
+DENSE_RANGE = 4  # a pair whose levels span <= 4x its keys is walked on a histogram
 
-    ``keys[:count]`` are the pair's :func:`_sorted_keys`. Under cap ``c`` the pair predicts a
-    pixel at ``t`` iff ``min(level, c) >= t``: the same counts as with no cap for ``t <= c``
-    and nothing above ``c``. So the pair is walked once, with no cap, into ``delta`` (one
-    step per distinct level as ``t`` falls), and under each cap the steps above ``c`` are
-    moved down to ``c`` in ``moved[a]`` (dropped when ``c < lowest``). A min-pixels cap lies
-    at the pair's ``n``-th largest level, so fewer than ``n`` keys lie above it. ``steps``
-    ``(2, >= count)`` holds the walk's (level, step) pairs.
+
+@njit(cache=True)
+def _walk_pair(keys, count, positives, n_values, empty_fixed, delta, work, min_pixels, caps):
+    """Add one pair's fixed-point dice at every threshold ``t`` to ``delta`` as differences
+    (the dice at ``t`` is ``sum(delta[t:])``) and return its steps.
+
+    ``keys[:count]`` are the pair's ``level * 2 + label`` (levels ``>= lowest``, any order).
+    As ``t`` falls the pair's counts change only at its levels: each distinct level is one
+    step, recorded in ``steps = work[2]`` as (level, dice change), highest first. The keys
+    are walked on a histogram of levels (``work[3]``, ``(2, n_values + 1)``, left zeroed)
+    when they span at most :data:`DENSE_RANGE` times their number, else radix-sorted
+    (``work[1]`` is scratch). With ``min_pixels`` (ascending), ``caps[a]`` is set to the
+    pair's ``min_pixels[a]``-th largest level (-1 if fewer keys, the int64 maximum for 0).
+
+    Returns:
+        The number of steps.
     """
+    _, scratch, steps, histogram = work
     previous = empty_fixed if positives == 0 else 0  # nothing predicted
     delta[n_values] += previous
-    tp, predicted, j, n_steps = 0, 0, 0, 0
-    while j < count:
-        level = keys[j] >> 1
-        if level < lowest:
-            break
-        while j < count and keys[j] >> 1 == level:
-            predicted += 1
-            tp += keys[j] & 1
-            j += 1
-        dice = fixed_dice(tp, predicted, positives)
-        delta[level] += dice - previous
-        steps[0, n_steps], steps[1, n_steps] = level, dice - previous
-        n_steps += 1
-        previous = dice
+    n_caps, a = min_pixels.shape[0], 0
+    while a < n_caps and min_pixels[a] <= 0:
+        caps[a] = np.iinfo(np.int64).max
+        a += 1
+    top, bottom = -1, np.iinfo(np.int64).max
+    for j in range(count):
+        top, bottom = max(top, keys[j] >> 1), min(bottom, keys[j] >> 1)
+    tp, predicted, n_steps = 0, 0, 0
+    if count and top - bottom + 1 <= DENSE_RANGE * count:
+        for j in range(count):
+            histogram[0, keys[j] >> 1] += 1
+            histogram[1, keys[j] >> 1] += keys[j] & 1
+        for level in range(top, bottom - 1, -1):
+            if histogram[0, level] == 0:
+                continue
+            predicted += histogram[0, level]
+            tp += histogram[1, level]
+            histogram[0, level], histogram[1, level] = 0, 0
+            dice = fixed_dice(tp, predicted, positives)
+            delta[level] += dice - previous
+            steps[0, n_steps], steps[1, n_steps] = level, dice - previous
+            n_steps += 1
+            previous = dice
+            while a < n_caps and min_pixels[a] <= predicted:
+                caps[a] = level
+                a += 1
+    else:
+        sort_descending(keys, count, scratch)
+        j = 0
+        while j < count:
+            level = keys[j] >> 1
+            while j < count and keys[j] >> 1 == level:
+                predicted += 1
+                tp += keys[j] & 1
+                j += 1
+            dice = fixed_dice(tp, predicted, positives)
+            delta[level] += dice - previous
+            steps[0, n_steps], steps[1, n_steps] = level, dice - previous
+            n_steps += 1
+            previous = dice
+            while a < n_caps and min_pixels[a] <= predicted:
+                caps[a] = level
+                a += 1
+    while a < n_caps:
+        caps[a] = -1
+        a += 1
+    return n_steps
+
+
+@njit(cache=True)
+def _move_caps(steps, n_steps, caps, lowest, moved):
+    """The pair's dice under each cap as corrections of its uncapped steps, into ``moved``.
+
+    Under cap ``c`` a pair predicts a pixel at ``t`` iff ``min(level, c) >= t``: the same
+    counts as with no cap for ``t <= c`` and nothing above ``c``. So the steps above ``c``
+    move down to ``c`` (and drop out when ``c < lowest``): the dice at ``t`` under cap ``a``
+    is ``sum(delta[t:] + moved[a, t:])``. A min-pixels cap lies at the pair's ``n``-th
+    largest level, so fewer than ``n`` steps lie above it.
+    """
     for a in range(caps.shape[0]):
         cap, carried, s = caps[a], 0, 0
         while s < n_steps and steps[0, s] > cap:
@@ -510,6 +561,17 @@ def _walk_pair(keys, count, positives, caps, lowest, n_values, empty_fixed, delt
             s += 1
         if s and cap >= lowest:
             moved[a, cap] += carried
+
+
+@njit(cache=True)
+def _pair_work(longest, n_values):
+    """Per-worker buffers of :func:`_walk_pair`: keys, scratch, steps, histogram."""
+    return (
+        np.empty(longest, np.int64),
+        np.empty(longest, np.int64),
+        np.empty((2, longest), np.int64),
+        np.zeros((2, n_values + 1), np.int64),
+    )
 
 
 @njit(cache=True, parallel=True)
@@ -551,26 +613,24 @@ def mean_dice_fold_sums(
     partial = np.zeros((n_chunks, n_caps, n_groups, n_values + 1), dtype=np.int64)
     uncapped = np.zeros((n_chunks, n_groups, n_values + 1), dtype=np.int64)
     longest = np.max(np.diff(pair_start)) if n_pairs else 0
+    no_grid = np.empty(0, dtype=np.int64)
     for chunk in prange(n_chunks):
-        buffer, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
-        steps = np.empty((2, longest), dtype=np.int64)
+        work = _pair_work(longest, n_values)
         for i in range(chunk * n_pairs // n_chunks, (chunk + 1) * n_pairs // n_chunks):
-            count = _sorted_keys(
-                levels, labels, pair_start[i], pair_start[i + 1], lowest, buffer, scratch
-            )
+            count = _sorted_keys(levels, labels, pair_start[i], pair_start[i + 1], lowest, work[0])
             g = pair_group[i]
-            _walk_pair(
-                buffer,
+            n_steps = _walk_pair(
+                work[0],
                 count,
                 pair_positives[i],
-                caps[:, i],
-                lowest,
                 n_values,
                 empty_fixed,
                 uncapped[chunk, g],
-                partial[chunk, :, g],
-                steps,
+                work,
+                no_grid,
+                no_grid,
             )
+            _move_caps(work[2], n_steps, caps[:, i], lowest, partial[chunk, :, g])
     out = partial.sum(axis=0)
     plain = uncapped.sum(axis=0)
     for a in range(n_caps):
@@ -673,7 +733,7 @@ def best_mean_per_set_reference(fold_sums, lowest, n_folds, excluded):
 
 
 @njit(cache=True)
-def _move_keys(weights, values, labels, lo, hi, lowest, buffer, scratch):
+def _move_keys(weights, values, labels, lo, hi, lowest, buffer):
     """:func:`_sorted_keys` of the blend sums ``sum_c weights[c] * values[c]``."""
     count = 0
     for p in range(lo, hi):
@@ -683,54 +743,36 @@ def _move_keys(weights, values, labels, lo, hi, lowest, buffer, scratch):
         if level >= lowest:
             buffer[count] = level * 2 + labels[p]
             count += 1
-    sort_descending(buffer, count, scratch)
     return count
-
-
-@njit(cache=True)
-def _min_pixel_cap(keys, count, min_pixels):
-    """The ``min_pixels``-th largest level of a pair's sorted keys; -1 if it has fewer."""
-    if min_pixels <= 0:
-        return np.iinfo(np.int64).max
-    return keys[min_pixels - 1] >> 1 if count >= min_pixels else -1
 
 
 @njit(cache=True)
 def _move_fold_sums(weights, values, lowest, pairs, min_pixels, n_values, empty_fixed, work):
     """Suffix-summed :func:`mean_dice_fold_sums` of one move into ``delta`` ``(A, G, T)``.
 
-    ``work`` is ``(delta, uncapped (G, T), buffer, scratch, steps, caps)``, one per worker.
+    ``work`` is ``(delta, uncapped (G, T), caps (A,), pair buffers)``, one per worker.
     """
     labels, pair_start, pair_positives, pair_group = pairs
-    delta, uncapped, buffer, scratch, steps, caps = work
+    delta, uncapped, caps, buffers = work
     delta[:] = 0
     uncapped[:] = 0
     for i in range(pair_group.shape[0]):
         count = _move_keys(
-            weights,
-            values,
-            labels,
-            pair_start[i],
-            pair_start[i + 1],
-            lowest,
-            buffer,
-            scratch,
+            weights, values, labels, pair_start[i], pair_start[i + 1], lowest, buffers[0]
         )
-        for a in range(min_pixels.shape[0]):
-            caps[a] = _min_pixel_cap(buffer, count, min_pixels[a])
         g = pair_group[i]
-        _walk_pair(
-            buffer,
+        n_steps = _walk_pair(
+            buffers[0],
             count,
             pair_positives[i],
-            caps,
-            lowest,
             n_values,
             empty_fixed,
             uncapped[g],
-            delta[:, g],
-            steps,
+            buffers,
+            min_pixels,
+            caps,
         )
+        _move_caps(buffers[2], n_steps, caps, lowest, delta[:, g])
     for a in range(delta.shape[0]):
         for g in range(delta.shape[1]):
             delta[a, g, n_values] += uncapped[g, n_values]
@@ -764,7 +806,7 @@ def score_mean_dice_moves(
             ``move_lowest[m]`` up.
         pairs: ``(labels, pair_start, pair_positives, pair_group)`` as in
             :func:`mean_dice_fold_sums`, the group of a pair ``class * K + fold``.
-        min_pixels: int64 ``(A,)`` min-pixel values searched with the threshold.
+        min_pixels: int64 ``(A,)`` min-pixel values searched with the threshold, ascending.
         n_groups: ``C * K``.
         n_folds: K.
         excluded: int64 ``(n_sets, E)`` folds each set leaves out.
@@ -788,10 +830,8 @@ def score_mean_dice_moves(
         work = (
             delta,
             np.empty((n_groups, n_values + 1), dtype=np.int64),
-            np.empty(longest, dtype=np.int64),
-            np.empty(longest, dtype=np.int64),
-            np.empty((2, longest), dtype=np.int64),
             np.empty(min_pixels.shape[0], dtype=np.int64),
+            _pair_work(longest, n_values),
         )
         for m in range(worker, n_moves, n_workers):
             _move_fold_sums(

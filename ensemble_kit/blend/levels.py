@@ -132,11 +132,11 @@ def component_levels(values, image_start, order, neighbours, min_sizes):
     n_pixels, n_sizes = values.shape[0], min_sizes.shape[0]
     level = np.full((n_sizes, n_pixels), -1, dtype=np.int64)
     parent = np.arange(n_pixels).astype(np.int32)
-    size = np.ones(n_pixels, dtype=np.int64)
-    reached = np.zeros(n_pixels, dtype=np.int64)  # how many min_sizes the root's component passed
+    size = np.ones(n_pixels, dtype=np.int32)
+    reached = np.zeros(n_pixels, dtype=np.int32)  # how many min_sizes the root's component passed
     added = np.zeros(n_pixels, dtype=np.bool_)
-    next_member = np.full(n_pixels, -1, dtype=np.int64)
-    tail = np.arange(n_pixels)
+    next_member = np.full(n_pixels, -1, dtype=np.int32)
+    tail = np.arange(n_pixels).astype(np.int32)
     for i in prange(image_start.shape[0] - 1):
         for k in range(image_start[i], image_start[i + 1]):
             p = order[k]
