@@ -14,6 +14,9 @@ The procedure ``P(F)`` on a set of folds ``F`` (:func:`search_classes`):
 
 The final rule is ``P(all folds)``; the nested estimate scores ``P(all folds but k)`` on fold
 ``k``, every choice (the option included) made without it. The threshold mode is ``value``.
+Step 3 needs ``P`` on the sets that leave out a pair of folds; with shared weights only there
+is no option to choose, so only the ``K + 1`` sets of depth 1 are searched (the same result,
+fewer greedy moves and tables: 6 sets instead of 16 at K = 5).
 
 Metrics: ``mean_dice`` (each pair's dice, ``empty_score`` for a pair empty on both sides).
 ``global_dice`` with several classes is refused in one line (one class with global dice is
