@@ -117,9 +117,11 @@ def test_scored_moves_match_reference(seed):
         255 * 3 + 1,
         empty_fixed(1.0),
     )
-    got = kernels.score_mean_dice_moves(*args, THREADS)
-    for a, b in zip(got, kernels.score_mean_dice_moves_reference(*args)):
-        np.testing.assert_array_equal(a, b)
+    expected = kernels.score_mean_dice_moves_reference(*args)
+    # each move's pairs are split among the workers: any number of them, more than pairs too
+    for workers in (THREADS, 1, 3, 500):
+        for a, b in zip(kernels.score_mean_dice_moves(*args, workers), expected):
+            np.testing.assert_array_equal(a, b)
 
 
 def _problem(seed, n=12, n_classes=2, n_configs=3, side=12, empty_class=False):

@@ -111,3 +111,22 @@ def test_component_levels_serve_several_sizes_in_one_pass():
         want = levels.postprocess_levels_reference(values, start, positions, shape, 0, size)
         for t in range(10, 31):
             np.testing.assert_array_equal(np.minimum(row, values) >= t, want >= t)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sorted_component_levels_match_dense_thresholding(seed):
+    """Pixels in value order, the neighbour table built on that order (what the blend's
+    tables do): the same levels as the raster-order call, and as dense thresholding."""
+    values, start, positions, shape = _sparse(seed, n=9)
+    order = levels.descending_order(values, start)
+    sizes = np.array([2, 4, 9], np.int64)
+    neighbours = levels.neighbour_table(start, positions[order], *shape)
+    got = levels.sorted_component_levels(values[order], start, neighbours, sizes)
+    raster = levels.component_levels(
+        values, start, order, levels.neighbour_table(start, positions, *shape), sizes
+    )
+    np.testing.assert_array_equal(got, raster[:, order])
+    for row, size in zip(got, sizes):
+        want = levels.postprocess_levels_reference(values, start, positions, shape, 0, size)
+        for t in range(10, 31):
+            np.testing.assert_array_equal(np.minimum(row, values[order]) >= t, want[order] >= t)

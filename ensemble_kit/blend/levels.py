@@ -28,7 +28,7 @@ from .kernels import sort_descending
 def neighbour_table(
     image_start: np.ndarray, positions: np.ndarray, height: int, width: int
 ) -> np.ndarray:
-    """For sparse pixels sorted by (image, raster position): index of each 8-neighbour or -1.
+    """For sparse pixels grouped by image (any order within one): index of each 8-neighbour or -1.
 
     Args:
         image_start: int64 ``(N + 1,)``; image ``i`` owns pixels
@@ -110,13 +110,14 @@ def _descending_order(values, image_start, n_workers):
     return order
 
 
-@njit(cache=True, parallel=True)
-def component_levels(values, image_start, order, neighbours, min_sizes):
+def component_levels(values, image_start, order, neighbours, min_sizes) -> np.ndarray:
     """Highest threshold at which each sparse pixel lies in a component of >= ``min_sizes[j]``.
 
     Pixels are added in descending value order (a component tree of the superlevel sets);
     when a component first reaches ``min_sizes[j]`` at level ``v``, its pixels get level
-    ``v`` for ``j``. One pass serves every size.
+    ``v`` for ``j``. One pass serves every size. The pixels are put in value order and
+    :func:`sorted_component_levels` does the work; callers that can keep their pixels in
+    that order call it directly and skip the two permutations.
 
     Args:
         values: int64 ``(P,)`` blend values of the sparse pixels.
@@ -129,30 +130,63 @@ def component_levels(values, image_start, order, neighbours, min_sizes):
         int64 ``(J, P)``: the pixel survives ``min_sizes[j]`` at threshold ``t`` iff
         ``t <= level[j]`` (and ``t <= value``); -1 when its component never gets that big.
     """
-    n_pixels, n_sizes = values.shape[0], min_sizes.shape[0]
-    level = np.full((n_sizes, n_pixels), -1, dtype=np.int64)
-    parent = np.arange(n_pixels).astype(np.int32)
-    size = np.ones(n_pixels, dtype=np.int32)
-    reached = np.zeros(n_pixels, dtype=np.int32)  # how many min_sizes the root's component passed
-    added = np.zeros(n_pixels, dtype=np.bool_)
-    next_member = np.full(n_pixels, -1, dtype=np.int32)
-    tail = np.arange(n_pixels).astype(np.int32)
-    for i in prange(image_start.shape[0] - 1):
-        for k in range(image_start[i], image_start[i + 1]):
-            p = order[k]
-            added[p] = True
-            root = _grow(
-                p, p, values[p], min_sizes, parent, size, reached, next_member, tail, level
-            )
-            for j in range(8):
-                q = neighbours[p, j]
-                if q >= 0 and added[q]:
-                    b = find_root(parent, q)
-                    if b != root:
-                        root = _grow(
-                            root, b, values[p], min_sizes, parent, size, reached, next_member,
-                            tail, level,
-                        )  # fmt: skip
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    ranked = np.where(neighbours >= 0, rank[neighbours], -1)[order].astype(np.int32)
+    by_rank = sorted_component_levels(values[order], image_start, ranked, min_sizes)
+    levels = np.empty_like(by_rank)
+    levels[:, order] = by_rank
+    return levels
+
+
+def sorted_component_levels(values, image_start, neighbours, min_sizes) -> np.ndarray:
+    """:func:`component_levels` of pixels sorted by value, descending, within each image.
+
+    ``neighbours`` indexes the same order (:func:`neighbour_table` of the sorted
+    positions). In that order a neighbour was added before pixel ``p`` iff its index is
+    below ``p``, and each image's union-find state is per-worker scratch, reset per image:
+    the random accesses stay within one image's few hundred KB (3x faster than the state of
+    a whole chunk in raster order, on 256 x 1600 steel images).
+    """
+    return _sorted_component_levels(
+        values, image_start, neighbours, min_sizes, numba.get_num_threads()
+    )
+
+
+@njit(cache=True, parallel=True)
+def _sorted_component_levels(values, image_start, neighbours, min_sizes, n_workers):
+    n_images = image_start.shape[0] - 1
+    level = np.empty((min_sizes.shape[0], values.shape[0]), dtype=np.int64)
+    longest = np.max(image_start[1:] - image_start[:-1]) if n_images else 0
+    n_workers = max(1, n_workers)
+    bounds = np.searchsorted(
+        image_start[:-1], np.arange(n_workers + 1) * image_start[-1] // n_workers
+    )
+    bounds[0], bounds[-1] = 0, n_images
+    for worker in prange(n_workers):
+        state = np.empty((5, longest), dtype=np.int32)
+        parent, size, reached, next_member, tail = state[0], state[1], state[2], state[3], state[4]
+        for i in range(bounds[worker], bounds[worker + 1]):
+            lo, hi = image_start[i], image_start[i + 1]
+            own = level[:, lo:hi]  # the image's pixels, indexed from 0
+            own[:] = -1
+            for k in range(hi - lo):
+                parent[k], size[k], reached[k], next_member[k], tail[k] = k, 1, 0, -1, k
+            for k in range(hi - lo):
+                current = values[lo + k]
+                root = _grow(
+                    k, k, current, min_sizes, parent, size, reached, next_member, tail, own
+                )
+                row = neighbours[lo + k]
+                for j in range(8):
+                    q = row[j] - lo
+                    if 0 <= q < k:  # added before this pixel
+                        b = find_root(parent, q)
+                        if b != root:
+                            root = _grow(
+                                root, b, current, min_sizes, parent, size, reached,
+                                next_member, tail, own,
+                            )  # fmt: skip
     return level
 
 
@@ -192,13 +226,15 @@ def min_pixel_levels(values, image_start, order, min_pixels: int) -> np.ndarray:
 
     At threshold ``t`` an image has at least ``min_pixels`` predicted pixels iff ``t <=``
     this level (``min_pixels <= 0`` keeps every image: the level is the int64 maximum).
+    ``order`` is :func:`descending_order`'s, or None when ``values`` are in that order.
     """
     if min_pixels <= 0:
         return np.full(len(image_start) - 1, np.iinfo(np.int64).max)
     starts, counts = image_start[:-1], np.diff(image_start)
     cut = np.full(len(counts), -1, dtype=np.int64)
     enough = counts >= min_pixels
-    cut[enough] = values[order[starts[enough] + min_pixels - 1]]
+    ranked = starts[enough] + min_pixels - 1
+    cut[enough] = values[ranked if order is None else order[ranked]]
     return cut
 
 

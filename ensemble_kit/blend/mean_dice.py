@@ -35,7 +35,12 @@ from .kernels import (
     suffix_sums,
     weighted_sum,
 )
-from .levels import component_levels, descending_order, min_pixel_levels, neighbour_table
+from .levels import (
+    descending_order,
+    min_pixel_levels,
+    neighbour_table,
+    sorted_component_levels,
+)
 from .sets import FoldSets
 from .sparse import class_of
 from .threshold import TABLE_CHUNK_PIXELS, image_chunks
@@ -252,27 +257,34 @@ def _class_sums(cands: Candidates, weights: np.ndarray, grids, fixed: int) -> np
 
 
 def _chunk_deltas(cands: Candidates, weights, images, grids, fixed: int) -> np.ndarray:
-    """:func:`_class_sums`' differences for images ``lo:hi``."""
+    """:func:`_class_sums`' differences for images ``lo:hi``.
+
+    The chunk's pixels are put in descending value order within each image first (a pair's
+    dice does not depend on the order of its pixels): the component levels then run on
+    per-image state (:func:`~.levels.sorted_component_levels`).
+    """
     lo, hi = images
     first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
     image_start = cands.image_start[lo : hi + 1] - first
     sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
     total = int(weights.sum())
     order = descending_order(sums, image_start)
-    caps = np.stack([min_pixel_levels(sums, image_start, order, n) for n in grids[0]])
+    sums, labels = sums[order], cands.labels[first:last][order]
+    caps = np.stack([min_pixel_levels(sums, image_start, None, n) for n in grids[0]])
     sizes = [m for m in grids[1] if m > 1]
     kept = None
     if sizes:
-        neighbours = neighbour_table(image_start, cands.positions[first:last], *cands.shape)
-        kept = component_levels(
-            sums, image_start, order, neighbours, np.array(sizes, dtype=np.int64)
+        positions = cands.positions[first:last][order]
+        neighbours = neighbour_table(image_start, positions, *cands.shape)
+        kept = sorted_component_levels(
+            sums, image_start, neighbours, np.array(sizes, dtype=np.int64)
         )
     out = np.empty((len(grids[0]), len(grids[1]), cands.n_folds, 255 * total + 2), np.int64)
     for j, size in enumerate(grids[1]):
         levels = sums if size <= 1 else np.minimum(sums, kept[sizes.index(size)])
         out[:, j] = mean_dice_fold_sums(
             levels,
-            cands.labels[first:last],
+            labels,
             image_start,
             cands.image_positives[lo:hi],
             cands.folds[lo:hi],

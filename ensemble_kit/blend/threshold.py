@@ -14,7 +14,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .kernels import best_per_set, fold_histograms, pair_histograms, weighted_sum
-from .levels import component_levels, descending_order, min_pixel_levels, neighbour_table
+from .levels import (
+    descending_order,
+    min_pixel_levels,
+    neighbour_table,
+    sorted_component_levels,
+)
 from .rule import fraction_threshold
 from .sets import FoldSets
 
@@ -95,20 +100,26 @@ def image_chunks(image_start: np.ndarray, max_pixels: int) -> list[tuple[int, in
 
 
 def _chunk_tables(cands, weights, images, grids, n_values) -> tuple[np.ndarray, np.ndarray]:
-    """Pair histograms and raw-sum counts of the candidates of images ``lo:hi``."""
+    """Pair histograms and raw-sum counts of the candidates of images ``lo:hi``.
+
+    The chunk's pixels are put in descending value order within each image first (the
+    counts do not depend on the order): the component levels then run on per-image state
+    (:func:`~.levels.sorted_component_levels`).
+    """
     lo, hi = images
     first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
     image_start = cands.image_start[lo : hi + 1] - first
-    labels, pixel_fold = cands.labels[first:last], cands.pixel_fold[first:last]
     sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
     order = descending_order(sums, image_start)
-    cuts = np.stack([min_pixel_levels(sums, image_start, order, n) for n in grids[0]])
+    sums = sums[order]
+    labels, pixel_fold = cands.labels[first:last][order], cands.pixel_fold[first:last][order]
+    cuts = np.stack([min_pixel_levels(sums, image_start, None, n) for n in grids[0]])
     neighbours = (
-        neighbour_table(image_start, cands.positions[first:last], *cands.shape)
+        neighbour_table(image_start, cands.positions[first:last][order], *cands.shape)
         if any(m > 1 for m in grids[1])
         else None
     )
-    taus = _component_cuts(sums, image_start, order, neighbours, grids[1])
+    taus = _component_cuts(sums, image_start, neighbours, grids[1])
     hists = pair_histograms(
         sums, image_start, cuts, taus, labels, pixel_fold, cands.n_folds, n_values
     )
@@ -116,12 +127,13 @@ def _chunk_tables(cands, weights, images, grids, n_values) -> tuple[np.ndarray, 
     return hists, sums_hist
 
 
-def _component_cuts(sums, image_start, order, neighbours, component_grid) -> np.ndarray:
-    """Per min-component value, each pixel's component level (the sum itself when off)."""
+def _component_cuts(sums, image_start, neighbours, component_grid) -> np.ndarray:
+    """Per min-component value, each pixel's component level (the sum itself when off);
+    ``sums`` descending within each image, ``neighbours`` indexing that order."""
     taus = np.empty((len(component_grid), len(sums)), dtype=np.int64)
     sizes = [m for m in component_grid if m > 1]
     levels = (
-        component_levels(sums, image_start, order, neighbours, np.array(sizes, dtype=np.int64))
+        sorted_component_levels(sums, image_start, neighbours, np.array(sizes, dtype=np.int64))
         if sizes
         else None
     )
