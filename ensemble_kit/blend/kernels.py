@@ -167,15 +167,24 @@ def base_histograms(weights, values, configs, signs, labels, pixel_fold, n_value
         lo, hi = worker * n_pixels // n_workers, (worker + 1) * n_pixels // n_workers
         for start in range(lo, hi, MOVE_BLOCK):
             stop = min(start + MOVE_BLOCK, hi)
-            for p in range(start, stop):
-                total = 0
-                for c in range(n_configs):
-                    total += weights[c] * values[c, p]
-                keys[p - start] = (pixel_fold[p] * n_values + total) * 2 + labels[p]
+            n = stop - start  # loops over slices: they vectorize (see :func:`_move_keys`)
+            first, block_fold, block_labels = (
+                values[0, start:stop],
+                pixel_fold[start:stop],
+                labels[start:stop],
+            )
+            for p in range(n):
+                keys[p] = weights[0] * first[p]
+            for c in range(1, n_configs):
+                weight, row = weights[c], values[c, start:stop]
+                for p in range(n):
+                    keys[p] += weight * row[p]
+            for p in range(n):
+                keys[p] = (block_fold[p] * n_values + keys[p]) * 2 + block_labels[p]
             for i in range(configs.shape[0]):
-                config, step, counts = configs[i], 2 * signs[i], hist[worker, i]
-                for p in range(start, stop):
-                    counts[keys[p - start] + step * values[config, p]] += 1
+                step, counts, row = 2 * signs[i], hist[worker, i], values[configs[i], start:stop]
+                for p in range(n):
+                    counts[keys[p] + step * row[p]] += 1
 
 
 def base_histograms_reference(

@@ -102,11 +102,12 @@ def _descending_order(values, image_start, n_workers):
         keys, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
         for i in range(chunk * n_images // n_chunks, (chunk + 1) * n_images // n_chunks):
             lo, hi = image_start[i], image_start[i + 1]
+            own, own_order = values[lo:hi], order[lo:hi]  # slices: loops that vectorize
             for k in range(hi - lo):
-                keys[k] = (np.int64(values[lo + k]) << bits) | (low - k)
+                keys[k] = (np.int64(own[k]) << bits) | (low - k)
             sort_descending(keys, hi - lo, scratch)
             for k in range(hi - lo):
-                order[lo + k] = lo + low - (keys[k] & low)
+                own_order[k] = lo + low - (keys[k] & low)
     return order
 
 
