@@ -171,8 +171,9 @@ def child(args) -> None:
 
 def _timed_phases() -> dict:
     """Wrap the searches' three phases (candidate pass, greedy selection, threshold tables)
-    so that each adds its seconds to the returned dict (``tables``: how many were built)."""
-    from ensemble_kit.blend import class_search, ensemble_search, nested
+    so that each adds its seconds to the returned dict (``tables``: how many were built;
+    ``moves``: how many weight vectors the greedy scored; ``table_seconds``: each table's)."""
+    from ensemble_kit.blend import class_search, ensemble_search, mean_dice, nested, scorer
 
     phases: dict[str, float] = {}
     for module, name, key in [
@@ -184,7 +185,19 @@ def _timed_phases() -> dict:
         (class_search, "mean_dice_tables", "t_tables"),
     ]:
         setattr(module, name, _timer(getattr(module, name), key, phases))
+    for cls, at in [(mean_dice.MeanDiceScorer, 1), (scorer.Scorer, 2)]:
+        cls._evaluate = _counter(cls._evaluate, at, phases)
     return phases
+
+
+def _counter(evaluate, at: int, phases: dict):
+    """Count the moves a scorer's ``_evaluate`` scores (its keys are argument ``at``)."""
+
+    def counted(self, *args):
+        phases["moves"] = phases.get("moves", 0) + len(args[at - 1])
+        return evaluate(self, *args)
+
+    return counted
 
 
 def _timer(fn, key: str, phases: dict):
@@ -193,9 +206,11 @@ def _timer(fn, key: str, phases: dict):
         try:
             return fn(*args, **kwargs)
         finally:
-            phases[key] = phases.get(key, 0.0) + time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            phases[key] = phases.get(key, 0.0) + seconds
             if key == "t_tables":
                 phases["tables"] = phases.get("tables", 0) + 1
+                phases.setdefault("table_seconds", []).append(round(seconds, 2))
 
     return timed
 
@@ -283,9 +298,11 @@ def steel(root: Path, args) -> None:
 
 
 def _phases(r: dict) -> str:
+    tables = r.get("table_seconds", [])
     return (
-        f"candidates {r['t_candidates']:.1f} s, greedy {r['t_greedy']:.1f} s, "
-        f"threshold tables {r['t_tables']:.1f} s ({r.get('tables', 0)} tables)"
+        f"candidates {r['t_candidates']:.1f} s, greedy {r['t_greedy']:.1f} s "
+        f"({r.get('moves', 0)} scored moves), threshold tables {r['t_tables']:.1f} s "
+        f"({len(tables)} tables: {', '.join(f'{t:.1f}' for t in tables)} s)"
     )
 
 
