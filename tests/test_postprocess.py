@@ -130,3 +130,27 @@ def test_sorted_component_levels_match_dense_thresholding(seed):
         want = levels.postprocess_levels_reference(values, start, positions, shape, 0, size)
         for t in range(10, 31):
             np.testing.assert_array_equal(np.minimum(row, values[order]) >= t, want[order] >= t)
+
+
+def test_level_kernels_fill_reused_buffers_completely():
+    """Buffers reused across chunks hold the last chunk's values: every entry is written."""
+    values, start, positions, shape = _sparse(3, n=6)
+    sizes = np.array([2, 5], np.int64)
+    order = levels.descending_order(values, start)
+    buffers = levels.ChunkBuffers(len(values) + 7, len(sizes))
+    for name in ("_order", "_neighbours", "_levels"):
+        getattr(buffers, name).fill(7)
+    n = len(values)
+    np.testing.assert_array_equal(levels.descending_order(values, start, buffers.order(n)), order)
+    neighbours = levels.neighbour_table(start, positions[order], *shape, buffers.neighbours(n))
+    np.testing.assert_array_equal(
+        neighbours, levels.neighbour_table_reference(start, positions[order], *shape)
+    )
+    got = levels.sorted_component_levels(values[order], start, neighbours, sizes, buffers.levels(n))
+    np.testing.assert_array_equal(
+        got, levels.sorted_component_levels(values[order], start, neighbours, sizes)
+    )
+    want = levels.component_levels(
+        values, start, order, levels.neighbour_table(start, positions, *shape), sizes
+    )
+    np.testing.assert_array_equal(got, want[:, order])

@@ -25,6 +25,20 @@ def weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return sums
 
 
+@njit(cache=True)
+def work_bounds(item_start, n_workers):
+    """int64 ``(n_workers + 1,)``: worker ``w`` takes items ``bounds[w]:bounds[w + 1]``
+    (images or pairs, item ``i`` owning pixels ``item_start[i]:item_start[i + 1]``), about
+    the same number of pixels each. Split by item count instead, one worker can get most
+    of the pixels (a few images hold most candidates) and the other idle."""
+    n_items = item_start.shape[0] - 1
+    bounds = np.searchsorted(
+        item_start[:-1], np.arange(n_workers + 1) * item_start[-1] // max(1, n_workers)
+    )
+    bounds[0], bounds[-1] = 0, n_items
+    return bounds
+
+
 def weighted_sum_reference(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Numpy reference of :func:`weighted_sum`."""
     return (np.asarray(weights, np.int64)[:, None] * values).sum(axis=0).astype(np.int32)
@@ -257,10 +271,7 @@ def pair_histograms(sums, image_start, cuts, taus, labels, pixel_fold, n_folds, 
     """
     n_images = len(image_start) - 1
     n_workers = max(1, min(numba.get_num_threads(), n_images))
-    bounds = np.searchsorted(
-        image_start[:-1], np.arange(n_workers + 1) * image_start[-1] // n_workers
-    ).astype(np.int64)
-    bounds[-1] = n_images
+    bounds = work_bounds(image_start, n_workers)
     shape = (n_workers, len(cuts), len(taus), n_folds, n_values, 2)
     differences = np.zeros(shape, dtype=np.int64)
     pair_differences(sums, image_start, cuts, taus, labels, pixel_fold, bounds, differences)
@@ -618,14 +629,15 @@ def mean_dice_fold_sums(
         sums along the last axis (:func:`suffix_sums`).
     """
     n_caps, n_pairs = caps.shape
-    n_chunks = max(1, min(n_pairs, n_workers))
+    n_chunks = max(1, n_workers)
+    bounds = work_bounds(pair_start, n_chunks)
     partial = np.zeros((n_chunks, n_caps, n_groups, n_values + 1), dtype=np.int64)
     uncapped = np.zeros((n_chunks, n_groups, n_values + 1), dtype=np.int64)
     longest = np.max(np.diff(pair_start)) if n_pairs else 0
     no_grid = np.empty(0, dtype=np.int64)
     for chunk in prange(n_chunks):
         work = _pair_work(longest, n_values)
-        for i in range(chunk * n_pairs // n_chunks, (chunk + 1) * n_pairs // n_chunks):
+        for i in range(bounds[chunk], bounds[chunk + 1]):
             count = _sorted_keys(levels, labels, pair_start[i], pair_start[i + 1], lowest, work[0])
             g = pair_group[i]
             n_steps = _walk_pair(
@@ -852,10 +864,7 @@ def score_mean_dice_moves(
     n_pairs = pair_start.shape[0] - 1
     longest = np.max(np.diff(pair_start)) if n_pairs > 0 else 0
     n_workers = max(1, n_workers)
-    bounds = np.searchsorted(
-        pair_start[:-1], np.arange(n_workers + 1) * pair_start[-1] // n_workers
-    )
-    bounds[0], bounds[-1] = 0, n_pairs
+    bounds = work_bounds(pair_start, n_workers)
     n_caps = min_pixels.shape[0]
     delta = np.zeros((n_workers, n_caps, n_groups, n_values + 1), dtype=np.int64)
     uncapped = np.zeros((n_workers, n_groups, n_values + 1), dtype=np.int64)

@@ -36,6 +36,8 @@ from .kernels import (
     weighted_sum,
 )
 from .levels import (
+    ChunkBuffers,
+    component_sizes,
     descending_order,
     min_pixel_levels,
     neighbour_table,
@@ -251,12 +253,16 @@ def _class_sums(cands: Candidates, weights: np.ndarray, grids, fixed: int) -> np
     total = int(weights.sum())
     n_values = 255 * total + 1
     delta = np.zeros((len(grids[0]), len(grids[1]), cands.n_folds, n_values + 1), np.int64)
-    for lo, hi in image_chunks(cands.image_start, TABLE_CHUNK_PIXELS):
-        delta += _chunk_deltas(cands, weights, (lo, hi), grids, fixed)
+    chunks = image_chunks(cands.image_start, TABLE_CHUNK_PIXELS)
+    buffers = ChunkBuffers.of_chunks(cands.image_start, chunks, len(component_sizes(grids[1])))
+    for lo, hi in chunks:
+        delta += _chunk_deltas(cands, weights, (lo, hi), grids, fixed, buffers)
     return suffix_sums(delta)
 
 
-def _chunk_deltas(cands: Candidates, weights, images, grids, fixed: int) -> np.ndarray:
+def _chunk_deltas(
+    cands: Candidates, weights, images, grids, fixed: int, buffers: ChunkBuffers
+) -> np.ndarray:
     """:func:`_class_sums`' differences for images ``lo:hi``.
 
     The chunk's pixels are put in descending value order within each image first (a pair's
@@ -268,16 +274,17 @@ def _chunk_deltas(cands: Candidates, weights, images, grids, fixed: int) -> np.n
     image_start = cands.image_start[lo : hi + 1] - first
     sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
     total = int(weights.sum())
-    order = descending_order(sums, image_start)
+    order = descending_order(sums, image_start, buffers.order(last - first))
     sums, labels = sums[order], cands.labels[first:last][order]
     caps = np.stack([min_pixel_levels(sums, image_start, None, n) for n in grids[0]])
-    sizes = [m for m in grids[1] if m > 1]
+    sizes = component_sizes(grids[1])
     kept = None
     if sizes:
+        n = last - first
         positions = cands.positions[first:last][order]
-        neighbours = neighbour_table(image_start, positions, *cands.shape)
+        neighbours = neighbour_table(image_start, positions, *cands.shape, buffers.neighbours(n))
         kept = sorted_component_levels(
-            sums, image_start, neighbours, np.array(sizes, dtype=np.int64)
+            sums, image_start, neighbours, np.array(sizes, dtype=np.int64), buffers.levels(n)
         )
     out = np.empty((len(grids[0]), len(grids[1]), cands.n_folds, 255 * total + 2), np.int64)
     for j, size in enumerate(grids[1]):

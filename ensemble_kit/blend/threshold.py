@@ -15,6 +15,8 @@ import numpy as np
 
 from .kernels import best_per_set, fold_histograms, pair_histograms, weighted_sum
 from .levels import (
+    ChunkBuffers,
+    component_sizes,
     descending_order,
     min_pixel_levels,
     neighbour_table,
@@ -71,9 +73,13 @@ def threshold_tables(
     hist_shape = (len(pixel_grid), len(component_grid), cands.n_folds, n_values, 2)
     hists = np.zeros(hist_shape, dtype=np.int64)
     sums_hist = np.zeros((cands.n_folds, n_values), dtype=np.int64)
-    for lo, hi in image_chunks(cands.image_start, TABLE_CHUNK_PIXELS):
+    chunks = image_chunks(cands.image_start, TABLE_CHUNK_PIXELS)
+    buffers = ChunkBuffers.of_chunks(
+        cands.image_start, chunks, len(component_sizes(component_grid))
+    )
+    for lo, hi in chunks:
         chunk_hists, chunk_sums = _chunk_tables(
-            cands, weights, (lo, hi), (pixel_grid, component_grid), n_values
+            cands, weights, (lo, hi), (pixel_grid, component_grid), n_values, buffers
         )
         hists += chunk_hists
         sums_hist += chunk_sums
@@ -99,7 +105,9 @@ def image_chunks(image_start: np.ndarray, max_pixels: int) -> list[tuple[int, in
     return bounds
 
 
-def _chunk_tables(cands, weights, images, grids, n_values) -> tuple[np.ndarray, np.ndarray]:
+def _chunk_tables(
+    cands, weights, images, grids, n_values, buffers: ChunkBuffers
+) -> tuple[np.ndarray, np.ndarray]:
     """Pair histograms and raw-sum counts of the candidates of images ``lo:hi``.
 
     The chunk's pixels are put in descending value order within each image first (the
@@ -110,16 +118,19 @@ def _chunk_tables(cands, weights, images, grids, n_values) -> tuple[np.ndarray, 
     first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
     image_start = cands.image_start[lo : hi + 1] - first
     sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
-    order = descending_order(sums, image_start)
+    order = descending_order(sums, image_start, buffers.order(last - first))
     sums = sums[order]
     labels, pixel_fold = cands.labels[first:last][order], cands.pixel_fold[first:last][order]
     cuts = np.stack([min_pixel_levels(sums, image_start, None, n) for n in grids[0]])
+    n = last - first
     neighbours = (
-        neighbour_table(image_start, cands.positions[first:last][order], *cands.shape)
-        if any(m > 1 for m in grids[1])
+        neighbour_table(
+            image_start, cands.positions[first:last][order], *cands.shape, buffers.neighbours(n)
+        )
+        if component_sizes(grids[1])
         else None
     )
-    taus = _component_cuts(sums, image_start, neighbours, grids[1])
+    taus = _component_cuts(sums, image_start, neighbours, grids[1], buffers.levels(n))
     hists = pair_histograms(
         sums, image_start, cuts, taus, labels, pixel_fold, cands.n_folds, n_values
     )
@@ -127,13 +138,14 @@ def _chunk_tables(cands, weights, images, grids, n_values) -> tuple[np.ndarray, 
     return hists, sums_hist
 
 
-def _component_cuts(sums, image_start, neighbours, component_grid) -> np.ndarray:
+def _component_cuts(sums, image_start, neighbours, component_grid, out) -> np.ndarray:
     """Per min-component value, each pixel's component level (the sum itself when off);
-    ``sums`` descending within each image, ``neighbours`` indexing that order."""
+    ``sums`` descending within each image, ``neighbours`` indexing that order, ``out`` the
+    component levels' buffer."""
     taus = np.empty((len(component_grid), len(sums)), dtype=np.int64)
-    sizes = [m for m in component_grid if m > 1]
+    sizes = component_sizes(component_grid)
     levels = (
-        sorted_component_levels(sums, image_start, neighbours, np.array(sizes, dtype=np.int64))
+        sorted_component_levels(sums, image_start, neighbours, np.array(sizes, dtype=np.int64), out)
         if sizes
         else None
     )
