@@ -282,13 +282,15 @@ def _chunk_deltas(
     if sizes:
         n = last - first
         positions = cands.positions[first:last][order]
-        neighbours = neighbour_table(image_start, positions, *cands.shape, buffers.neighbours(n))
+        neighbours = neighbour_table(
+            image_start, positions, *cands.shape, out=buffers.neighbours(n)
+        )
         kept = sorted_component_levels(
             sums, image_start, neighbours, np.array(sizes, dtype=np.int64), buffers.levels(n)
         )
     out = np.empty((len(grids[0]), len(grids[1]), cands.n_folds, 255 * total + 2), np.int64)
     for j, size in enumerate(grids[1]):
-        levels = sums if size <= 1 else np.minimum(sums, kept[sizes.index(size)])
+        levels = sums if kept is None or size <= 1 else np.minimum(sums, kept[sizes.index(size)])
         out[:, j] = mean_dice_fold_sums(
             levels,
             labels,

@@ -122,11 +122,10 @@ def _chunk_tables(
     sums = sums[order]
     labels, pixel_fold = cands.labels[first:last][order], cands.pixel_fold[first:last][order]
     cuts = np.stack([min_pixel_levels(sums, image_start, None, n) for n in grids[0]])
-    n = last - first
+    n, (height, width) = last - first, cands.shape
+    positions = cands.positions[first:last][order]
     neighbours = (
-        neighbour_table(
-            image_start, cands.positions[first:last][order], *cands.shape, buffers.neighbours(n)
-        )
+        neighbour_table(image_start, positions, height, width, buffers.neighbours(n))
         if component_sizes(grids[1])
         else None
     )
