@@ -19,7 +19,7 @@ Rows of the table (each step in a child process: wall time and peak ``RssAnon``)
   writer), dense against sparse (CPU).
 
 Usage: ``python benchmarks/sparse_oof.py --data /tmp/steel`` (full size: ~1 GB of disk per
-config, ~10 min on 2 cores, 1 of them generating the files); ``--images 500
+config, ~10 min on 2 cores, ~1 of them to write the files); ``--images 500
 --search-images 250`` for a quick look.
 """
 
