@@ -177,14 +177,14 @@ def test_choices_score_what_dense_masks_score_with_sklearn(seed, empty_score):
 def test_tables_in_chunks_equal_one_pass(monkeypatch):
     """Chunks of a few images reuse one set of buffers (value order, neighbour table,
     component levels): the tables equal those of one pass."""
-    from ensemble_kit.blend import mean_dice
+    from ensemble_kit.blend import threshold
 
     oofs, labels, folds = _problem(6, n=24, side=16)
     classes = class_candidates(oofs, labels, folds)
     args = (classes, np.array([2, 1, 1]), (0, 3, 30), (0, 2, 5))
     whole = mean_dice_tables(*args)
-    monkeypatch.setattr(mean_dice, "TABLE_CHUNK_PIXELS", 150)
-    assert len(mean_dice.image_chunks(classes[0].image_start, 150)) > 2
+    monkeypatch.setattr(threshold, "TABLE_CHUNK_PIXELS", 150)  # read by ranked_chunks
+    assert len(threshold.image_chunks(classes[0].image_start, 150)) > 2
     np.testing.assert_array_equal(mean_dice_tables(*args).sums, whole.sums)
 
 

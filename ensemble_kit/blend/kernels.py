@@ -15,13 +15,12 @@ from ..metrics import N_CODES, best_from_counts, sweep_from_histogram
 @njit(cache=True, parallel=True)
 def weighted_sum(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Blend sum ``S[p] = sum_c weights[c] * values[c, p]`` as int32 ``(P,)``."""
-    n_configs, n_pixels = values.shape
-    sums = np.zeros(n_pixels, dtype=np.int32)
-    for p in prange(n_pixels):
-        total = 0
-        for c in range(n_configs):
-            total += weights[c] * values[c, p]
-        sums[p] = total
+    n_pixels = values.shape[1]
+    sums = np.empty(n_pixels, dtype=np.int32)
+    for block in prange((n_pixels + MOVE_BLOCK - 1) // MOVE_BLOCK):
+        lo = block * MOVE_BLOCK
+        hi = min(lo + MOVE_BLOCK, n_pixels)
+        blend_into(weights, values, lo, hi, sums[lo:hi])
     return sums
 
 
@@ -37,6 +36,23 @@ def work_bounds(item_start, n_workers):
     )
     bounds[0], bounds[-1] = 0, n_items
     return bounds
+
+
+@njit(cache=True)
+def blend_into(weights, values, lo, hi, out):
+    """``out[:hi - lo] = sum_c weights[c] * values[c, lo:hi]``, one config at a time.
+
+    The loops run over slices, whose indices are known non-negative: they vectorize. Indexed
+    as ``values[c, lo + p]``, numba checks each index for a negative wrap and LLVM does not
+    vectorize: ~4x slower with a multiply-add per pixel and config.
+    """
+    n, first = hi - lo, values[0, lo:hi]
+    for p in range(n):
+        out[p] = weights[0] * first[p]
+    for c in range(1, weights.shape[0]):
+        weight, row = weights[c], values[c, lo:hi]
+        for p in range(n):
+            out[p] += weight * row[p]
 
 
 def weighted_sum_reference(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -181,18 +197,9 @@ def base_histograms(weights, values, configs, signs, labels, pixel_fold, n_value
         lo, hi = worker * n_pixels // n_workers, (worker + 1) * n_pixels // n_workers
         for start in range(lo, hi, MOVE_BLOCK):
             stop = min(start + MOVE_BLOCK, hi)
-            n = stop - start  # loops over slices: they vectorize (see :func:`_move_keys`)
-            first, block_fold, block_labels = (
-                values[0, start:stop],
-                pixel_fold[start:stop],
-                labels[start:stop],
-            )
-            for p in range(n):
-                keys[p] = weights[0] * first[p]
-            for c in range(1, n_configs):
-                weight, row = weights[c], values[c, start:stop]
-                for p in range(n):
-                    keys[p] += weight * row[p]
+            n = stop - start  # loops over slices: they vectorize (see :func:`blend_into`)
+            block_fold, block_labels = pixel_fold[start:stop], labels[start:stop]
+            blend_into(weights, values, start, stop, keys)
             for p in range(n):
                 keys[p] = (block_fold[p] * n_values + keys[p]) * 2 + block_labels[p]
             for i in range(configs.shape[0]):
@@ -481,14 +488,14 @@ def sort_descending(buffer, count, scratch):
 
 
 @njit(cache=True)
-def _sorted_keys(levels, labels, lo, hi, lowest, buffer):
-    """``level * 2 + label`` of pixels ``lo:hi`` with ``level >= lowest`` into ``buffer``
-    (unordered); returns how many."""
-    pair_levels, pair_labels = levels[lo:hi], labels[lo:hi]
+def _pair_keys(levels, labels, lowest, buffer):
+    """``level * 2 + label`` of a pair's pixels with ``level >= lowest`` into ``buffer``
+    (unordered); returns how many. ``levels`` and ``labels`` are the pair's slices, and the
+    keys are stored without a branch: a loop that vectorizes (see :func:`blend_into`)."""
     count = 0
-    for p in range(hi - lo):  # slices and no branch: see :func:`_move_keys`
-        buffer[count] = pair_levels[p] * 2 + pair_labels[p]
-        count += pair_levels[p] >= lowest
+    for p in range(levels.shape[0]):
+        buffer[count] = levels[p] * 2 + labels[p]
+        count += levels[p] >= lowest
     return count
 
 
@@ -638,7 +645,8 @@ def mean_dice_fold_sums(
     for chunk in prange(n_chunks):
         work = _pair_work(longest, n_values)
         for i in range(bounds[chunk], bounds[chunk + 1]):
-            count = _sorted_keys(levels, labels, pair_start[i], pair_start[i + 1], lowest, work[0])
+            lo, hi = pair_start[i], pair_start[i + 1]
+            count = _pair_keys(levels[lo:hi], labels[lo:hi], lowest, work[0])
             g = pair_group[i]
             n_steps = _walk_pair(
                 work[0],
@@ -755,26 +763,10 @@ def best_mean_per_set_reference(fold_sums, lowest, n_folds, excluded):
 
 @njit(cache=True)
 def _move_keys(weights, values, labels, lo, hi, lowest, buffer, levels):
-    """:func:`_sorted_keys` of the blend sums ``sum_c weights[c] * values[c]``.
-
-    The sums are built one config at a time into ``levels`` and the keys stored without a
-    branch, over slices (whose indices are known non-negative): loops that vectorize, ~4x
-    faster than a multiply-add per pixel and config with a test per pixel.
-    """
-    n = hi - lo
-    first = values[0, lo:hi]
-    for p in range(n):
-        levels[p] = weights[0] * first[p]
-    for c in range(1, weights.shape[0]):
-        weight, row = weights[c], values[c, lo:hi]
-        for p in range(n):
-            levels[p] += weight * row[p]
-    pair_labels = labels[lo:hi]
-    count = 0
-    for p in range(n):
-        buffer[count] = levels[p] * 2 + pair_labels[p]
-        count += levels[p] >= lowest
-    return count
+    """:func:`_pair_keys` of the blend sums ``sum_c weights[c] * values[c]`` (built into
+    ``levels`` by :func:`blend_into`)."""
+    blend_into(weights, values, lo, hi, levels)
+    return _pair_keys(levels[: hi - lo], labels[lo:hi], lowest, buffer)
 
 
 @njit(cache=True)
@@ -868,16 +860,15 @@ def score_mean_dice_moves(
     n_caps = min_pixels.shape[0]
     delta = np.zeros((n_workers, n_caps, n_groups, n_values + 1), dtype=np.int64)
     uncapped = np.zeros((n_workers, n_groups, n_values + 1), dtype=np.int64)
+    # per-worker buffers, made once for every move (the walk leaves its histogram zeroed)
+    scratch = [
+        (np.empty(n_caps, dtype=np.int64), _pair_work(longest, n_values)) for _ in range(n_workers)
+    ]
     for m in range(n_moves):
         for worker in prange(n_workers):
             delta[worker] = 0
             uncapped[worker] = 0
-            work = (
-                delta[worker],
-                uncapped[worker],
-                np.empty(n_caps, dtype=np.int64),
-                _pair_work(longest, n_values),
-            )
+            work = (delta[worker], uncapped[worker], scratch[worker][0], scratch[worker][1])
             _move_deltas(
                 move_weights[m],
                 values,

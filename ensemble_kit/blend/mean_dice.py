@@ -33,19 +33,10 @@ from .kernels import (
     mean_dice_fold_sums,
     score_mean_dice_moves,
     suffix_sums,
-    weighted_sum,
-)
-from .levels import (
-    ChunkBuffers,
-    component_sizes,
-    descending_order,
-    min_pixel_levels,
-    neighbour_table,
-    sorted_component_levels,
 )
 from .sets import FoldSets
 from .sparse import class_of
-from .threshold import TABLE_CHUNK_PIXELS, image_chunks
+from .threshold import RankedChunk, ranked_chunks
 
 
 def empty_fixed(empty_score: float) -> int:
@@ -246,58 +237,37 @@ def mean_dice_tables(
 def _class_sums(cands: Candidates, weights: np.ndarray, grids, fixed: int) -> np.ndarray:
     """int64 ``(A, B, K, n_values + 1)`` summed fixed-point dice of one class.
 
-    A chunk of images at a time (:func:`~.threshold.image_chunks`): the per-pixel state
+    A chunk of images at a time (:func:`~.threshold.ranked_chunks`): the per-pixel state
     (blend sums, order, neighbour table, component levels) is one chunk's; the per-fold
     differences add up across chunks.
     """
     total = int(weights.sum())
     n_values = 255 * total + 1
     delta = np.zeros((len(grids[0]), len(grids[1]), cands.n_folds, n_values + 1), np.int64)
-    chunks = image_chunks(cands.image_start, TABLE_CHUNK_PIXELS)
-    buffers = ChunkBuffers.of_chunks(cands.image_start, chunks, len(component_sizes(grids[1])))
-    for lo, hi in chunks:
-        delta += _chunk_deltas(cands, weights, (lo, hi), grids, fixed, buffers)
+    for chunk in ranked_chunks(cands, weights, grids):
+        delta += _chunk_deltas(cands, chunk, grids[1], total, fixed)
     return suffix_sums(delta)
 
 
 def _chunk_deltas(
-    cands: Candidates, weights, images, grids, fixed: int, buffers: ChunkBuffers
+    cands: Candidates, chunk: RankedChunk, component_grid, total: int, fixed: int
 ) -> np.ndarray:
-    """:func:`_class_sums`' differences for images ``lo:hi``.
-
-    The chunk's pixels are put in descending value order within each image first (a pair's
-    dice does not depend on the order of its pixels): the component levels then run on
-    per-image state (:func:`~.levels.sorted_component_levels`).
-    """
-    lo, hi = images
-    first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
-    image_start = cands.image_start[lo : hi + 1] - first
-    sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
-    total = int(weights.sum())
-    order = descending_order(sums, image_start, buffers.order(last - first))
-    sums, labels = sums[order], cands.labels[first:last][order]
-    caps = np.stack([min_pixel_levels(sums, image_start, None, n) for n in grids[0]])
-    sizes = component_sizes(grids[1])
-    kept = None
-    if sizes:
-        n = last - first
-        positions = cands.positions[first:last][order]
-        neighbours = neighbour_table(
-            image_start, positions, *cands.shape, out=buffers.neighbours(n)
+    """:func:`_class_sums`' differences for one chunk's images (a pair's dice does not
+    depend on the order of its pixels)."""
+    lo, hi = chunk.images
+    labels, sums, kept = chunk.take(cands.labels), chunk.sums, chunk.kept
+    out = np.empty((len(chunk.cuts), len(component_grid), cands.n_folds, 255 * total + 2), np.int64)
+    for j, size in enumerate(component_grid):
+        levels = (
+            sums if kept is None or size <= 1 else np.minimum(sums, kept[chunk.sizes.index(size)])
         )
-        kept = sorted_component_levels(
-            sums, image_start, neighbours, np.array(sizes, dtype=np.int64), buffers.levels(n)
-        )
-    out = np.empty((len(grids[0]), len(grids[1]), cands.n_folds, 255 * total + 2), np.int64)
-    for j, size in enumerate(grids[1]):
-        levels = sums if kept is None or size <= 1 else np.minimum(sums, kept[sizes.index(size)])
         out[:, j] = mean_dice_fold_sums(
             levels,
             labels,
-            image_start,
+            chunk.image_start,
             cands.image_positives[lo:hi],
             cands.folds[lo:hi],
-            caps,
+            chunk.cuts,
             cands.n_folds,
             cands.floor * total,
             255 * total + 1,

@@ -8,6 +8,7 @@ the threshold is recomputed on each set it is applied to, never below the search
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,14 +74,8 @@ def threshold_tables(
     hist_shape = (len(pixel_grid), len(component_grid), cands.n_folds, n_values, 2)
     hists = np.zeros(hist_shape, dtype=np.int64)
     sums_hist = np.zeros((cands.n_folds, n_values), dtype=np.int64)
-    chunks = image_chunks(cands.image_start, TABLE_CHUNK_PIXELS)
-    buffers = ChunkBuffers.of_chunks(
-        cands.image_start, chunks, len(component_sizes(component_grid))
-    )
-    for lo, hi in chunks:
-        chunk_hists, chunk_sums = _chunk_tables(
-            cands, weights, (lo, hi), (pixel_grid, component_grid), n_values, buffers
-        )
+    for chunk in ranked_chunks(cands, weights, (pixel_grid, component_grid)):
+        chunk_hists, chunk_sums = _chunk_tables(cands, chunk, component_grid, n_values)
         hists += chunk_hists
         sums_hist += chunk_sums
     shape = (len(pixel_grid), len(component_grid), len(sets))
@@ -105,52 +100,75 @@ def image_chunks(image_start: np.ndarray, max_pixels: int) -> list[tuple[int, in
     return bounds
 
 
-def _chunk_tables(
-    cands, weights, images, grids, n_values, buffers: ChunkBuffers
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pair histograms and raw-sum counts of the candidates of images ``lo:hi``.
+@dataclass
+class RankedChunk:
+    """One chunk of images' candidates, each image's pixels in descending blend-sum order.
 
-    The chunk's pixels are put in descending value order within each image first (the
-    counts do not depend on the order): the component levels then run on per-image state
-    (:func:`~.levels.sorted_component_levels`).
+    Per-image counts do not depend on the order of an image's pixels, and in that order the
+    component levels run on per-image state (:func:`~.levels.sorted_component_levels`).
     """
-    lo, hi = images
-    first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
-    image_start = cands.image_start[lo : hi + 1] - first
-    sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
-    order = descending_order(sums, image_start, buffers.order(last - first))
-    sums = sums[order]
-    labels, pixel_fold = cands.labels[first:last][order], cands.pixel_fold[first:last][order]
-    cuts = np.stack([min_pixel_levels(sums, image_start, None, n) for n in grids[0]])
-    n, (height, width) = last - first, cands.shape
-    positions = cands.positions[first:last][order]
-    neighbours = (
-        neighbour_table(image_start, positions, height, width, buffers.neighbours(n))
-        if component_sizes(grids[1])
-        else None
-    )
-    taus = _component_cuts(sums, image_start, neighbours, grids[1], buffers.levels(n))
+
+    images: tuple[int, int]  # images lo:hi
+    pixels: slice  # their candidates
+    order: np.ndarray  # int64 ranked pixels' indices in the chunk; valid until the next chunk
+    image_start: np.ndarray  # int64 (hi - lo + 1,) from 0
+    sums: np.ndarray  # int64 blend sums, ranked
+    cuts: np.ndarray  # int64 (A, hi - lo): each image's level under each min-pixel value
+    sizes: list[int]  # the component sizes > 1 of the grid
+    kept: np.ndarray | None  # int64 (len(sizes), P) component levels; valid until the next chunk
+
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """A per-candidate array of the whole :class:`Candidates`, for this chunk, ranked."""
+        return values[self.pixels][self.order]
+
+
+def ranked_chunks(cands: Candidates, weights: np.ndarray, grids) -> Iterator[RankedChunk]:
+    """The candidates a chunk of images at a time (:func:`image_chunks`), ranked, with the
+    min-pixel levels of ``grids[0]`` and the component levels of ``grids[1]``.
+
+    The value order, neighbour table and component levels of every chunk fill one set of
+    buffers (:class:`~.levels.ChunkBuffers`): the memory of the per-pixel state is one
+    chunk's, whatever the number of candidates, and is faulted in once.
+    """
+    chunks = image_chunks(cands.image_start, TABLE_CHUNK_PIXELS)
+    sizes = component_sizes(grids[1])
+    buffers = ChunkBuffers.of_chunks(cands.image_start, chunks, len(sizes))
+    height, width = cands.shape
+    for lo, hi in chunks:
+        first, last = int(cands.image_start[lo]), int(cands.image_start[hi])
+        n = last - first
+        image_start = cands.image_start[lo : hi + 1] - first
+        sums = weighted_sum(cands.values[:, first:last], weights).astype(np.int64)
+        order = descending_order(sums, image_start, buffers.order(n))
+        sums = sums[order]
+        cuts = np.stack([min_pixel_levels(sums, image_start, None, m) for m in grids[0]])
+        kept = None
+        if sizes:
+            positions = cands.positions[first:last][order]
+            neighbours = neighbour_table(
+                image_start, positions, height, width, buffers.neighbours(n)
+            )
+            kept = sorted_component_levels(
+                sums, image_start, neighbours, np.array(sizes, dtype=np.int64), buffers.levels(n)
+            )
+        yield RankedChunk((lo, hi), slice(first, last), order, image_start, sums, cuts, sizes, kept)
+
+
+def _chunk_tables(
+    cands: Candidates, chunk: RankedChunk, component_grid, n_values: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pair histograms and raw-sum counts of one chunk's candidates."""
+    labels, pixel_fold = chunk.take(cands.labels), chunk.take(cands.pixel_fold)
+    taus = np.empty((len(component_grid), len(chunk.sums)), dtype=np.int64)
+    for j, m in enumerate(component_grid):  # each pixel's component level; the sum when off
+        taus[j] = (
+            chunk.kept[chunk.sizes.index(m)] if chunk.kept is not None and m > 1 else chunk.sums
+        )
     hists = pair_histograms(
-        sums, image_start, cuts, taus, labels, pixel_fold, cands.n_folds, n_values
+        chunk.sums, chunk.image_start, chunk.cuts, taus, labels, pixel_fold, cands.n_folds, n_values
     )
-    sums_hist = fold_histograms(sums, labels, pixel_fold, cands.n_folds, n_values).sum(axis=2)
+    sums_hist = fold_histograms(chunk.sums, labels, pixel_fold, cands.n_folds, n_values).sum(axis=2)
     return hists, sums_hist
-
-
-def _component_cuts(sums, image_start, neighbours, component_grid, out) -> np.ndarray:
-    """Per min-component value, each pixel's component level (the sum itself when off);
-    ``sums`` descending within each image, ``neighbours`` indexing that order, ``out`` the
-    component levels' buffer."""
-    taus = np.empty((len(component_grid), len(sums)), dtype=np.int64)
-    sizes = component_sizes(component_grid)
-    levels = (
-        sorted_component_levels(sums, image_start, neighbours, np.array(sizes, dtype=np.int64), out)
-        if sizes
-        else None
-    )
-    for j, m in enumerate(component_grid):
-        taus[j] = levels[sizes.index(m)] if m > 1 and levels is not None else sums
-    return taus
 
 
 def choose_threshold(
